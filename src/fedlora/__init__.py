@@ -1,0 +1,1 @@
+"""fedlora: federated fine-tuning with heterogeneous LoRA."""
