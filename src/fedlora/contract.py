@@ -1,0 +1,383 @@
+"""The engine-agnostic contract between fedlora strategies, clients and engines.
+
+This module is the extension point for new aggregation methods: subclass `Strategy`, implement
+`configure`, `aggregate` and `global_delta`, and register it with
+`fedlora.strategies.register`. It imports torch only: no transformers, no peft, no Flower.
+
+Conventions
+-----------
+* One LoRA module is `LoraFactors(A, B, scale)` with A of shape (r, d_in), B of shape
+  (d_out, r) and effective delta ``scale * B @ A`` (the same layout as peft's
+  ``lora_A.weight`` / ``lora_B.weight``).
+* An `Adapter` maps module names (e.g. ``"model.layers.0.self_attn.q_proj"``) to factors.
+* Strategies aggregate effective deltas, never raw factors of different scales, so clients
+  with different ranks and alphas combine correctly.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+Trainable = frozenset[Literal["A", "B"]]
+BOTH: Trainable = frozenset({"A", "B"})
+
+
+class FedLoraError(ValueError):
+    """Bad input to fedlora: the message names the client, module or option at fault."""
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's LoRA factors: delta = scale * B @ A, A (r, d_in), B (d_out, r)."""
+
+    A: Tensor
+    B: Tensor
+    scale: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d_out, d_in) of the module's weight."""
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    def delta(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        """The dense effective delta ``scale * B @ A`` (d_out, d_in)."""
+        return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+
+    def scaled_B(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        """``scale * B``: the factor that carries the scale, so that delta = scaled_B @ A."""
+        return self.scale * self.B.to(dtype)
+
+    def to(self, dtype: torch.dtype) -> LoraFactors:
+        return LoraFactors(self.A.to(dtype), self.B.to(dtype), self.scale)
+
+    def nbytes(self) -> int:
+        return _nbytes(self.A) + _nbytes(self.B)
+
+
+Adapter = dict[str, LoraFactors]
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """A client's description: its LoRA rank per module and its alpha.
+
+    ``scale = alpha / r`` (or ``alpha / sqrt(r)`` with ``rslora``) per module, as in peft.
+    ``alpha`` is one number for all modules or a mapping module -> alpha.
+    """
+
+    client_id: str
+    ranks: Mapping[str, int]
+    alpha: float | Mapping[str, float] = 16.0
+    rslora: bool = False
+    num_examples: int | None = None
+    resource_type: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.ranks:
+            raise FedLoraError(f"client {self.client_id}: ranks is empty")
+        for module, r in self.ranks.items():
+            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+                raise FedLoraError(
+                    f"client {self.client_id}, module {module}: rank must be a positive "
+                    f"integer, got {r!r}"
+                )
+            a = self.alpha_of(module)
+            if not math.isfinite(a) or a <= 0:
+                raise FedLoraError(
+                    f"client {self.client_id}, module {module}: alpha must be > 0, got {a!r}"
+                )
+
+    def alpha_of(self, module: str) -> float:
+        if isinstance(self.alpha, Mapping):
+            if module not in self.alpha:
+                raise FedLoraError(f"client {self.client_id}: no alpha for module {module}")
+            return float(self.alpha[module])
+        return float(self.alpha)
+
+    def scale(self, module: str) -> float:
+        """The LoRA scale of `module` for this client (alpha/r, or alpha/sqrt(r) for rsLoRA)."""
+        r = self.ranks[module]
+        return self.alpha_of(module) / (math.sqrt(r) if self.rslora else r)
+
+
+@dataclass
+class ClientUpdate:
+    """What a client returns after local training.
+
+    ``adapter`` holds the client's trained factors (for LoRA-A2 only the selected slots, with
+    their indices in ``extras["slots"]``); ``extras`` carries method-specific tensors and the
+    training metrics (floats).
+    """
+
+    client_id: str
+    adapter: Adapter
+    num_examples: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Payload:
+    """What a client receives before local training.
+
+    * ``merge``: factors to fold into the frozen base weights before training (None if
+      nothing). Always relative to the original base: clients are stateless.
+    * ``adapter``: initial LoRA factors in the client's own ranks; None for a module (or for all)
+      means "initialise fresh with `init_lora` and ``seed``".
+    * ``trainable``: which of A and B the client trains this round.
+    * ``extras``: client-side instructions of a method (LoRA-A2's slot budget, HetLoRA's
+      pruning options).
+    """
+
+    merge: Adapter | None
+    adapter: Adapter | None
+    trainable: Trainable = BOTH
+    seed: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Strategy(ABC):
+    """An aggregation method. Subclasses implement the three steps below.
+
+    Options common to every strategy:
+      * ``weighting``: ``"num_examples"`` (default: weights proportional to each update's
+        ``num_examples``) or ``"uniform"``.
+      * ``seed``: seeds any factors the server initialises.
+      * ``shapes``: optional mapping module -> (d_out, d_in); strategies that must initialise
+        factors before any update (FFA-LoRA's shared A, LoRA-A2's global A/B) require it.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        *,
+        weighting: Literal["num_examples", "uniform"] = "num_examples",
+        seed: int = 0,
+        shapes: Mapping[str, tuple[int, int]] | None = None,
+    ) -> None:
+        if weighting not in ("num_examples", "uniform"):
+            raise FedLoraError(
+                f"{self.name}: weighting must be 'num_examples' or 'uniform', got {weighting!r}"
+            )
+        self.weighting = weighting
+        self.seed = int(seed)
+        self.shapes = {m: (int(s[0]), int(s[1])) for m, s in (shapes or {}).items()}
+        # ranks handed to each client by `configure`, checked against its update
+        self.expected_ranks: dict[str, dict[str, int]] = {}
+
+    @abstractmethod
+    def configure(self, client: ClientSpec, server_round: int) -> Payload:
+        """Build the payload for `client` in round `server_round` (1-based)."""
+
+    @abstractmethod
+    def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
+        """Fold the round's client updates into the server state."""
+
+    @abstractmethod
+    def global_delta(self) -> Adapter:
+        """The global model's delta from the original base weights, factored (scale 1)."""
+
+    # -- helpers shared by the strategies -------------------------------------------------
+
+    def weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
+        """Normalised aggregation weights of `updates` (sum to 1)."""
+        if self.weighting == "uniform":
+            return [1.0 / len(updates)] * len(updates)
+        total = sum(u.num_examples for u in updates)
+        return [u.num_examples / total for u in updates]
+
+    def expect(self, client: ClientSpec, payload: Payload) -> Payload:
+        """Remember the ranks `payload` hands `client`, so its update can be checked."""
+        if payload.adapter is not None:
+            self.expected_ranks[client.client_id] = {m: f.rank for m, f in payload.adapter.items()}
+        else:
+            self.expected_ranks[client.client_id] = dict(client.ranks)
+        return payload
+
+    def check_updates(
+        self, server_round: int, updates: Iterable[ClientUpdate], *, same_modules: bool = True
+    ) -> list[ClientUpdate]:
+        """Validate a round's updates before they touch server state (see `validate_updates`),
+        and that each client trained the ranks it was configured with."""
+        updates = validate_updates(
+            server_round,
+            updates,
+            shapes=self.shapes,
+            strategy=self.name,
+            same_modules=same_modules,
+        )
+        for u in updates:
+            expected = self.expected_ranks.get(u.client_id)
+            if expected is None:
+                continue
+            for module, f in u.adapter.items():
+                if module in expected and f.rank != expected[module]:
+                    raise FedLoraError(
+                        f"{self.name}: round {server_round}, client {u.client_id}, module "
+                        f"{module}: rank {f.rank}, but it was configured with rank "
+                        f"{expected[module]}"
+                    )
+        return updates
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume this strategy exactly (tensors, counters, options)."""
+        return copy.deepcopy(vars(self))
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        vars(self).update(copy.deepcopy(dict(state)))
+
+
+# -- validation ---------------------------------------------------------------------------
+
+
+def validate_updates(
+    server_round: int,
+    updates: Iterable[ClientUpdate],
+    *,
+    shapes: Mapping[str, tuple[int, int]] | None = None,
+    strategy: str = "",
+    same_modules: bool = True,
+) -> list[ClientUpdate]:
+    """Check a round's updates: non-empty, positive sizes, finite factors, consistent shapes.
+
+    Module shapes (d_out, d_in) must agree with `shapes` (when given) and across clients; with
+    `same_modules`, every client must send the same modules. Every error names the round, the
+    client and the module.
+    """
+    updates = list(updates)
+    where = f"{strategy}: round {server_round}" if strategy else f"round {server_round}"
+    if not updates:
+        raise FedLoraError(f"{where}: no client updates to aggregate")
+    seen: dict[str, tuple[int, int]] = dict(shapes or {})
+    ids = set()
+    for u in updates:
+        who = f"{where}, client {u.client_id}"
+        if u.client_id in ids:
+            raise FedLoraError(f"{who}: sent more than one update")
+        ids.add(u.client_id)
+        if not isinstance(u.num_examples, int) or u.num_examples < 1:
+            raise FedLoraError(
+                f"{who}: num_examples must be a positive int, got {u.num_examples!r}"
+            )
+        for module, f in u.adapter.items():
+            check_factors(f, f"{who}, module {module}")
+            if shapes and module not in shapes:
+                raise FedLoraError(f"{who}: unknown module {module!r}")
+            expected = seen.setdefault(module, f.shape)
+            if f.shape != expected:
+                raise FedLoraError(
+                    f"{who}, module {module}: weight shape (d_out, d_in) = {f.shape}, "
+                    f"expected {expected}"
+                )
+    if same_modules:
+        first = updates[0]
+        for u in updates[1:]:
+            diff = set(u.adapter) ^ set(first.adapter)
+            if diff:
+                raise FedLoraError(
+                    f"{where}: client {u.client_id} and client {first.client_id} sent different "
+                    f"modules ({sorted(diff)[:3]} ...)"
+                )
+    return updates
+
+
+def check_factors(f: LoraFactors, who: str) -> None:
+    """Raise a FedLoraError naming `who` unless `f` is a well-formed, finite factor pair."""
+    if not isinstance(f, LoraFactors):
+        raise FedLoraError(f"{who}: expected LoraFactors, got {type(f).__name__}")
+    if f.A.ndim != 2 or f.B.ndim != 2:
+        raise FedLoraError(
+            f"{who}: A and B must be 2-D, got {tuple(f.A.shape)}, {tuple(f.B.shape)}"
+        )
+    if f.A.shape[0] != f.B.shape[1]:
+        raise FedLoraError(
+            f"{who}: rank mismatch, A has {f.A.shape[0]} rows but B has {f.B.shape[1]} columns"
+        )
+    if not math.isfinite(f.scale):
+        raise FedLoraError(f"{who}: scale is not finite ({f.scale})")
+    for name, t in (("A", f.A), ("B", f.B)):
+        if not torch.isfinite(t).all():
+            raise FedLoraError(f"{who}: {name} contains NaN or Inf")
+
+
+# -- initialisation -------------------------------------------------------------------------
+
+
+def module_seed(seed: int, module: str, row: int = 0) -> int:
+    """A stable 63-bit seed for (seed, module, row), independent of Python's hash salt."""
+    digest = hashlib.blake2b(f"{seed}/{module}/{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def init_lora_A(
+    seed: int, module: str, rank: int, d_in: int, first_row: int = 0, dtype=torch.float32
+) -> Tensor:
+    """Rows ``first_row .. first_row+rank`` of a module's shared LoRA A.
+
+    peft's default init, ``kaiming_uniform_(a=sqrt(5))``, i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)).
+    Each row has its own seed, so the first r rows are the same whatever rank is asked for:
+    clients of different ranks that start from one seed share their leading rows.
+    """
+    bound = 1.0 / math.sqrt(d_in)
+    rows = []
+    for i in range(first_row, first_row + rank):
+        g = torch.Generator().manual_seed(module_seed(seed, module, i))
+        rows.append(torch.rand(d_in, generator=g, dtype=torch.float64) * (2 * bound) - bound)
+    if not rows:
+        return torch.zeros(0, d_in, dtype=dtype)
+    return torch.stack(rows).to(dtype)
+
+
+def init_lora(
+    seed: int, module: str, rank: int, shape: tuple[int, int], scale: float, dtype=torch.float32
+) -> LoraFactors:
+    """Fresh LoRA factors as peft initialises them: A from `init_lora_A`, B = 0."""
+    d_out, d_in = shape
+    return LoraFactors(
+        init_lora_A(seed, module, rank, d_in, dtype=dtype),
+        torch.zeros(d_out, rank, dtype=dtype),
+        scale,
+    )
+
+
+# -- communication ------------------------------------------------------------------------
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, LoraFactors):
+        return x.nbytes()
+    if isinstance(x, Mapping):
+        return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(v) for v in x)
+    return 0
+
+
+def payload_nbytes(payload: Payload) -> int:
+    """Bytes a client downloads: merge and adapter factors plus tensors in extras."""
+    return _nbytes(payload.merge or {}) + _nbytes(payload.adapter or {}) + _nbytes(payload.extras)
+
+
+def update_nbytes(update: ClientUpdate, trainable: Trainable = BOTH) -> int:
+    """Bytes a client uploads: only the factors it trained (the server holds the frozen ones),
+    plus tensors in extras (LoRA-A2's slot indices)."""
+    n = sum(
+        (_nbytes(f.A) if "A" in trainable else 0) + (_nbytes(f.B) if "B" in trainable else 0)
+        for f in update.adapter.values()
+    )
+    return n + _nbytes(update.extras)

@@ -1,0 +1,86 @@
+"""Pieces shared by the strategies that keep a global A and B (FedIT, zero-padding, HetLoRA,
+FFA-LoRA, FedEx-LoRA): averages of padded factors and per-client truncation.
+
+Server-side factors are kept as (A, G) with G = scale * B in float64, so that clients with
+different alphas or ranks combine on their effective deltas ``G @ A``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fedlora.contract import (
+    Adapter,
+    ClientSpec,
+    ClientUpdate,
+    FedLoraError,
+    LoraFactors,
+    init_lora_A,
+)
+
+F64 = torch.float64
+
+
+def padded_mean(
+    updates: list[ClientUpdate], weights: list[float], module: str, rank: int
+) -> tuple[Tensor, Tensor]:
+    """``(sum_k w_k pad(A_k), sum_k w_k pad(scale_k B_k))``, zero-padded to `rank` slots."""
+    f0 = updates[0].adapter[module]
+    d_out, d_in = f0.shape
+    A = torch.zeros(rank, d_in, dtype=F64)
+    G = torch.zeros(d_out, rank, dtype=F64)
+    for u, w in zip(updates, weights):
+        f = u.adapter[module]
+        A[: f.rank] += w * f.A.to(F64)
+        G[:, : f.rank] += w * f.scaled_B()
+    return A, G
+
+
+def truncate_for(
+    client: ClientSpec,
+    A: dict[str, Tensor],
+    G: dict[str, Tensor],
+    seed: int,
+    ranks: dict[str, int] | None = None,
+) -> Adapter:
+    """The client's first r slots of the global factors (B = G / client scale).
+
+    Slots beyond the global rank get fresh A rows from the shared seed and B = 0, so they can
+    learn (A = B = 0 would have zero gradient).
+    """
+    out: Adapter = {}
+    for module, r in (ranks or client.ranks).items():
+        if module not in A:
+            raise FedLoraError(
+                f"client {client.client_id}: module {module} is not in the global model"
+            )
+        s = client.scale(module)
+        a, g = A[module], G[module]
+        k = min(r, a.shape[0])
+        a_r = torch.cat(
+            [a[:k], init_lora_A(seed, module, r - k, a.shape[1], first_row=k, dtype=F64)]
+        )
+        g_r = torch.cat([g[:, :k], torch.zeros(g.shape[0], r - k, dtype=F64)], 1)
+        out[module] = LoraFactors(a_r.float(), (g_r / s).float(), s)
+    return out
+
+
+def homogeneous_ranks(updates: list[ClientUpdate], strategy: str, server_round: int) -> None:
+    """Raise unless every client sent the same rank per module (FedIT, FedEx-LoRA)."""
+    first = updates[0]
+    for u in updates[1:]:
+        for module, f in u.adapter.items():
+            r0 = first.adapter[module].rank
+            if f.rank != r0:
+                raise FedLoraError(
+                    f"{strategy}: round {server_round}, module {module}: client {u.client_id} "
+                    f"has rank {f.rank} but client {first.client_id} has rank {r0}; {strategy} "
+                    "averages A and B separately and needs homogeneous ranks (use zero_pad, "
+                    "hetlora, flexlora or flora for heterogeneous ranks)"
+                )
+
+
+def factored(A: dict[str, Tensor], G: dict[str, Tensor]) -> Adapter:
+    """Global delta ``G @ A`` per module as scale-1 factors."""
+    return {m: LoraFactors(A[m].clone(), G[m].clone(), 1.0) for m in A}

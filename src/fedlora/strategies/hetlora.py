@@ -1,0 +1,102 @@
+"""HetLoRA: sparsity-weighted aggregation of heterogeneous ranks, with rank self-pruning.
+
+Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models",
+EMNLP 2024, sec. 3.2-3.3.
+
+* Aggregation (eq. 3): clients' padded factors are averaged with weights
+  ``S_k / sum_j S_j``, ``S_k = ||B_k A_k||_F`` (the norm of the client's effective delta), so
+  sparse, low-information updates count less. With ``weighting="num_examples"`` (default) the
+  weights are ``n_k S_k / sum_j n_j S_j``; ``weighting="uniform"`` gives the paper's exact
+  formula.
+* Distribution: a client of rank r receives the first r slots (truncation).
+* Self-pruning (sec. 3.2, client side): the local loss adds
+  ``lambda * ||B[:, floor(gamma r):] A[floor(gamma r):, :]||_F`` (`self_pruning_penalty`); if
+  that tail norm fell below the one the client reported last time, the client drops the tail
+  and uploads rank ``floor(gamma r)`` (`pruned_rank`). The server remembers each client's
+  pruned rank per module and never hands it more slots again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fedlora.contract import ClientSpec, ClientUpdate
+from fedlora.strategies import register
+from fedlora.strategies.zero_pad import ZeroPad
+
+
+@register
+class HetLoRA(ZeroPad):
+    """Sparsity-weighted zero-padded aggregation + client rank self-pruning."""
+
+    name = "hetlora"
+
+    def __init__(self, *, gamma: float = 0.99, prune_lambda: float = 0.0, **options) -> None:
+        super().__init__(**options)
+        if not 0 < gamma <= 1:
+            raise ValueError(f"hetlora: gamma must be in (0, 1], got {gamma}")
+        self.gamma = gamma
+        self.prune_lambda = prune_lambda
+        self.pruned: dict[str, dict[str, int]] = {}  # client -> module -> rank
+        self.tail_norms: dict[str, dict[str, float]] = {}
+
+    def client_ranks(self, client: ClientSpec) -> dict[str, int]:
+        pruned = self.pruned.get(client.client_id, {})
+        return {m: min(r, pruned.get(m, r)) for m, r in client.ranks.items()}
+
+    def client_extras(self, client: ClientSpec) -> dict:
+        if self.prune_lambda <= 0:
+            return {}
+        return {
+            "hetlora": {
+                "gamma": self.gamma,
+                "lambda": self.prune_lambda,
+                "prev_tail_norms": dict(self.tail_norms.get(client.client_id, {})),
+            }
+        }
+
+    def aggregation_weights(self, updates: list[ClientUpdate]) -> list[float]:
+        base = self.weights(updates)
+        norms = [
+            math.sqrt(sum(float(f.delta().square().sum()) for f in u.adapter.values()))
+            for u in updates
+        ]
+        raw = [b * s for b, s in zip(base, norms)]
+        total = sum(raw)
+        if total == 0:  # all deltas zero: the sparsity weights are undefined, keep the base ones
+            return base
+        return [x / total for x in raw]
+
+    def aggregate(self, server_round, updates) -> None:
+        updates = self.check_updates(server_round, updates)
+        for u in updates:
+            ranks = self.pruned.setdefault(u.client_id, {})
+            for module, f in u.adapter.items():
+                ranks[module] = min(ranks.get(module, f.rank), f.rank)
+            if "hetlora_tail_norms" in u.extras:
+                self.tail_norms[u.client_id] = dict(u.extras["hetlora_tail_norms"])
+        super().aggregate(server_round, updates)
+
+
+def self_pruning_penalty(A: Tensor, B: Tensor, gamma: float, scale: float = 1.0) -> Tensor:
+    """``||scale * B[:, k:] A[k:, :]||_F`` with k = floor(gamma r): differentiable in A and B.
+
+    Computed from the factors (trace of small Gram products) without forming d_out x d_in.
+    """
+    k = math.floor(gamma * A.shape[0])
+    a, b = A[k:], B[:, k:]
+    if a.shape[0] == 0:
+        return A.sum() * 0.0
+    # ||b a||_F^2 = trace((b^T b)(a a^T))
+    sq = ((b.T @ b) * (a @ a.T)).sum()
+    return scale * torch.sqrt(sq.clamp_min(1e-30))
+
+
+def pruned_rank(rank: int, gamma: float, tail_norm: float, prev_tail_norm: float | None) -> int:
+    """The rank a client keeps: floor(gamma r) when its tail norm decreased since last time."""
+    if prev_tail_norm is not None and tail_norm < prev_tail_norm:
+        return max(1, math.floor(gamma * rank))
+    return rank

@@ -1,0 +1,55 @@
+"""Zero-padding: heterogeneous-rank FedAvg by padding every client's factors to the largest rank.
+
+Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models",
+EMNLP 2024, sec. 3 (the zero-padding baseline): ``A = sum_k p_k pad(A_k)``,
+``B = sum_k p_k pad(B_k)``; a client of rank r receives the first r slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from fedlora.contract import Adapter, ClientSpec, ClientUpdate, Payload, Strategy
+from fedlora.strategies import register
+from fedlora.strategies.base import factored, padded_mean, truncate_for
+
+
+@register
+class ZeroPad(Strategy):
+    """Pad to the round's largest rank, average A and B, truncate per client."""
+
+    name = "zero_pad"
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.A: dict[str, torch.Tensor] = {}
+        self.G: dict[str, torch.Tensor] = {}
+
+    def client_ranks(self, client: ClientSpec) -> dict[str, int]:
+        """The ranks `client` trains this round (HetLoRA lowers them after self-pruning)."""
+        return dict(client.ranks)
+
+    def configure(self, client: ClientSpec, server_round: int) -> Payload:
+        if not self.A:
+            return self.expect(client, Payload(None, None, seed=self.seed))
+        ranks = self.client_ranks(client)
+        adapter = truncate_for(client, self.A, self.G, self.seed, ranks)
+        return self.expect(client, Payload(None, adapter, extras=self.client_extras(client)))
+
+    def client_extras(self, client: ClientSpec) -> dict:
+        return {}
+
+    def aggregation_weights(self, updates: list[ClientUpdate]) -> list[float]:
+        return self.weights(updates)
+
+    def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
+        updates = self.check_updates(server_round, updates)
+        w = self.aggregation_weights(updates)
+        for module in updates[0].adapter:
+            rank = max(u.adapter[module].rank for u in updates)
+            self.A[module], self.G[module] = padded_mean(updates, w, module, rank)
+
+    def global_delta(self) -> Adapter:
+        return factored(self.A, self.G)
