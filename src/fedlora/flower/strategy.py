@@ -1,0 +1,415 @@
+"""`FlowerStrategy`: any fedlora `Strategy` as a Flower (Message API) strategy.
+
+Per round:
+
+1. ``configure_train`` learns the specs of nodes it has not seen (one cheap ``query.hello``
+   message: the node answers with its declared ``--node-config``, see `fedlora.flower.nodes`),
+   then builds one `Payload` per node with ``strategy.configure(spec, round)`` and sends it with
+   the resolved spec. A node whose declaration is invalid is logged and skipped.
+2. ``aggregate_train`` decodes each reply and checks it on its own (error reply, undecodable,
+   wrong client, NaN/Inf, wrong shapes or ranks, LoRA-A2 slots) before anything is aggregated;
+   a bad reply is dropped with its reason logged, the rest go to ``strategy.aggregate``. The
+   returned metrics say how many replies were used.
+
+Clients are stateless: every payload carries what the node needs (merge, adapter, seed), so a
+node that missed rounds trains from the current global model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy as FlwrStrategy
+
+from fedlora.contract import (
+    ClientSpec,
+    ClientUpdate,
+    FedLoraError,
+    Payload,
+    Strategy,
+    payload_nbytes,
+    update_nbytes,
+    validate_updates,
+)
+from fedlora.flower import codec
+from fedlora.flower.nodes import resolve_spec
+
+HELLO = "query.hello"
+
+
+class FlowerStrategy(FlwrStrategy):
+    """Drive a fedlora `Strategy` over a Flower `Grid`.
+
+    ``shapes`` (module -> (d_out, d_in)) is the model's module list: node ranks are validated
+    against it and updates are checked against it. ``specs`` may pre-register node specs
+    (node id -> `ClientSpec`), skipping the hello for those nodes.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        shapes: Mapping[str, tuple[int, int]],
+        *,
+        fraction_train: float = 1.0,
+        min_nodes: int = 1,
+        fraction_evaluate: float = 0.0,
+        rank_types: Sequence[int] = (),
+        default_rank: int | None = None,
+        default_alpha: float = 16.0,
+        hello_timeout: float = 120.0,
+        wait_timeout: float = 120.0,
+        specs: Mapping[int, ClientSpec] | None = None,
+        sample_seed: int = 0,
+    ) -> None:
+        self.strategy = strategy
+        self.shapes = {m: (int(s[0]), int(s[1])) for m, s in shapes.items()}
+        self.fraction_train = fraction_train
+        self.min_nodes = min_nodes
+        self.fraction_evaluate = fraction_evaluate
+        self.rank_types = list(rank_types)
+        self.default_rank = default_rank
+        self.default_alpha = default_alpha
+        self.hello_timeout = hello_timeout
+        self.wait_timeout = wait_timeout
+        self.specs: dict[int, ClientSpec] = dict(specs or {})
+        self.rejected: dict[int, str] = {}  # node id -> why its declaration was refused
+        self.sample_seed = sample_seed
+        self._sent: dict[int, tuple[ClientSpec, Payload, int]] = {}  # node -> spec, payload, bytes
+        self.rounds: list[dict[str, Any]] = []  # one record per train round (for result files)
+        self.eval_rounds: list[dict[str, Any]] = []
+
+    # -- node identity --------------------------------------------------------------------
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.wait_timeout
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.min_nodes or time.monotonic() > deadline:
+                return nodes
+            log(INFO, "fedlora: waiting for nodes: %d of %d", len(nodes), self.min_nodes)
+            time.sleep(1)
+
+    def learn(self, node_id: int, declared: Mapping[str, Any]) -> ClientSpec | None:
+        """Resolve and remember a node's declared spec; log and refuse an invalid one."""
+        try:
+            spec = resolve_spec(
+                declared,
+                node_id,
+                self.shapes,
+                rank_types=self.rank_types,
+                default_rank=self.default_rank,
+                default_alpha=self.default_alpha,
+            )
+            for other, s in self.specs.items():
+                if other != node_id and s.client_id == spec.client_id:
+                    raise FedLoraError(
+                        f"node {node_id}: client id {spec.client_id!r} is already used by node "
+                        f"{other}; give each node its own partition-id or client-id"
+                    )
+        except FedLoraError as e:
+            if self.rejected.get(node_id) != str(e):
+                log(WARNING, "fedlora: node %s skipped: %s", node_id, e)
+            self.rejected[node_id] = str(e)
+            self.specs.pop(node_id, None)
+            return None
+        old = self.specs.get(node_id)
+        if old != spec:
+            log(
+                INFO,
+                "fedlora: node %s is client %s, ranks %s",
+                node_id,
+                spec.client_id,
+                _ranks_summary(spec),
+            )
+        self.specs[node_id] = spec
+        self.rejected.pop(node_id, None)
+        return spec
+
+    def hello(self, grid: Grid, node_ids: Iterable[int], server_round: int) -> None:
+        """Ask nodes for their declared config (one small query message each)."""
+        node_ids = list(node_ids)
+        if not node_ids:
+            return
+        msgs = [
+            Message(
+                RecordDict({"config": ConfigRecord({"server-round": server_round})}),
+                dst_node_id=n,
+                message_type=HELLO,
+                group_id=f"hello-{server_round}",
+            )
+            for n in node_ids
+        ]
+        replies = list(grid.send_and_receive(msgs, timeout=self.hello_timeout))
+        answered = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            answered.add(node)
+            if msg.has_error():
+                self.rejected[node] = f"hello failed: {msg.error.reason}"
+                log(WARNING, "fedlora: node %s hello failed: %s", node, msg.error.reason)
+                continue
+            declared = msg.content.config_records.get(codec.NODE)
+            self.learn(node, dict(declared or {}))
+        for node in set(node_ids) - answered:
+            log(WARNING, "fedlora: node %s did not answer hello (timeout); skipped", node)
+
+    # -- training -------------------------------------------------------------------------
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> fedlora strategy: %s", self.strategy.name)
+        log(INFO, "\t├──> modules: %d", len(self.shapes))
+        log(INFO, "\t└──> fraction_train %.2f, min_nodes %d", self.fraction_train, self.min_nodes)
+
+    def _sample(self, nodes: list[int], fraction: float, server_round: int) -> list[int]:
+        if fraction >= 1.0:
+            return nodes
+        k = max(self.min_nodes, int(round(len(nodes) * fraction)))
+        return sorted(
+            random.Random(self.sample_seed * 1000003 + server_round).sample(
+                nodes, min(k, len(nodes))
+            )
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        nodes = self._wait_for_nodes(grid)
+        self.hello(
+            grid, [n for n in nodes if n not in self.specs and n not in self.rejected], server_round
+        )
+        ready = [n for n in nodes if n in self.specs]
+        chosen = self._sample(ready, self.fraction_train, server_round)
+        self._sent = {}
+        messages = []
+        for node in chosen:
+            spec = self.specs[node]
+            try:
+                payload = self.strategy.configure(spec, server_round)
+            except FedLoraError as e:
+                log(WARNING, "fedlora: round %s: node %s skipped: %s", server_round, node, e)
+                continue
+            content = codec.encode_payload(payload)
+            content[codec.SPEC] = codec.encode_spec(spec)
+            content["config"] = ConfigRecord({**dict(config), "server-round": server_round})
+            self._sent[node] = (spec, payload, codec.record_nbytes(content))
+            messages.append(
+                Message(content, dst_node_id=node, message_type="train", group_id=str(server_round))
+            )
+        log(
+            INFO,
+            "fedlora: round %s: training on %d of %d nodes",
+            server_round,
+            len(messages),
+            len(nodes),
+        )
+        return messages
+
+    def check_reply(self, server_round: int, msg: Message) -> ClientUpdate:
+        """Decode and check one reply on its own; raise FedLoraError with the reason."""
+        node = msg.metadata.src_node_id
+        if node not in self._sent:
+            raise FedLoraError(f"reply from node {node}, which was not sent a payload")
+        if msg.has_error():
+            raise FedLoraError(f"error reply: {msg.error.reason}")
+        spec, payload, _ = self._sent[node]
+        declared = msg.content.config_records.get(codec.NODE)
+        if declared is not None:  # the node's declaration may change; used from next round
+            self.learn(node, dict(declared))
+        try:
+            u = codec.decode_update(msg.content)
+        except (FedLoraError, KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise FedLoraError(f"undecodable reply: {e}") from None
+        if u.client_id != spec.client_id:
+            raise FedLoraError(f"reply claims client {u.client_id!r}, expected {spec.client_id!r}")
+        for k, v in u.extras.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise FedLoraError(f"metric {k} is {v}")
+        partial = "slots" in payload.extras or "budget" in payload.extras
+        validate_updates(
+            server_round, [u], shapes=self.shapes, strategy=self.strategy.name, same_modules=False
+        )
+        self.strategy.check_updates(server_round, [u], same_modules=False)
+        sent = payload.adapter if payload.adapter is not None else dict(spec.ranks)
+        if partial:
+            extra = set(u.adapter) - set(sent)
+            if extra:
+                raise FedLoraError(f"uploaded modules it was not sent: {sorted(extra)[:3]}")
+            if self.strategy.name == "lora_a2":
+                from fedlora.strategies.lora_a2 import check_slots
+
+                check_slots(
+                    u,
+                    self.strategy.global_rank,
+                    self.strategy.budgets.get(spec.client_id),
+                    server_round,
+                )
+        elif set(u.adapter) != set(sent):
+            diff = sorted(set(u.adapter) ^ set(sent))
+            raise FedLoraError(f"sent modules {diff[:3]} ... that differ from its payload")
+        return u
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        used: list[ClientUpdate] = []
+        dropped: dict[str, str] = {}
+        up_bytes = up_trained = 0
+        seen = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            who = self._sent[node][0].client_id if node in self._sent else f"node-{node}"
+            if node in seen:
+                dropped[f"{who} (duplicate)"] = "second reply in one round"
+                continue
+            seen.add(node)
+            try:
+                u = self.check_reply(server_round, msg)
+            except FedLoraError as e:
+                dropped[who] = str(e)
+                log(
+                    WARNING,
+                    "fedlora: round %s: dropped reply of node %s (%s): %s",
+                    server_round,
+                    node,
+                    who,
+                    e,
+                )
+                continue
+            used.append(u)
+            up_bytes += codec.record_nbytes(msg.content)
+            up_trained += update_nbytes(u, self._sent[node][1].trainable)
+        for node in set(self._sent) - seen:
+            who = self._sent[node][0].client_id
+            dropped[who] = "no reply (failed or timed out)"
+            log(WARNING, "fedlora: round %s: node %s (%s) sent no reply", server_round, node, who)
+        error = None
+        if used:
+            try:
+                self.strategy.aggregate(server_round, used)
+            except FedLoraError as e:
+                error = str(e)
+                log(
+                    WARNING,
+                    "fedlora: round %s: aggregation failed, round skipped: %s",
+                    server_round,
+                    e,
+                )
+        else:
+            error = "no usable replies"
+            log(
+                WARNING,
+                "fedlora: round %s: no usable replies; global model unchanged",
+                server_round,
+            )
+        n_used = len(used) if error is None else 0
+        metrics = MetricRecord(
+            {
+                "replies-sent": len(self._sent),
+                "replies-received": len(replies),
+                "replies-used": n_used,
+                "replies-dropped": len(dropped),
+                "download-bytes": sum(b for _, _, b in self._sent.values()),
+                "download-payload-nbytes": sum(
+                    payload_nbytes(p) for _, p, _ in self._sent.values()
+                ),
+                "upload-bytes": up_bytes,
+                "upload-trained-nbytes": up_trained,
+            }
+        )
+        total = sum(u.num_examples for u in used)
+        keys = {k for u in used for k, v in u.extras.items() if isinstance(v, float)}
+        for k in sorted(keys):
+            vals = [
+                (u.num_examples, u.extras[k]) for u in used if isinstance(u.extras.get(k), float)
+            ]
+            metrics[k] = sum(n * v for n, v in vals) / max(1, sum(n for n, _ in vals))
+        self.rounds.append(
+            {
+                "round": server_round,
+                "used": [u.client_id for u in used] if error is None else [],
+                "dropped": dropped,
+                "error": error,
+                "num_examples": total,
+                "metrics": dict(metrics),
+            }
+        )
+        if error is not None:
+            return None, metrics
+        return self.global_arrays(), metrics
+
+    def global_arrays(self) -> ArrayRecord:
+        """The global delta (scale-1 factors) as an ArrayRecord: ``A/<module>``, ``B/<module>``."""
+        rd = codec.encode_payload(Payload(None, self.strategy.global_delta()))
+        return rd[codec.ADAPTER]
+
+    # -- evaluation: the global delta on the nodes' local data ----------------------------
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_evaluate <= 0:
+            return []
+        try:
+            delta = self.strategy.global_delta()
+        except Exception:  # noqa: BLE001  (no global model yet)
+            return []
+        nodes = [n for n in sorted(grid.get_node_ids()) if n in self.specs]
+        chosen = self._sample(nodes, self.fraction_evaluate, server_round + 7919)
+        content = codec.encode_payload(Payload(delta or None, None))
+        out = []
+        for node in chosen:
+            c = RecordDict(dict(content))
+            c[codec.SPEC] = codec.encode_spec(self.specs[node])
+            c["config"] = ConfigRecord({**dict(config), "server-round": server_round})
+            out.append(
+                Message(c, dst_node_id=node, message_type="evaluate", group_id=str(server_round))
+            )
+        return out
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        good = []
+        dropped = 0
+        for msg in replies:
+            mr = None if msg.has_error() else msg.content.metric_records.get(codec.METRICS)
+            vals = dict(mr or {})
+            n = vals.pop("num-examples", 0)
+            if (
+                mr is None
+                or n < 1
+                or not all(
+                    isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
+                    for v in vals.values()
+                )
+            ):
+                dropped += 1
+                log(
+                    WARNING,
+                    "fedlora: round %s: evaluation reply of node %s dropped",
+                    server_round,
+                    msg.metadata.src_node_id,
+                )
+                continue
+            good.append((n, vals))
+        out = MetricRecord({"replies-used": len(good), "replies-dropped": dropped})
+        total = sum(n for n, _ in good)
+        for k in sorted({k for _, v in good for k in v}):
+            pairs = [(n, v[k]) for n, v in good if k in v]
+            out[k] = sum(n * x for n, x in pairs) / max(1, sum(n for n, _ in pairs))
+        self.eval_rounds.append({"round": server_round, "num_examples": total, **dict(out)})
+        return out if good else None
+
+
+def _ranks_summary(spec: ClientSpec) -> str:
+    values = sorted(set(spec.ranks.values()))
+    return str(values[0]) if len(values) == 1 else str(dict(spec.ranks))
