@@ -1,0 +1,782 @@
+"""One typed, validated experiment configuration.
+
+A configuration is a tree of dataclasses loaded from TOML (a file, or one of the built-in
+presets in ``fedlora/presets/``), with command-line style overrides on top::
+
+    cfg = load_config("demo", overrides={"rounds": 5, "strategy.name": "flexlora"})
+    cfg = override(cfg, "train.lr", "3e-4")        # a string parsed to the field's type
+    print(dumps_toml(cfg))                         # the resolved configuration
+
+Every problem (unknown key, wrong type, impossible value, a strategy that cannot run on the
+configured resources) raises `ConfigError` naming the key and the fix, before any model is
+loaded. Validation imports torch only (through the strategy registry), never transformers.
+
+A TOML file may start from a preset with ``extends = "demo"`` and override some keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from fedlora.contract import FedLoraError
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10 with tomli installed
+    import tomli as tomllib  # type: ignore[no-redef]
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+PARTITIONS = ("natural", "dirichlet", "pathological", "iid")
+DISTRIBUTIONS = (
+    "uniform",
+    "heavy_tail_light",
+    "heavy_tail_strong",
+    "normal",
+    "homogeneous",
+    "custom",
+)
+METRICS = ("loss", "perplexity", "rouge_l", "accuracy", "f1")
+TINY_MODELS = ("tiny-llama", "tiny-bert")
+# strategies that average A and B separately and so need one rank for every client
+HOMOGENEOUS_ONLY = ("fedit", "fedex_lora")
+
+
+class ConfigError(FedLoraError):
+    """An invalid configuration: the message names the key and how to fix it."""
+
+
+# -- the sections ---------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The base model and the LoRA modules put on it."""
+
+    name: str = "smollm2"  # "smollm2" | "minilm" | "tiny-llama" | "tiny-bert" | path | hub id
+    kind: Literal["causal", "classifier"] = "causal"
+    target_modules: list[str] | None = None  # None: the model's default attention/MLP modules
+    alpha: float = 16.0
+    rslora: bool = False
+    dropout: float = 0.0
+    save_merged: bool = False  # also write the base model with the final delta merged in
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they are split over clients."""
+
+    source: str = "builtin"  # "builtin", a .jsonl/.json/.csv file, or a dataset name
+    columns: dict[str, str] = field(default_factory=dict)  # field -> column of the source
+    tasks: list[str] | None = None  # None: every task of the source
+    partition: Literal["natural", "dirichlet", "pathological", "iid"] = "natural"
+    dirichlet_alpha: float = 0.5
+    classes_per_client: int = 2
+    num_clients: int = 8
+    heldout_clients: float = 0.0  # fraction of clients never trained on, evaluated as unseen
+    heldout_tasks: list[str] = field(default_factory=list)  # loaded, but no client trains on
+    test_fraction: float = 0.1  # each client's held-out share (evaluation of seen clients)
+    max_examples_per_client: int | None = None
+
+
+@dataclass
+class ResourcesConfig:
+    """Clients' LoRA ranks: resource types drawn from a distribution, a rank per type."""
+
+    distribution: Literal[
+        "uniform", "heavy_tail_light", "heavy_tail_strong", "normal", "homogeneous", "custom"
+    ] = "uniform"
+    share: list[float] | None = None  # "custom": share of clients per resource type
+    ranks: list[int] | None = None  # rank of each resource type (None: fedlora.resources')
+    homogeneous_type: int | None = None  # "homogeneous": every client gets this type ...
+    homogeneous_rank: int | None = None  # ... or this rank
+    rank_scaling: float = 1.0  # multiply every type's rank (scale down for small models)
+
+
+@dataclass
+class StrategyConfig:
+    """The aggregation method and its options (passed to `fedlora.strategies.get`)."""
+
+    name: str = "flexlora"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainSection:
+    """Local training of one client per round (the fields of `fedlora.client.TrainConfig`)."""
+
+    local_steps: int = 10
+    batch_size: int = 4
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    max_length: int = 128
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+
+
+@dataclass
+class EvalConfig:
+    """What is evaluated, how often, on how much data."""
+
+    every: int = 1  # evaluate every N rounds (and always after the last round)
+    metrics: list[str] = field(default_factory=lambda: ["loss", "rouge_l", "accuracy", "f1"])
+    max_examples: int = 64  # per evaluated client set
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    seen_clients: bool = True  # held-out test split of the clients that train
+    unseen_clients: bool = True  # clients held out of training (data.heldout_clients)
+    unseen_tasks: bool = True  # tasks held out of training (data.heldout_tasks)
+    per_task: bool = True  # also a breakdown per task
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment."""
+
+    name: str = "experiment"
+    rounds: int = 3
+    clients_per_round: int | float = 4  # an int: count; a float in (0, 1]: fraction
+    seed: int = 0
+    output_dir: str = "runs/experiment"
+    threads: int = 0  # torch threads; 0: all cores
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # -- derived values -------------------------------------------------------------------
+
+    def num_train_clients(self) -> int:
+        """Clients that train (the rest are held out as unseen clients)."""
+        return self.data.num_clients - self.num_heldout_clients()
+
+    def num_heldout_clients(self) -> int:
+        if self.data.heldout_clients <= 0:
+            return 0
+        return max(1, round(self.data.heldout_clients * self.data.num_clients))
+
+    def sampled_per_round(self) -> int:
+        """Clients sampled each round."""
+        c = self.clients_per_round
+        if isinstance(c, float):
+            return max(1, round(c * self.num_train_clients()))
+        return int(c)
+
+    def heterogeneous(self) -> bool:
+        """Whether clients may get different ranks."""
+        r = self.resources
+        if r.distribution == "homogeneous":
+            return False
+        if r.distribution == "custom" and r.share is not None:
+            return sum(1 for s in r.share if s > 0) > 1
+        if r.ranks is not None and len(set(r.ranks)) == 1:
+            return False
+        return True
+
+
+# -- loading --------------------------------------------------------------------------------
+
+
+def preset_names() -> list[str]:
+    """The built-in presets (``fedlora/presets/*.toml``)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def _read_toml(source: str | Path) -> tuple[dict[str, Any], str]:
+    """The raw table of a preset name or a TOML file, with ``extends`` resolved."""
+    path = Path(source)
+    if not path.suffix and (PRESET_DIR / f"{source}.toml").is_file() and not path.is_file():
+        path = PRESET_DIR / f"{source}.toml"
+    if not path.is_file():
+        hint = difflib.get_close_matches(str(source), preset_names(), n=1)
+        fix = (
+            f"did you mean the preset {hint[0]!r}?"
+            if hint
+            else (f"give a TOML file or a preset: {', '.join(preset_names())}")
+        )
+        raise ConfigError(f"config {str(source)!r}: no such file or preset; {fix}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path}: invalid TOML: {e}") from None
+    base = raw.pop("extends", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: extends must be a preset name or a path")
+        parent, _ = _read_toml(base if base in preset_names() else path.parent / base)
+        raw = _merge(parent, raw)
+    return raw, str(path)
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict) and k != "options":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_config(
+    source: str | Path | Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    validate: bool = True,
+) -> ExperimentConfig:
+    """A validated configuration from a preset name, a TOML path or a mapping (default: the
+    ``demo`` preset), with dotted-key `overrides` applied (see `apply_overrides`)."""
+    if source is None:
+        source = "demo"
+    if isinstance(source, Mapping):
+        cfg = from_dict(source)
+    else:
+        raw, _ = _read_toml(source)
+        cfg = from_dict(raw)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, validate=False)
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+def load_preset(name: str, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    if name not in preset_names():
+        hint = difflib.get_close_matches(name, preset_names(), n=1)
+        raise ConfigError(
+            f"preset {name!r} does not exist"
+            + (f"; did you mean {hint[0]!r}?" if hint else "")
+            + f" (presets: {', '.join(preset_names())})"
+        )
+    return load_config(name, overrides)
+
+
+# -- dict <-> dataclasses -------------------------------------------------------------------
+
+
+def all_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the configuration, e.g. ``"train.lr"``."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        path = f"{prefix}{f.name}"
+        if is_dataclass(hints[f.name]):
+            out += all_keys(hints[f.name], path + ".")
+        else:
+            out.append(path)
+    return out
+
+
+def _unknown(path: str, key: str, names: list[str]) -> ConfigError:
+    local = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    every = difflib.get_close_matches(path, all_keys(), n=1, cutoff=0.6)
+    by_leaf = [k for k in all_keys() if k.rsplit(".", 1)[-1] == key]
+    if local:
+        fix = f"did you mean {path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{local[0]}?"
+    elif by_leaf:
+        fix = f"did you mean {by_leaf[0]}?"
+    elif every:
+        fix = f"did you mean {every[0]}?"
+    else:
+        fix = f"valid keys here: {', '.join(names)}"
+    return ConfigError(f"unknown key {path!r}; {fix}")
+
+
+def from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
+    """Build an `ExperimentConfig` from a nested mapping; unknown keys and wrong types raise."""
+    return _build(ExperimentConfig, data, "")
+
+
+def _build(cls: type, data: Any, prefix: str):
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{prefix or 'config'}: expected a table, got {type(data).__name__} {data!r}"
+        )
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise _unknown(path, str(key), names)
+        tp = hints[key]
+        kwargs[key] = _build(tp, value, path) if is_dataclass(tp) else _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a table"
+    if tp is type(None):
+        return "none"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the field type `tp` (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # an exact type match first, so that `int | float` keeps ints as ints
+        for a in sorted(args, key=lambda a: a is not type(value)):
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:  # Optional[X]: X's own message names the inner key
+            raise errors[0]
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
+    if origin is Literal:
+        if value not in args:
+            hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            raise ConfigError(
+                f"{path}: {value!r} is not one of {', '.join(repr(a) for a in args)}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+            )
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a table, got {_describe(value)}")
+        return {str(k): _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a field type this module does not handle
+        raise TypeError(f"{path}: unsupported field type {tp!r}")
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The configuration as a nested dict of plain values (None kept)."""
+    return dataclasses.asdict(cfg)
+
+
+def _field_type(dotted: str) -> Any:
+    cls: Any = ExperimentConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not is_dataclass(cls):
+            # below a free-form table (strategy.options.x, data.columns.x): any value
+            return Any
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in fields(cls)]
+        if part not in names:
+            raise _unknown(".".join(parts[: i + 1]), part, names)
+        cls = hints[part]
+    return cls
+
+
+# -- overrides ------------------------------------------------------------------------------
+
+
+def parse_value(text: str, tp: Any = Any) -> Any:
+    """Parse a command-line string for a field of type `tp`.
+
+    TOML literals are accepted (``5``, ``3e-4``, ``true``, ``[1, 2]``, ``{a = 1}``); for lists a
+    bare comma-separated ``a,b`` works too; ``none``/``null`` gives None for optional fields;
+    strings need no quotes.
+    """
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    s = text.strip()
+    if s.lower() in ("none", "null") and (tp is Any or type(None) in args):
+        return None
+    if tp is str or (origin is Literal and all(isinstance(a, str) for a in args)):
+        return s[1:-1] if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"" else s
+    if tp is bool or (origin in (Union, types.UnionType) and bool in args):
+        low = s.lower()
+        if low in ("true", "yes", "on", "1"):
+            return True
+        if low in ("false", "no", "off", "0"):
+            return False
+    try:
+        return tomllib.loads(f"v = {s}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    try:
+        return json.loads(s)
+    except ValueError:
+        pass
+    list_type = (
+        tp if origin is list else next((a for a in args if typing.get_origin(a) is list), None)
+    )
+    if list_type is not None:
+        inner = typing.get_args(list_type)[0]
+        return [parse_value(p, inner) for p in s.split(",") if p.strip()] if s else []
+    return s
+
+
+def override(cfg: ExperimentConfig, dotted_key: str, value: str, *, validate: bool = True):
+    """A copy of `cfg` with `dotted_key` set to the string `value` parsed to the field's type
+    (``override(cfg, "train.lr", "1e-3")``; ``strategy.options.split=sqrt`` sets an option)."""
+    tp = _field_type(dotted_key)
+    return apply_overrides(cfg, {dotted_key: parse_value(value, tp)}, validate=validate)
+
+
+def apply_overrides(
+    cfg: ExperimentConfig, overrides: Mapping[str, Any], *, validate: bool = True
+) -> ExperimentConfig:
+    """A copy of `cfg` with dotted keys set: ``{"rounds": 5, "strategy.name": "flexlora"}``.
+
+    String values are parsed to the field's type (as `override` does); other values are
+    type-checked. A whole section may be given as a mapping (``{"train": {"lr": 1e-3}}``).
+    """
+    data = to_dict(cfg)
+    for dotted, value in overrides.items():
+        tp = _field_type(dotted)
+        if isinstance(value, str):
+            value = parse_value(value, tp)
+        parts = dotted.split(".")
+        node = data
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        if isinstance(value, Mapping) and isinstance(node.get(parts[-1]), dict):
+            if dotted in ("strategy.options", "data.columns"):
+                node[parts[-1]] = dict(value)
+            else:
+                node[parts[-1]] = _merge(node[parts[-1]], value)
+        else:
+            node[parts[-1]] = value
+    out = from_dict(_drop_none(data))
+    if validate:
+        validate_config(out)
+    return out
+
+
+def _drop_none(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _drop_none(v) for k, v in d.items() if v is not None}
+    return d
+
+
+# -- validation -----------------------------------------------------------------------------
+
+
+def validate_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Raise `ConfigError` listing every problem (each naming its key and the fix)."""
+    problems = _problems(cfg)
+    if problems:
+        if len(problems) == 1:
+            raise ConfigError(problems[0])
+        raise ConfigError(
+            f"{len(problems)} problems in the configuration:\n  - " + "\n  - ".join(problems)
+        )
+    return cfg
+
+
+def _problems(cfg: ExperimentConfig) -> list[str]:
+    p: list[str] = []
+    m, d, r, t, e = cfg.model, cfg.data, cfg.resources, cfg.train, cfg.eval
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            p.append(msg)
+
+    def fraction(key: str, v: float, lo_open=True, hi_closed=True):
+        lo = v > 0 if lo_open else v >= 0
+        hi = v <= 1 if hi_closed else v < 1
+        if not (lo and hi and math.isfinite(v)):
+            interval = ("(" if lo_open else "[") + "0, 1" + ("]" if hi_closed else ")")
+            p.append(f"{key} = {v}: must be a fraction in {interval}")
+
+    need(cfg.rounds >= 1, f"rounds = {cfg.rounds}: must be >= 1")
+    need(cfg.threads >= 0, f"threads = {cfg.threads}: must be >= 0 (0 = all cores)")
+    need(bool(cfg.output_dir), "output_dir: must not be empty")
+    # model
+    need(bool(m.name), "model.name: must not be empty (e.g. 'smollm2', 'minilm', 'tiny-llama')")
+    need(m.alpha > 0 and math.isfinite(m.alpha), f"model.alpha = {m.alpha}: must be > 0")
+    need(0 <= m.dropout < 1, f"model.dropout = {m.dropout}: must be in [0, 1)")
+    if m.target_modules is not None:
+        need(len(m.target_modules) > 0, "model.target_modules: empty; leave it out for defaults")
+    if m.name == "tiny-bert" or m.name == "minilm":
+        need(m.kind == "classifier", f"model.kind: {m.name} is an encoder; set kind = 'classifier'")
+    if m.name in ("tiny-llama", "smollm2"):
+        need(m.kind == "causal", f"model.kind: {m.name} is a causal LM; set kind = 'causal'")
+    # data
+    need(d.num_clients >= 1, f"data.num_clients = {d.num_clients}: must be >= 1")
+    need(
+        d.dirichlet_alpha > 0 and math.isfinite(d.dirichlet_alpha),
+        f"data.dirichlet_alpha = {d.dirichlet_alpha}: must be > 0 (small = skewed)",
+    )
+    need(d.classes_per_client >= 1, f"data.classes_per_client = {d.classes_per_client}: >= 1")
+    fraction("data.test_fraction", d.test_fraction, hi_closed=False)
+    fraction("data.heldout_clients", d.heldout_clients, lo_open=False, hi_closed=False)
+    if d.max_examples_per_client is not None:
+        need(
+            d.max_examples_per_client >= 1,
+            f"data.max_examples_per_client = {d.max_examples_per_client}: must be >= 1 "
+            "(leave it out for no limit)",
+        )
+    if d.tasks is not None:
+        need(len(d.tasks) > 0, "data.tasks: empty; leave it out for every task")
+        missing = sorted(set(d.heldout_tasks) - set(d.tasks))
+        need(
+            not missing,
+            f"data.heldout_tasks: {missing} are not in data.tasks; add them there "
+            "(data.tasks lists every task loaded, held-out ones included)",
+        )
+        need(
+            set(d.tasks) - set(d.heldout_tasks) != set(),
+            "data.heldout_tasks: every task in data.tasks is held out; keep one to train on",
+        )
+    if d.num_clients >= 1 and d.heldout_clients > 0:
+        need(
+            cfg.num_train_clients() >= 1,
+            f"data.heldout_clients = {d.heldout_clients} leaves no training client; lower it",
+        )
+    # sampling
+    c = cfg.clients_per_round
+    if isinstance(c, float):
+        fraction("clients_per_round", c)
+    else:
+        need(c >= 1, f"clients_per_round = {c}: must be >= 1 (or a fraction in (0, 1])")
+        n = cfg.num_train_clients()
+        need(
+            c <= n,
+            f"clients_per_round = {c}: more than the {n} training clients "
+            f"(data.num_clients = {d.num_clients}"
+            + (f", {cfg.num_heldout_clients()} held out" if cfg.num_heldout_clients() else "")
+            + f"); lower it to <= {n} or raise data.num_clients",
+        )
+    # resources
+    if r.ranks is not None:
+        need(len(r.ranks) > 0, "resources.ranks: empty; leave it out for the default ranks")
+        for i, k in enumerate(r.ranks):
+            need(k >= 1, f"resources.ranks[{i}] = {k}: a LoRA rank must be >= 1")
+    need(
+        r.rank_scaling > 0 and math.isfinite(r.rank_scaling),
+        f"resources.rank_scaling = {r.rank_scaling}: must be > 0",
+    )
+    if r.homogeneous_rank is not None:
+        need(
+            r.homogeneous_rank >= 1,
+            f"resources.homogeneous_rank = {r.homogeneous_rank}: a LoRA rank must be >= 1",
+        )
+    if r.homogeneous_type is not None:
+        need(r.homogeneous_type >= 0, f"resources.homogeneous_type = {r.homogeneous_type}: >= 0")
+        if r.ranks is not None:
+            need(
+                r.homogeneous_type < len(r.ranks),
+                f"resources.homogeneous_type = {r.homogeneous_type}: only {len(r.ranks)} "
+                "types in resources.ranks",
+            )
+    if r.distribution == "custom":
+        if r.share is None:
+            p.append("resources.share: required with distribution = 'custom' (a share per type)")
+        else:
+            need(
+                all(s >= 0 for s in r.share) and sum(r.share) > 0,
+                f"resources.share = {r.share}: shares must be >= 0 and not all 0",
+            )
+            if r.ranks is not None:
+                need(
+                    len(r.share) == len(r.ranks),
+                    f"resources.share has {len(r.share)} entries but resources.ranks has "
+                    f"{len(r.ranks)}; give one share per resource type",
+                )
+    elif r.share is not None:
+        p.append(
+            f"resources.share: only used with distribution = 'custom' (it is "
+            f"{r.distribution!r}); remove it or set resources.distribution = 'custom'"
+        )
+    # train
+    need(t.local_steps >= 1, f"train.local_steps = {t.local_steps}: must be >= 1")
+    need(t.batch_size >= 1, f"train.batch_size = {t.batch_size}: must be >= 1")
+    need(t.lr > 0 and math.isfinite(t.lr), f"train.lr = {t.lr}: must be > 0")
+    need(t.weight_decay >= 0, f"train.weight_decay = {t.weight_decay}: must be >= 0")
+    need(t.max_length >= 8, f"train.max_length = {t.max_length}: must be >= 8 tokens")
+    if t.max_grad_norm is not None:
+        need(t.max_grad_norm > 0, f"train.max_grad_norm = {t.max_grad_norm}: must be > 0 (or none)")
+    # eval
+    need(e.every >= 1, f"eval.every = {e.every}: must be >= 1")
+    need(e.max_examples >= 1, f"eval.max_examples = {e.max_examples}: must be >= 1")
+    need(e.batch_size >= 1, f"eval.batch_size = {e.batch_size}: must be >= 1")
+    need(e.max_new_tokens >= 1, f"eval.max_new_tokens = {e.max_new_tokens}: must be >= 1")
+    for i, name in enumerate(e.metrics):
+        if name not in METRICS:
+            hint = difflib.get_close_matches(name, METRICS, n=1)
+            p.append(
+                f"eval.metrics[{i}] = {name!r}: unknown metric"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+                + f" (metrics: {', '.join(METRICS)})"
+            )
+    p += _strategy_problems(cfg)
+    return p
+
+
+def _strategy_problems(cfg: ExperimentConfig) -> list[str]:
+    import fedlora.strategies as registry  # torch only
+
+    s = cfg.strategy
+    if s.name not in registry.names():
+        hint = difflib.get_close_matches(s.name, registry.names(), n=1)
+        return [
+            f"strategy.name = {s.name!r}: unknown strategy"
+            + (f"; did you mean {hint[0]!r}?" if hint else "")
+            + f" (strategies: {', '.join(registry.names())})"
+        ]
+    p = []
+    cls = registry.get_class(s.name)
+    needs_homogeneous = getattr(cls, "requires_homogeneous_ranks", s.name in HOMOGENEOUS_ONLY)
+    if needs_homogeneous and cfg.heterogeneous():
+        p.append(
+            f"strategy.name = {s.name!r} averages A and B separately and needs one rank for "
+            f"every client, but resources.distribution = {cfg.resources.distribution!r} gives "
+            "heterogeneous ranks; set resources.distribution = 'homogeneous' (with "
+            "resources.homogeneous_rank or homogeneous_type) or use flexlora, flora, hetlora "
+            "or zero_pad"
+        )
+    accepted = _strategy_options(cls)
+    engine_set = {"shapes", "seed"}
+    for key in s.options:
+        if key in engine_set:
+            p.append(f"strategy.options.{key}: set by the engine; remove it")
+        elif accepted is not None and key not in accepted:
+            hint = difflib.get_close_matches(key, sorted(accepted), n=1)
+            p.append(
+                f"strategy.options.{key}: {s.name} has no option {key!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+                + f" (options: {', '.join(sorted(accepted - engine_set))})"
+            )
+    return p
+
+
+def _strategy_options(cls: type) -> set[str] | None:
+    """Keyword options a strategy class accepts (its __init__ chain up to Strategy), or None
+    when one of them takes arbitrary keywords that do not reach Strategy."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {q.name for q in params if q.kind in (q.KEYWORD_ONLY, q.POSITIONAL_OR_KEYWORD)} - {
+            "self"
+        }
+        if not any(q.kind is q.VAR_KEYWORD for q in params):
+            return names
+    return names
+
+
+# -- dumping --------------------------------------------------------------------------------
+
+
+def dumps_json(cfg: ExperimentConfig) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=False)
+
+
+def dumps_toml(cfg: ExperimentConfig | Mapping[str, Any]) -> str:
+    """The resolved configuration as TOML (None values are left out: they are the defaults)."""
+    data = cfg if isinstance(cfg, Mapping) else to_dict(cfg)
+    lines: list[str] = []
+    _toml_table(data, [], lines)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _toml_table(table: Mapping[str, Any], path: list[str], lines: list[str]) -> None:
+    scalars = {k: v for k, v in table.items() if v is not None and not isinstance(v, Mapping)}
+    tables = {k: v for k, v in table.items() if isinstance(v, Mapping)}
+    if path and (scalars or not tables):
+        lines.append("")
+        lines.append("[" + ".".join(_toml_key(p) for p in path) + "]")
+    for k, v in scalars.items():
+        lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    for k, v in tables.items():
+        _toml_table(v, [*path, k], lines)
+
+
+def _toml_key(k: str) -> str:
+    if k and all(c.isalnum() or c in "_-" for c in k):
+        return k
+    return json.dumps(k)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v if x is not None) + "]"
+    if isinstance(v, Mapping):
+        inner = ", ".join(
+            f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None
+        )
+        return "{ " + inner + " }" if inner else "{}"
+    raise ConfigError(f"cannot write {v!r} ({type(v).__name__}) to TOML")
+
+
+def diff(a: ExperimentConfig, b: ExperimentConfig, ignore=("output_dir", "threads")) -> list[str]:
+    """Dotted keys whose values differ between two configurations (ignoring `ignore`)."""
+    fa, fb = _flatten(to_dict(a)), _flatten(to_dict(b))
+    keys = sorted(set(fa) | set(fb))
+    return [
+        k
+        for k in keys
+        if fa.get(k) != fb.get(k) and k.split(".")[0] not in ignore and k not in ignore
+    ]
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, path + "."))
+        else:
+            out[path] = v
+    return out
