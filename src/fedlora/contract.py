@@ -160,6 +160,8 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: clients may upload fewer slots than configured (HetLoRA's self-pruning)
+    rank_may_shrink: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -224,7 +226,9 @@ class Strategy(ABC):
             if expected is None:
                 continue
             for module, f in u.adapter.items():
-                if module in expected and f.rank != expected[module]:
+                if module not in expected or f.rank == expected[module]:
+                    continue
+                if not (self.rank_may_shrink and f.rank < expected[module]):
                     raise FedLoraError(
                         f"{self.name}: round {server_round}, client {u.client_id}, module "
                         f"{module}: rank {f.rank}, but it was configured with rank "

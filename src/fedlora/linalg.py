@@ -35,12 +35,20 @@ def factored_svd(G: Tensor, H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return Qg @ Uc, S, Vhc @ Qh.T
 
 
-def top_svd(W: Tensor, k: int, *, oversample: int = 16, iters: int = 6, seed: int = 0):
+def top_svd(
+    W: Tensor,
+    k: int,
+    *,
+    oversample: int = 16,
+    tol: float = 1e-12,
+    max_iters: int = 100,
+    seed: int = 0,
+):
     """Top-k singular triplets of a dense matrix, in float64.
 
     Exact LAPACK SVD when k is a sizeable share of min(m, n); otherwise a randomized subspace
-    iteration (Halko et al. 2011, alg. 4.4) with `iters` re-orthonormalised power steps, which
-    only multiplies W by thin blocks.
+    iteration (Halko et al. 2011, alg. 4.4) that only multiplies W by thin blocks, run until the
+    top-k singular values change by less than `tol` (relative) between iterations.
     """
     W = W.to(F64)
     m, n = W.shape
@@ -51,9 +59,14 @@ def top_svd(W: Tensor, k: int, *, oversample: int = 16, iters: int = 6, seed: in
         return U[:, :k], S[:k], Vh[:k]
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(W @ torch.randn(n, k + oversample, generator=g, dtype=F64))
-    for _ in range(iters):
+    prev = None
+    for _ in range(max_iters):
         Z, _ = torch.linalg.qr(W.T @ Q)
         Q, _ = torch.linalg.qr(W @ Z)
+        S = torch.linalg.svdvals(Q.T @ W)[:k]
+        if prev is not None and ((S - prev).abs() <= tol * S[0]).all():
+            break
+        prev = S
     Uc, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)
     return (Q @ Uc)[:, :k], S[:k], Vh[:k]
 

@@ -33,6 +33,7 @@ class HetLoRA(ZeroPad):
     """Sparsity-weighted zero-padded aggregation + client rank self-pruning."""
 
     name = "hetlora"
+    rank_may_shrink = True
 
     def __init__(self, *, gamma: float = 0.99, prune_lambda: float = 0.0, **options) -> None:
         super().__init__(**options)

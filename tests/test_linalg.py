@@ -1,0 +1,95 @@
+"""fedlora.linalg against numpy's float64 dense SVD."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import rel
+
+from fedlora import FedLoraError
+from fedlora.linalg import LowRankSum, factored_svd, rank_r_factors, top_svd
+
+
+def ill_conditioned(rng, m, n, rank, cond):
+    """A rank-`rank` product with singular values spread over `cond` orders of magnitude."""
+    U, _ = np.linalg.qr(rng.standard_normal((m, rank)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, rank)))
+    s = np.logspace(0, -cond, rank)
+    return U * s, V.T  # G (m, rank), H (rank, n)
+
+
+@pytest.mark.parametrize("cond", [0, 6, 12])
+def test_factored_svd_matches_dense_svd_on_ill_conditioned_products(cond):
+    rng = np.random.default_rng()
+    G, H = ill_conditioned(rng, 40, 30, 12, cond)
+    U, S, Vh = factored_svd(torch.tensor(G), torch.tensor(H))
+    ref = np.linalg.svd(G @ H, compute_uv=False)[:12]
+    np.testing.assert_allclose(S.numpy(), ref, rtol=1e-8, atol=1e-14)
+    assert rel((U * S).numpy() @ Vh.numpy(), G @ H) < 1e-12
+    np.testing.assert_allclose(U.T.numpy() @ U.numpy(), np.eye(U.shape[1]), atol=1e-10)
+
+
+def test_factored_svd_of_rank_deficient_stack():
+    rng = np.random.default_rng()
+    G, H = ill_conditioned(rng, 20, 25, 3, 0)
+    # the same product three times: summed rank 9, true rank 3
+    U, S, Vh = factored_svd(torch.tensor(np.hstack([G, G, -G])), torch.tensor(np.vstack([H, H, H])))
+    assert S[3:].abs().max() < 1e-12 * S[0]
+    assert rel((U * S).numpy() @ Vh.numpy(), G @ H) < 1e-12
+
+
+@pytest.mark.parametrize("k", [3, 40])
+def test_top_svd_randomized_and_exact_paths(k):
+    rng = np.random.default_rng()
+    G, H = ill_conditioned(rng, 300, 200, 200, 3)
+    W = G @ H
+    U, S, Vh = top_svd(torch.tensor(W), k)
+    Ur, Sr, Vr = np.linalg.svd(W, full_matrices=False)
+    np.testing.assert_allclose(S.numpy(), Sr[:k], rtol=1e-6)
+    best = (Ur[:, :k] * Sr[:k]) @ Vr[:k]
+    assert rel((U * S).numpy() @ Vh.numpy(), best) < 1e-5
+
+
+def test_low_rank_sum_switches_to_dense_without_changing_the_result():
+    rng = np.random.default_rng()
+    shape = (30, 20)
+    parts = [
+        (rng.standard_normal((30, r)), rng.standard_normal((r, 20)), rng.random())
+        for r in (3, 5, 9, 4)
+    ]
+    factored, dense = LowRankSum(shape, dense_rank=10_000), LowRankSum(shape, dense_rank=7)
+    for G, H, w in parts:
+        factored.add(torch.tensor(G), torch.tensor(H), w)
+        dense.add(torch.tensor(G), torch.tensor(H), w)
+    assert not factored.is_dense and dense.is_dense
+    ref = sum(w * G @ H for G, H, w in parts)
+    for acc in (factored, dense):
+        assert rel(acc.dense().numpy(), ref) < 1e-12
+        f = acc.factors()
+        assert rel(f.delta().numpy(), ref) < 1e-10
+        U, S, Vh = acc.svd(5)
+        np.testing.assert_allclose(S.numpy(), np.linalg.svd(ref, compute_uv=False)[:5], rtol=1e-8)
+    assert rel(factored.scale_(0.5).dense().numpy(), 0.5 * ref) < 1e-12
+
+
+def test_low_rank_sum_of_nothing_and_of_zeros_is_exactly_zero():
+    acc = LowRankSum((6, 4))
+    assert acc.factors().rank == 0 and acc.dense().abs().max() == 0
+    acc.add(torch.zeros(6, 2), torch.zeros(2, 4))
+    assert acc.factors().rank == 0
+
+
+def test_low_rank_sum_rejects_mismatched_factors():
+    with pytest.raises(FedLoraError, match=r"do not make a \(6, 4\) matrix"):
+        LowRankSum((6, 4)).add(torch.zeros(6, 2), torch.zeros(2, 5))
+
+
+def test_rank_r_factors_pads_ranks_above_the_number_of_triplets():
+    rng = np.random.default_rng()
+    W = rng.standard_normal((5, 3))
+    U, S, Vh = (torch.tensor(x) for x in np.linalg.svd(W, full_matrices=False))
+    f = rank_r_factors(U, S, Vh, 8, scale=0.5, split="sqrt", dtype=torch.float64)
+    assert f.A.shape == (8, 3) and f.B.shape == (5, 8)
+    assert rel(f.delta().numpy(), W) < 1e-12
+    assert f.A[3:].abs().max() == 0 and f.B[:, 3:].abs().max() == 0
