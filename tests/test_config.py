@@ -59,8 +59,8 @@ def test_overrides_parse_to_field_types():
     assert cfg.clients_per_round == 0.5 and cfg.sampled_per_round() == 3
     cfg = C.override(cfg, "clients_per_round", "2")
     assert cfg.clients_per_round == 2 and isinstance(cfg.clients_per_round, int)
-    cfg = C.override(cfg, "resources.ranks", "1,3")
-    assert cfg.resources.ranks == [1, 3]
+    cfg = C.override(cfg, "resources.ranks", "1,3,5,7")
+    assert cfg.resources.ranks == [1, 3, 5, 7]
     cfg = C.override(cfg, "model.rslora", "yes")
     assert cfg.model.rslora is True
     cfg = C.override(cfg, "data.max_examples_per_client", "none")
@@ -127,7 +127,10 @@ def test_wrong_types_name_the_key():
         ({"eval.metrics": ["loss", "rouge"]}, "eval.metrics[1]"),
         ({"strategy.name": "flexlorra"}, "strategy.name"),
         ({"strategy.options": {"splitt": "sqrt"}}, "strategy.options.splitt"),
-        ({"resources.distribution": "custom"}, "resources.share"),
+        ({"resources.distribution": "custom"}, "resources.custom_share"),
+        ({"resources.ranks": [1, 2, 3]}, "resources.ranks"),
+        ({"resources.homogeneous_rank": 2}, "resources.homogeneous_rank"),
+        ({"resources.rank_cap_fraction": 2.0}, "resources.rank_cap_fraction"),
         ({"data.heldout_tasks": ["nope"]}, "data.heldout_tasks"),
     ],
 )

@@ -51,6 +51,7 @@ METRICS = ("loss", "perplexity", "rouge_l", "accuracy", "f1")
 TINY_MODELS = ("tiny-llama", "tiny-bert")
 # strategies that average A and B separately and so need one rank for every client
 HOMOGENEOUS_ONLY = ("fedit", "fedex_lora")
+NUM_TYPES = 4  # resource types of fedlora.resources
 
 
 class ConfigError(FedLoraError):
@@ -92,16 +93,20 @@ class DataConfig:
 
 @dataclass
 class ResourcesConfig:
-    """Clients' LoRA ranks: resource types drawn from a distribution, a rank per type."""
+    """Clients' LoRA ranks: one of four resource types per client (`fedlora.resources`, after
+    FlexLoRA), drawn from a distribution; each type has a rank per attention / MLP module."""
 
     distribution: Literal[
         "uniform", "heavy_tail_light", "heavy_tail_strong", "normal", "homogeneous", "custom"
     ] = "uniform"
-    share: list[float] | None = None  # "custom": share of clients per resource type
-    ranks: list[int] | None = None  # rank of each resource type (None: fedlora.resources')
-    homogeneous_type: int | None = None  # "homogeneous": every client gets this type ...
-    homogeneous_rank: int | None = None  # ... or this rank
-    rank_scaling: float = 1.0  # multiply every type's rank (scale down for small models)
+    share: float | None = None  # heavy_tail_*: share of clients at the extreme type
+    custom_share: list[float] | None = None  # "custom": share of clients per type (4 numbers)
+    ranks: list[int] | None = None  # rank of types 1-4 (None: FlexLoRA's 8/30/30|200/200)
+    mlp_ranks: list[int] | None = None  # MLP-module ranks of types 1-4 (None: as `ranks`)
+    homogeneous_type: int | None = None  # "homogeneous": every client gets this type (1-4) ...
+    homogeneous_rank: int | None = None  # ... or exactly this rank on every module
+    rank_divisor: float | None = None  # divide every rank (at least 1): small models
+    rank_cap_fraction: float | None = None  # cap ranks at this fraction of min(d_out, d_in)
 
 
 @dataclass
@@ -114,15 +119,17 @@ class StrategyConfig:
 
 @dataclass
 class TrainSection:
-    """Local training of one client per round (the fields of `fedlora.client.TrainConfig`)."""
+    """Local training of one client per round (`fedlora.client.TrainConfig`; its seed is the
+    experiment's)."""
 
     local_steps: int = 10
+    epochs: int | None = None  # passes over the client's data instead of local_steps
     batch_size: int = 4
     lr: float = 3e-4
+    b_lr_multiplier: float = 1.0
     weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    grad_clip: float | None = 1.0
     max_length: int = 128
-    optimizer: Literal["adamw", "sgd"] = "adamw"
 
 
 @dataclass
@@ -180,11 +187,15 @@ class ExperimentConfig:
         r = self.resources
         if r.distribution == "homogeneous":
             return False
-        if r.distribution == "custom" and r.share is not None:
-            return sum(1 for s in r.share if s > 0) > 1
-        if r.ranks is not None and len(set(r.ranks)) == 1:
-            return False
-        return True
+        types = [
+            (a, b)
+            for a, b in zip(
+                r.ranks or [8, 30, 30, 200], r.mlp_ranks or r.ranks or [8, 30, 200, 200]
+            )
+        ]
+        if r.distribution == "custom" and r.custom_share is not None:
+            types = [t for t, s in zip(types, r.custom_share) if s > 0]
+        return len({a for a, _ in types} | {b for _, b in types}) > 1 or len(set(types)) > 1
 
 
 # -- loading --------------------------------------------------------------------------------
@@ -585,44 +596,57 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
             + f"); lower it to <= {n} or raise data.num_clients",
         )
     # resources
-    if r.ranks is not None:
-        need(len(r.ranks) > 0, "resources.ranks: empty; leave it out for the default ranks")
-        for i, k in enumerate(r.ranks):
-            need(k >= 1, f"resources.ranks[{i}] = {k}: a LoRA rank must be >= 1")
-    need(
-        r.rank_scaling > 0 and math.isfinite(r.rank_scaling),
-        f"resources.rank_scaling = {r.rank_scaling}: must be > 0",
-    )
+    for key in ("ranks", "mlp_ranks", "custom_share"):
+        v = getattr(r, key)
+        if v is not None:
+            need(
+                len(v) == NUM_TYPES,
+                f"resources.{key} has {len(v)} entries; give one per resource type "
+                f"({NUM_TYPES}), or leave it out for the defaults",
+            )
+    for key in ("ranks", "mlp_ranks"):
+        for i, k in enumerate(getattr(r, key) or []):
+            need(k >= 1, f"resources.{key}[{i}] = {k}: a LoRA rank must be >= 1")
+    if r.rank_divisor is not None:
+        need(
+            r.rank_divisor > 0 and math.isfinite(r.rank_divisor),
+            f"resources.rank_divisor = {r.rank_divisor}: must be > 0",
+        )
+    if r.rank_cap_fraction is not None:
+        fraction("resources.rank_cap_fraction", r.rank_cap_fraction)
+    if r.share is not None:
+        fraction("resources.share", r.share)
     if r.homogeneous_rank is not None:
         need(
             r.homogeneous_rank >= 1,
             f"resources.homogeneous_rank = {r.homogeneous_rank}: a LoRA rank must be >= 1",
         )
     if r.homogeneous_type is not None:
-        need(r.homogeneous_type >= 0, f"resources.homogeneous_type = {r.homogeneous_type}: >= 0")
-        if r.ranks is not None:
+        need(
+            1 <= r.homogeneous_type <= NUM_TYPES,
+            f"resources.homogeneous_type = {r.homogeneous_type}: must be a type 1..{NUM_TYPES}",
+        )
+    if r.distribution != "homogeneous":
+        for key in ("homogeneous_rank", "homogeneous_type"):
             need(
-                r.homogeneous_type < len(r.ranks),
-                f"resources.homogeneous_type = {r.homogeneous_type}: only {len(r.ranks)} "
-                "types in resources.ranks",
+                getattr(r, key) is None,
+                f"resources.{key}: only used with distribution = 'homogeneous' (it is "
+                f"{r.distribution!r}); remove it or set resources.distribution = 'homogeneous'",
             )
     if r.distribution == "custom":
-        if r.share is None:
-            p.append("resources.share: required with distribution = 'custom' (a share per type)")
+        if r.custom_share is None:
+            p.append(
+                "resources.custom_share: required with distribution = 'custom' (a share of "
+                f"clients per type, {NUM_TYPES} numbers)"
+            )
         else:
             need(
-                all(s >= 0 for s in r.share) and sum(r.share) > 0,
-                f"resources.share = {r.share}: shares must be >= 0 and not all 0",
+                all(x >= 0 for x in r.custom_share) and sum(r.custom_share) > 0,
+                f"resources.custom_share = {r.custom_share}: shares must be >= 0, not all 0",
             )
-            if r.ranks is not None:
-                need(
-                    len(r.share) == len(r.ranks),
-                    f"resources.share has {len(r.share)} entries but resources.ranks has "
-                    f"{len(r.ranks)}; give one share per resource type",
-                )
-    elif r.share is not None:
+    elif r.custom_share is not None:
         p.append(
-            f"resources.share: only used with distribution = 'custom' (it is "
+            f"resources.custom_share: only used with distribution = 'custom' (it is "
             f"{r.distribution!r}); remove it or set resources.distribution = 'custom'"
         )
     # train
@@ -631,8 +655,11 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
     need(t.lr > 0 and math.isfinite(t.lr), f"train.lr = {t.lr}: must be > 0")
     need(t.weight_decay >= 0, f"train.weight_decay = {t.weight_decay}: must be >= 0")
     need(t.max_length >= 8, f"train.max_length = {t.max_length}: must be >= 8 tokens")
-    if t.max_grad_norm is not None:
-        need(t.max_grad_norm > 0, f"train.max_grad_norm = {t.max_grad_norm}: must be > 0 (or none)")
+    if t.epochs is not None:
+        need(t.epochs >= 1, f"train.epochs = {t.epochs}: must be >= 1 (or none: local_steps)")
+    need(t.b_lr_multiplier > 0, f"train.b_lr_multiplier = {t.b_lr_multiplier}: must be > 0")
+    if t.grad_clip is not None:
+        need(t.grad_clip >= 0, f"train.grad_clip = {t.grad_clip}: must be >= 0 (or none)")
     # eval
     need(e.every >= 1, f"eval.every = {e.every}: must be >= 1")
     need(e.max_examples >= 1, f"eval.max_examples = {e.max_examples}: must be >= 1")
