@@ -301,3 +301,28 @@ def record_nbytes(content: RecordDict) -> int:
     for rec in content.values():
         n += rec.count_bytes()
     return n
+
+
+def adapter_to_arrays(adapter: Adapter) -> ArrayRecord:
+    """Scale-1 factors (a global delta) as a bare ArrayRecord: ``A/<module>``, ``B/<module>``."""
+    record = ArrayRecord()
+    for module, f in adapter.items():
+        if f.scale != 1.0:
+            raise CodecError(f"module {module}: adapter_to_arrays needs scale 1, got {f.scale}")
+        if f.A.dtype == torch.bfloat16 or f.B.dtype == torch.bfloat16:
+            raise CodecError(f"module {module}: bfloat16 needs encode_payload")
+        _put(record, f"A/{module}", f.A)
+        _put(record, f"B/{module}", f.B)
+    return record
+
+
+def arrays_to_adapter(record: ArrayRecord) -> Adapter:
+    """Inverse of `adapter_to_arrays`."""
+    out: Adapter = {}
+    for key in record:
+        if key.startswith("A/"):
+            module = key[2:]
+            A = torch.from_numpy(record[key].numpy().copy())
+            B = torch.from_numpy(record[f"B/{module}"].numpy().copy())
+            out[module] = LoraFactors(A, B, 1.0)
+    return out

@@ -348,8 +348,7 @@ class FlowerStrategy(FlwrStrategy):
 
     def global_arrays(self) -> ArrayRecord:
         """The global delta (scale-1 factors) as an ArrayRecord: ``A/<module>``, ``B/<module>``."""
-        rd = codec.encode_payload(Payload(None, self.strategy.global_delta()))
-        return rd[codec.ADAPTER]
+        return codec.adapter_to_arrays(self.strategy.global_delta())
 
     # -- evaluation: the global delta on the nodes' local data ----------------------------
 

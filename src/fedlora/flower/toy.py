@@ -96,9 +96,11 @@ class ToyTask:
                 if het and het.get("lambda", 0) > 0:
                     loss = loss + het["lambda"] * self_pruning_penalty(A, B, het["gamma"], f0.scale)
                 grads = torch.autograd.grad(loss, params)
-                with torch.no_grad():
+                with torch.no_grad():  # step 1/L per factor (L: its gradient's Lipschitz const)
                     for p, g in zip(params, grads):
-                        p -= self.lr * g * W.numel() / max(1, f0.rank)
+                        other = B if p is A else A
+                        L = 2 * f0.scale**2 * max(float(other.norm()) ** 2, 1e-3) / W.numel()
+                        p -= self.lr * g / L
             with torch.no_grad():
                 loss_total += float((W + f0.scale * B @ A - T).square().mean())
                 A, B = A.detach().to(f0.A.dtype), B.detach().to(f0.B.dtype)

@@ -1,0 +1,69 @@
+"""The fedlora `ClientApp`: answers hello with the node's declared config, trains, evaluates.
+
+Stateless: each train message carries the payload (merge, adapter, seed, trainable, extras) and
+the node's resolved `ClientSpec`, so a node that skipped rounds starts from the current global
+model. The handlers are plain functions of records, so they run the same under a SuperNode,
+the simulation engine or a test's fake grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora.flower import codec
+from fedlora.flower.backend import get_backend
+from fedlora.flower.nodes import declared_config
+
+app = ClientApp()
+
+
+def partition_of(node_config: Mapping[str, Any]) -> int:
+    return int(node_config.get("partition-id", 0))
+
+
+def hello_content(node_config: Mapping[str, Any]) -> RecordDict:
+    return RecordDict({codec.NODE: declared_config(node_config)})
+
+
+def train_content(
+    content: RecordDict, node_config: Mapping[str, Any], run_config: Mapping[str, Any]
+) -> RecordDict:
+    """Decode the payload, train on this node's partition, encode the update."""
+    payload = codec.decode_payload(content)
+    spec = codec.decode_spec(content.config_records[codec.SPEC])
+    update = get_backend(run_config).train(spec, payload, partition_of(node_config))
+    reply = codec.encode_update(update)
+    reply[codec.NODE] = declared_config(node_config)  # lets the server see a changed declaration
+    return reply
+
+
+def evaluate_content(
+    content: RecordDict, node_config: Mapping[str, Any], run_config: Mapping[str, Any]
+) -> RecordDict:
+    """Evaluate the global delta (sent as ``merge``) on this node's local data."""
+    payload = codec.decode_payload(content)
+    spec = codec.decode_spec(content.config_records[codec.SPEC])
+    metrics, n = get_backend(run_config).evaluate(payload.merge, spec, partition_of(node_config))
+    return RecordDict({codec.METRICS: MetricRecord({**metrics, "num-examples": int(n)})})
+
+
+@app.query("hello")
+def hello(msg: Message, context: Context) -> Message:
+    return Message(hello_content(context.node_config), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return Message(
+        train_content(msg.content, context.node_config, context.run_config), reply_to=msg
+    )
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    content = evaluate_content(msg.content, context.node_config, context.run_config)
+    return Message(content, reply_to=msg)

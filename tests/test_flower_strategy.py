@@ -1,0 +1,247 @@
+"""FlowerStrategy over a fake in-process Grid: equivalence with a plain loop, node identity,
+faults (error replies, NaN, wrong shapes, timeouts, bad declarations)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import ArrayRecord, Error, Message  # noqa: E402
+from flwr.common import serde  # noqa: E402
+
+import fedlora.strategies as S  # noqa: E402
+from fedlora.contract import ClientSpec, FedLoraError  # noqa: E402
+from fedlora.flower import client_app, codec  # noqa: E402
+from fedlora.flower.nodes import resolve_spec  # noqa: E402
+from fedlora.flower.server_app import build  # noqa: E402
+from fedlora.flower.strategy import FlowerStrategy  # noqa: E402
+from fedlora.flower.toy import ToyTask, toy_shapes  # noqa: E402
+
+RUN = {"model": "toy", "seed": 0, "toy-layers": 2, "toy-d-model": 16, "toy-d-ff": 24}
+SHAPES = toy_shapes(2, 16, 24)
+RANKS = [2, 4, 6, 8]  # 4 clients with different ranks
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Messages need the ServerApp's task identity, which Flower sets in a real run."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _wire(content):
+    """Through Flower's protobuf serialisation and back, as over the network."""
+    return serde.recorddict_from_proto(serde.recorddict_to_proto(content))
+
+
+class FakeGrid:
+    """A Grid that delivers messages to in-process nodes running fedlora's ClientApp handlers.
+
+    ``faults[node_id]`` maps a message type to "error", "timeout", "nan", "shape" or "client".
+    """
+
+    def __init__(self, node_configs, run_config=RUN, faults=None):
+        self.node_configs = dict(node_configs)
+        self.run_config = run_config
+        self.faults = faults or {}
+        self.sent = []
+
+    def get_node_ids(self):
+        return list(self.node_configs)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            kind = msg.metadata.message_type
+            self.sent.append((node, kind))
+            fault = self.faults.get(node, {}).get(kind.split(".")[0])
+            if fault == "timeout":
+                continue
+            if fault == "error":
+                replies.append(Message(Error(code=0, reason="client crashed"), reply_to=msg))
+                continue
+            cfg, content = self.node_configs[node], _wire(msg.content)
+            if kind == "query.hello":
+                out = client_app.hello_content(cfg)
+            elif kind == "train":
+                out = client_app.train_content(content, cfg, self.run_config)
+                if fault in ("nan", "shape", "client"):
+                    out = _corrupt(out, fault)
+            else:
+                out = client_app.evaluate_content(content, cfg, self.run_config)
+            replies.append(Message(_wire(out), reply_to=msg))
+        return replies
+
+
+def _corrupt(content, how):
+    u = codec.decode_update(content)
+    m = next(iter(u.adapter))
+    f = u.adapter[m]
+    if how == "nan":
+        B = f.B.clone()
+        B[0, 0] = float("nan")
+        u.adapter[m] = type(f)(f.A, B, f.scale)
+    elif how == "shape":
+        u.adapter[m] = type(f)(torch.zeros(f.rank, f.A.shape[1] + 1), f.B, f.scale)
+    else:
+        u.client_id = "someone-else"
+    return codec.encode_update(u)
+
+
+def _nodes(ranks=RANKS):
+    return {100 + i: {"partition-id": i, "rank": r} for i, r in enumerate(ranks)}
+
+
+def _strategy(name):
+    options = {"shapes": SHAPES, "seed": 3}
+    if name == "lora_a2":
+        options["global_rank"] = 6
+    if name == "hetlora":
+        options["prune_lambda"] = 0.05
+        options["gamma"] = 0.75
+    if name in ("fedit", "fedex_lora"):  # homogeneous ranks
+        return S.get(name, **options), [4, 4, 4, 4]
+    return S.get(name, **options), RANKS
+
+
+def _reference(name, rounds=2):
+    """The plain in-process loop: configure, train, aggregate."""
+    strategy, ranks = _strategy(name)
+    task = ToyTask(SHAPES, 0, 5)
+    specs = [ClientSpec(f"partition-{i}", {m: r for m in SHAPES}) for i, r in enumerate(ranks)]
+    for rnd in range(1, rounds + 1):
+        updates = [task.train(s, strategy.configure(s, rnd), i) for i, s in enumerate(specs)]
+        strategy.aggregate(rnd, updates)
+    return strategy.global_delta()
+
+
+def _assert_same(got, want, rtol=1e-5):
+    assert set(got) == set(want)
+    for m in want:
+        a, b = got[m].delta(), want[m].delta()
+        assert torch.linalg.norm(a - b) <= rtol * torch.linalg.norm(b) + 1e-12, m
+
+
+@pytest.mark.parametrize("name", S.names())
+def test_flower_adapter_equals_in_process_loop(name):
+    strategy, ranks = _strategy(name)
+    fs = FlowerStrategy(strategy, SHAPES, min_nodes=4)
+    grid = FakeGrid(_nodes(ranks))
+    result = fs.start(grid, ArrayRecord(), num_rounds=2, timeout=10)
+    _assert_same(strategy.global_delta(), _reference(name))
+    assert [r["used"] for r in fs.rounds] == [[f"partition-{i}" for i in range(4)]] * 2
+    assert result.train_metrics_clientapp[2]["replies-used"] == 4
+    # the returned arrays are the global delta, scale-1 factors
+    delta = codec.arrays_to_adapter(result.arrays)
+    _assert_same(delta, strategy.global_delta(), 1e-6)
+    # one hello per node, in round 1 only
+    assert sum(kind == "query.hello" for _, kind in grid.sent) == 4
+
+
+@pytest.mark.parametrize("fault", ["error", "timeout", "nan", "shape", "client"])
+def test_bad_reply_is_dropped_and_round_goes_on(fault):
+    strategy = S.get("flexlora", shapes=SHAPES)
+    fs = FlowerStrategy(strategy, SHAPES, min_nodes=4)
+    grid = FakeGrid(_nodes(), faults={102: {"train": fault}})
+    result = fs.start(grid, ArrayRecord(), num_rounds=2, timeout=10)
+    for r in fs.rounds:
+        assert r["used"] == ["partition-0", "partition-1", "partition-3"]
+        assert list(r["dropped"]) == ["partition-2"]
+        assert r["error"] is None
+    assert result.train_metrics_clientapp[1]["replies-used"] == 3
+    assert result.train_metrics_clientapp[1]["replies-dropped"] == 1
+    # the result equals aggregating the three good clients in-process
+    ref = S.get("flexlora", shapes=SHAPES)
+    task = ToyTask(SHAPES, 0, 5)
+    specs = [ClientSpec(f"partition-{i}", {m: RANKS[i] for m in SHAPES}) for i in (0, 1, 3)]
+    for rnd in (1, 2):
+        payloads = [ref.configure(s, rnd) for s in specs]
+        ref.configure(ClientSpec("partition-2", {m: RANKS[2] for m in SHAPES}), rnd)
+        ref.aggregate(
+            rnd, [task.train(s, p, int(s.client_id[-1])) for s, p in zip(specs, payloads)]
+        )
+    _assert_same(strategy.global_delta(), ref.global_delta())
+
+
+def test_all_replies_bad_leaves_model_unchanged():
+    strategy = S.get("flora", shapes=SHAPES)
+    fs = FlowerStrategy(strategy, SHAPES, min_nodes=2)
+    grid = FakeGrid(_nodes([2, 4]), faults={100: {"train": "nan"}, 101: {"train": "error"}})
+    result = fs.start(grid, ArrayRecord(), num_rounds=1, timeout=10)
+    assert fs.rounds[0]["error"] == "no usable replies"
+    assert result.train_metrics_clientapp[1]["replies-used"] == 0
+    assert strategy.global_delta() == {}
+
+
+@pytest.mark.parametrize(
+    "declared, message",
+    [
+        ({"partition-id": 9, "ranks": "k_proj=4"}, "unknown module 'k_proj'"),
+        ({"partition-id": 9, "rank": 0}, "rank must be >= 1"),
+        ({"partition-id": 9, "rank": 17}, "exceeds min(d_out, d_in) = 16"),
+        ({"partition-id": 9, "ranks": "up_proj=4"}, "no rank for module"),
+        ({"partition-id": 9, "rank-type": 7}, "rank-type 7 is not one of 1..3"),
+        ({"partition-id": 0, "rank": 4}, "already used by node"),
+    ],
+)
+def test_bad_declaration_skips_node(declared, message):
+    nodes = _nodes([2, 4])
+    nodes[200] = declared
+    strategy = S.get("flexlora", shapes=SHAPES)
+    fs = FlowerStrategy(strategy, SHAPES, min_nodes=3, rank_types=[2, 4, 8])
+    fs.start(FakeGrid(nodes), ArrayRecord(), num_rounds=1, timeout=10)
+    assert message in fs.rejected[200]
+    assert fs.rounds[0]["used"] == ["partition-0", "partition-1"]
+
+
+def test_resolve_spec_forms():
+    s = resolve_spec({"partition-id": 3, "ranks": "q_proj=8,*=2", "alpha": 32}, 5, SHAPES)
+    assert s.client_id == "partition-3" and s.alpha == 32.0
+    assert s.ranks["model.layers.1.self_attn.q_proj"] == 8
+    assert s.ranks["model.layers.0.mlp.up_proj"] == 2
+    s = resolve_spec({"rank-type": 2}, 5, SHAPES, rank_types=[2, 4])
+    assert s.client_id == "node-5" and set(s.ranks.values()) == {4} and s.resource_type == 2
+    s = resolve_spec({"ranks": "layers.0.mlp.up_proj=3", "rank": 1}, 5, SHAPES)
+    assert s.ranks["model.layers.0.mlp.up_proj"] == 3
+    assert s.ranks["model.layers.1.mlp.up_proj"] == 1
+    with pytest.raises(FedLoraError, match="not 'module=rank'"):
+        resolve_spec({"ranks": "q_proj"}, 5, SHAPES)
+
+
+def test_node_that_skipped_rounds_trains_from_current_global():
+    """Partial participation: a node absent in round 1 joins in round 2 with the global model."""
+    strategy = S.get("flora", shapes=SHAPES)
+    fs = FlowerStrategy(strategy, SHAPES, min_nodes=1)
+    grid = FakeGrid(_nodes([2, 4]), faults={101: {"train": "timeout"}})
+    fs.start(grid, ArrayRecord(), num_rounds=1, timeout=10)
+    grid.faults = {}
+    fs.start(grid, ArrayRecord(), num_rounds=1, timeout=10)  # "round 1" again: fresh seed
+    assert fs.rounds[0]["used"] == ["partition-0"]
+    assert fs.rounds[1]["used"] == ["partition-0", "partition-1"]
+    # node 101's second payload carried the merge of round 1's aggregate
+    sent = fs._sent[101][1]
+    assert sent.merge is not None
+
+
+def test_server_app_build_and_evaluate_on_nodes():
+    rc = {
+        **RUN,
+        "strategy": "lora_a2",
+        "strategy-options": '{"global_rank": 4}',
+        "min-nodes": 2,
+        "fraction-evaluate": 1.0,
+    }
+    fs = build(rc)
+    assert fs.strategy.name == "lora_a2" and fs.strategy.global_rank == 4
+    result = fs.start(FakeGrid(_nodes([2, 8])), ArrayRecord(), num_rounds=2, timeout=10)
+    ev = result.evaluate_metrics_clientapp
+    assert ev[2]["replies-used"] == 2 and ev[2]["eval_loss"] < ev[1]["eval_loss"] * 1.5
+    assert result.train_metrics_clientapp[1]["upload-bytes"] > 0
