@@ -1,0 +1,334 @@
+"""Evaluation of a (global) model on held-out examples.
+
+`evaluate` computes, over `fedlora.data.Example` records:
+
+* ``loss`` / ``perplexity`` (causal LM): the token-weighted mean cross-entropy over response
+  tokens (the prompt is masked as in training), and its exponential. For an encoder
+  classifier ``loss`` is the mean cross-entropy of the class logits.
+* ``rouge_l``: Rouge-L F1 (`rouge_score`, offline) of batched greedy generations (left
+  padding) against the references, on generation examples (``label`` is None).
+* ``accuracy`` / ``f1`` (macro-F1 over the classes seen in references or predictions), on
+  classification examples: argmax of an encoder's logits, or for a causal LM constrained
+  generation over the task's label set (the label whose response tokens have the highest
+  log-likelihood given the prompt).
+
+With ``per_task=True`` the same metrics are also reported per task as ``"{task}/{metric}"``.
+Counts come back as ``n_examples``, ``n_tokens``, ``n_generation``, ``n_classification``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+METRICS = ("loss", "perplexity", "rouge_l", "accuracy", "f1")
+IGNORE_INDEX = -100
+
+
+# -- pure metrics ---------------------------------------------------------------------------
+
+_SCORER: Any = None
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean Rouge-L F1 (``rouge_score``, stemming on) of predictions against references."""
+    global _SCORER
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return float("nan")
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [_SCORER.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    return float(sum(scores) / len(scores))
+
+
+def accuracy(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"{len(y_pred)} predictions for {len(y_true)} references")
+    if not y_true:
+        return float("nan")
+    return sum(t == p for t, p in zip(y_true, y_pred)) / len(y_true)
+
+
+def macro_f1(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
+    """Unweighted mean of per-class F1 over the classes in references or predictions
+    (a class never predicted nor present scores nothing; 0/0 counts as 0, as in sklearn)."""
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"{len(y_pred)} predictions for {len(y_true)} references")
+    classes = sorted(set(y_true) | set(y_pred), key=str)
+    if not classes:
+        return float("nan")
+    total = 0.0
+    for c in classes:
+        tp = sum(t == c and p == c for t, p in zip(y_true, y_pred))
+        fp = sum(t != c and p == c for t, p in zip(y_true, y_pred))
+        fn = sum(t == c and p != c for t, p in zip(y_true, y_pred))
+        total += 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return total / len(classes)
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _unwrap(model: Any) -> Any:
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def model_kind(model: Any) -> str:
+    """``"classifier"`` for sequence-classification models, else ``"causal"``."""
+    name = type(_unwrap(model)).__name__
+    return "classifier" if name.endswith("ForSequenceClassification") else "causal"
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad: int, left: bool = False):
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if left:
+            ids[i, n - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, n - len(s) :] = 1
+        else:
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _token_logprobs(model: Any, seqs: Sequence[dict[str, list[int]]], pad: int, device):
+    """Per sequence: (sum of response-token log-probs, number of response tokens), float64."""
+    ids, mask = _pad([s["input_ids"] for s in seqs], pad)
+    labels, _ = _pad([s["labels"] for s in seqs], IGNORE_INDEX)
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1) * keep
+    return picked.sum(1).cpu(), keep.sum(1).cpu()
+
+
+def _prompt_ids(tokenizer: Any, example: Any, max_prompt: int) -> list[int]:
+    from fedlora.data.prompts import has_chat_template, prompt_text
+
+    ids = list(tokenizer(prompt_text(tokenizer, example), add_special_tokens=False)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not has_chat_template(tokenizer) and bos is not None:
+        ids = [bos, *ids]
+    if len(ids) > max_prompt:  # keep the head and the generation marker at the end
+        head = max_prompt // 2
+        ids = ids[:head] + ids[len(ids) - (max_prompt - head) :]
+    return ids
+
+
+def task_labels(examples: Iterable[Any]) -> dict[str, list[str]]:
+    """task -> sorted labels seen in `examples` (the label set of constrained generation)."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for e in examples:
+        if e.label is not None:
+            out[e.task].add(e.label)
+    return {t: sorted(v) for t, v in out.items()}
+
+
+# -- evaluation -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    metrics: Sequence[str] = ("loss",),
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    max_length: int = 256,
+    kind: str | None = None,
+    labels: Mapping[str, Sequence[str]] | None = None,
+    label_to_id: Mapping[str, int] | None = None,
+    per_task: bool = False,
+) -> dict[str, float]:
+    """Evaluate `model` on `examples` (see the module docstring).
+
+    ``labels``: task -> label set for constrained generation (default: the labels present in
+    `examples` per task). ``label_to_id``: the class ids of an encoder classifier's head
+    (default: `fedlora.data.label_mapping` of `examples`). ``kind`` is detected from the model.
+    """
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    examples = list(examples)
+    kind = kind or model_kind(model)
+    was_training = model.training
+    model.eval()
+    try:
+        if kind == "classifier":
+            rows = _eval_classifier(model, tokenizer, examples, batch_size, max_length, label_to_id)
+        else:
+            rows = _eval_causal(
+                model, tokenizer, examples, metrics, batch_size, max_new_tokens, max_length, labels
+            )
+    finally:
+        model.train(was_training)
+    out = _summarise(rows, metrics)
+    out["n_examples"] = float(len(examples))
+    if per_task:
+        by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            by_task[r["task"]].append(r)
+        for task in sorted(by_task):
+            for k, v in _summarise(by_task[task], metrics).items():
+                if not k.startswith("n_"):
+                    out[f"{task}/{k}"] = v
+    return out
+
+
+def _summarise(rows: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    nll = sum(r.get("nll", 0.0) for r in rows)
+    ntok = sum(r.get("ntok", 0) for r in rows)
+    if ("loss" in metrics or "perplexity" in metrics) and ntok:
+        loss = nll / ntok
+        if "loss" in metrics:
+            out["loss"] = float(loss)
+        if "perplexity" in metrics:
+            out["perplexity"] = float(math.exp(min(loss, 700.0)))
+    out["n_tokens"] = float(ntok)
+    gen = [r for r in rows if "prediction" in r]
+    if "rouge_l" in metrics and gen:
+        out["rouge_l"] = rouge_l([r["prediction"] for r in gen], [r["reference"] for r in gen])
+    cls = [r for r in rows if "predicted_label" in r]
+    if cls:
+        t = [r["true_label"] for r in cls]
+        p = [r["predicted_label"] for r in cls]
+        if "accuracy" in metrics:
+            out["accuracy"] = float(accuracy(t, p))
+        if "f1" in metrics:
+            out["f1"] = float(macro_f1(t, p))
+    out["n_generation"] = float(len(gen))
+    out["n_classification"] = float(len(cls))
+    return out
+
+
+def _eval_causal(model, tokenizer, examples, metrics, batch_size, max_new_tokens, max_length,
+                 labels):  # fmt: skip
+    from fedlora.data.examples import Example
+    from fedlora.data.prompts import encode_example
+
+    device = _device(model)
+    pad = _pad_id(tokenizer)
+    rows: list[dict[str, Any]] = [{"task": e.task} for e in examples]
+    if "loss" in metrics or "perplexity" in metrics:
+        enc = [encode_example(tokenizer, e, max_length) for e in examples]
+        order = sorted(range(len(enc)), key=lambda i: len(enc[i]["input_ids"]))
+        for idx in _batches(order, batch_size):
+            s, n = _token_logprobs(model, [enc[i] for i in idx], pad, device)
+            for j, i in enumerate(idx):
+                rows[i]["nll"] = -float(s[j])
+                rows[i]["ntok"] = int(n[j])
+    gen_idx = [i for i, e in enumerate(examples) if e.label is None]
+    if "rouge_l" in metrics and gen_idx:
+        max_prompt = max(1, max_length - max_new_tokens)
+        prompts = {i: _prompt_ids(tokenizer, examples[i], max_prompt) for i in gen_idx}
+        gen_idx.sort(key=lambda i: len(prompts[i]))
+        for idx in _batches(gen_idx, batch_size):
+            ids, mask = _pad([prompts[i] for i in idx], pad, left=True)
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad,
+                eos_token_id=getattr(tokenizer, "eos_token_id", None),
+            )
+            for j, i in enumerate(idx):
+                text = tokenizer.decode(out[j, ids.shape[1] :], skip_special_tokens=True)
+                rows[i]["prediction"] = text.strip()
+                rows[i]["reference"] = examples[i].output
+    cls_idx = [i for i, e in enumerate(examples) if e.label is not None]
+    if ("accuracy" in metrics or "f1" in metrics) and cls_idx:
+        label_sets = dict(labels) if labels is not None else task_labels(examples)
+        pairs: list[tuple[int, str, dict[str, list[int]]]] = []
+        for i in cls_idx:
+            e = examples[i]
+            choices = list(label_sets.get(e.task) or [e.label])
+            for lab in choices:
+                cand = Example(e.task, e.instruction, e.input, lab, lab)
+                pairs.append((i, lab, encode_example(tokenizer, cand, max_length)))
+        order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][2]["input_ids"]))
+        scores: dict[int, list[tuple[float, str]]] = defaultdict(list)
+        for ks in _batches(order, batch_size):
+            s, _ = _token_logprobs(model, [pairs[k][2] for k in ks], pad, device)
+            for j, k in enumerate(ks):
+                scores[pairs[k][0]].append((float(s[j]), pairs[k][1]))
+        for i in cls_idx:
+            # highest log-likelihood; ties go to the first label in sorted order
+            best = max(sorted(scores[i], key=lambda x: x[1]), key=lambda x: x[0])
+            rows[i]["predicted_label"] = best[1]
+            rows[i]["true_label"] = examples[i].label
+    return rows
+
+
+def _eval_classifier(model, tokenizer, examples, batch_size, max_length, label_to_id):
+    from fedlora.data.prompts import encode_classification, label_mapping
+
+    examples = [e for e in examples if e.label is not None]
+    label_to_id = dict(label_to_id or label_mapping(examples))
+    id_to_label = {i: lab for lab, i in label_to_id.items()}
+    device = _device(model)
+    pad = _pad_id(tokenizer)
+    rows: list[dict[str, Any]] = []
+    enc = [encode_classification(tokenizer, e, label_to_id, max_length) for e in examples]
+    for idx in _batches(list(range(len(enc))), batch_size):
+        ids, mask = _pad([enc[i]["input_ids"] for i in idx], pad)
+        kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if "token_type_ids" in enc[idx[0]]:
+            kwargs["token_type_ids"] = _pad([enc[i]["token_type_ids"] for i in idx], 0)[0].to(
+                device
+            )
+        logits = model(**kwargs).logits.double()
+        target = torch.tensor([enc[i]["labels"] for i in idx], device=device)
+        nll = F.cross_entropy(logits, target, reduction="none")
+        pred = logits.argmax(-1)
+        for j, i in enumerate(idx):
+            rows.append(
+                {
+                    "task": examples[i].task,
+                    "nll": float(nll[j]),
+                    "ntok": 1,
+                    "predicted_label": id_to_label.get(int(pred[j]), str(int(pred[j]))),
+                    "true_label": examples[i].label,
+                }
+            )
+    return rows
