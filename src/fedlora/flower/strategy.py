@@ -259,7 +259,15 @@ class FlowerStrategy(FlwrStrategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        # a fixed order (by client id), whatever order the replies arrived in
+        replies = sorted(
+            replies,
+            key=lambda m: (
+                self._sent[m.metadata.src_node_id][0].client_id
+                if m.metadata.src_node_id in self._sent
+                else f"~{m.metadata.src_node_id}"
+            ),
+        )
         used: list[ClientUpdate] = []
         dropped: dict[str, str] = {}
         up_bytes = up_trained = 0

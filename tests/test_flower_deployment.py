@@ -1,0 +1,193 @@
+"""A real Flower deployment on 127.0.0.1: one SuperLink, two SuperNodes with different ranks,
+`flwr run flower_app` for 2 rounds of the toy model; insecure and with TLS.
+
+Every process is started in its own session and stopped by its PID (process group) in a
+finally block, also on failure.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.flower
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "flower_app"
+BIN = Path(sys.executable).parent
+
+
+def _exe(name: str) -> str:
+    path = BIN / name
+    return str(path) if path.exists() else name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_certs(d: Path) -> None:
+    """A CA and a server certificate for 127.0.0.1/localhost (cryptography)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def write_key(key, name):
+        (d / name).write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedlora test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    (d / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (d / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_key(ca_key, "ca.key")
+    write_key(key, "server.key")
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in reversed(procs):
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)  # the group of a process this test started
+            except ProcessLookupError:
+                pass
+    for p in reversed(procs):
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=5)
+
+
+def _run_federation(tmp_path: Path, tls: bool) -> dict:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(tmp_path / "home")}
+    (tmp_path / "home").mkdir()
+    port = _free_port()
+    link_args = ["--insecure"]
+    node_tls = ["--insecure"]
+    conn = "insecure = true"
+    if tls:
+        certs = tmp_path / "certs"
+        certs.mkdir()
+        _make_certs(certs)
+        link_args = [
+            "--ssl-ca-certfile", str(certs / "ca.crt"),
+            "--ssl-certfile", str(certs / "server.pem"),
+            "--ssl-keyfile", str(certs / "server.key"),
+        ]  # fmt: skip
+        node_tls = ["--root-certificates", str(certs / "ca.crt")]
+        conn = f'root-certificates = "{certs / "ca.crt"}"'
+    (tmp_path / "home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n{conn}\n'
+    )
+    result_dir = tmp_path / "result"
+    procs: list[subprocess.Popen] = []
+    logs = []
+
+    def start(name, cmd):
+        log = open(tmp_path / f"{name}.log", "w")
+        logs.append((name, log))
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
+
+    try:
+        start(
+            "superlink",
+            [_exe("flower-superlink"), *link_args, "--disable-runtime-dependency-installation",
+             "--host", "127.0.0.1", "--port", str(port)],
+        )  # fmt: skip
+        for i, rank in enumerate((2, 8)):
+            start(
+                f"supernode{i}",
+                [_exe("flower-supernode"), *node_tls, "--superlink", f"127.0.0.1:{port}",
+                 "--host", "127.0.0.1", "--port", str(_free_port()),
+                 "--node-config", f"partition-id={i} rank={rank}"],
+            )  # fmt: skip
+        run = subprocess.run(
+            [_exe("flwr"), "run", str(APP), "test", "--stream",
+             "--run-config", f'result-dir="{result_dir}" round-timeout=60'],
+            env=env, capture_output=True, text=True, timeout=200, start_new_session=True,
+        )  # fmt: skip
+        out = run.stdout + run.stderr
+        assert run.returncode == 0, out[-4000:]
+        assert (result_dir / "result.json").exists(), out[-4000:]
+        return json.loads((result_dir / "result.json").read_text())
+    except BaseException:
+        for name, log in logs:
+            log.flush()
+            print(f"--- {name} ---\n" + (tmp_path / f"{name}.log").read_text()[-3000:])
+        raise
+    finally:
+        _stop(procs)
+        for _, log in logs:
+            log.close()
+
+
+def _check(result: dict) -> None:
+    assert result["strategy"] == "flexlora"
+    ranks = sorted(set(n["ranks"].values()).pop() for n in result["nodes"].values())
+    assert ranks == [2, 8]
+    assert len(result["rounds"]) == 2
+    for r in result["rounds"]:
+        assert sorted(r["used"]) == ["partition-0", "partition-1"], r
+        assert r["metrics"]["replies-used"] == 2 and r["dropped"] == {}
+    assert result["global_delta_fro"] and all(v > 0 for v in result["global_delta_fro"].values())
+
+
+def test_superlink_two_supernodes_insecure(tmp_path):
+    _check(_run_federation(tmp_path, tls=False))
+
+
+def test_superlink_two_supernodes_tls(tmp_path):
+    pytest.importorskip("cryptography")
+    _check(_run_federation(tmp_path, tls=True))
