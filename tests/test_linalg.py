@@ -8,7 +8,7 @@ import torch
 from helpers import rel
 
 from fedlora import FedLoraError
-from fedlora.linalg import LowRankSum, factored_svd, rank_r_factors, top_svd
+from fedlora.linalg import LowRankSum, factored_svd, orthonormalize, rank_r_factors, top_svd
 
 
 def ill_conditioned(rng, m, n, rank, cond):
@@ -93,3 +93,22 @@ def test_rank_r_factors_pads_ranks_above_the_number_of_triplets():
     assert f.A.shape == (8, 3) and f.B.shape == (5, 8)
     assert rel(f.delta().numpy(), W) < 1e-12
     assert f.A[3:].abs().max() == 0 and f.B[:, 3:].abs().max() == 0
+
+
+@pytest.mark.parametrize("cond", [0, 10])  # CholeskyQR2 path, and the Householder fallback
+def test_orthonormalize_both_paths(cond):
+    rng = np.random.default_rng()
+    G, _ = ill_conditioned(rng, 200, 30, 30, cond)
+    X = torch.tensor(G)
+    Q, R = orthonormalize(X)
+    np.testing.assert_allclose(Q.T.numpy() @ Q.numpy(), np.eye(30), atol=1e-12)
+    assert rel(Q.numpy() @ R.numpy(), G) < 1e-13
+    assert np.allclose(np.tril(R.numpy(), -1), 0)
+
+
+def test_orthonormalize_rank_deficient_falls_back_to_householder():
+    rng = np.random.default_rng()
+    G = rng.standard_normal((50, 4))
+    X = torch.tensor(np.hstack([G, G]))
+    Q, R = orthonormalize(X)
+    assert rel(Q.numpy() @ R.numpy(), X.numpy()) < 1e-13
