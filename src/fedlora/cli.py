@@ -1,0 +1,295 @@
+"""`fedlora` command line: run one experiment, compare strategies, rebuild reports.
+
+fedlora run                                  # the default demo preset, one strategy
+fedlora run --preset tiny --rounds 5 --strategy flexlora
+fedlora run --config my.toml --set train.lr=1e-3 --set strategy.options.split=sqrt
+fedlora run --resume runs/demo               # continue an interrupted run exactly
+fedlora compare                              # flexlora, flora, hetlora, fedit on the demo
+fedlora report runs/compare/*                # tables and plots from finished runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import typing
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.contract import FedLoraError
+
+LOG = logging.getLogger("fedlora")
+DEMO_STRATEGIES = ["flexlora", "flora", "hetlora", "fedit"]
+#: options with a short name of their own; every other config key is `--section.key`
+ALIASES = {"strategy": "strategy.name", "model": "model.name"}
+
+
+def _config_fields() -> list[tuple[str, Any, Any, str]]:
+    """(dotted key, type, default, section doc) for every configuration key."""
+    from fedlora.config import ExperimentConfig
+
+    out = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        inst = cls()
+        for f in fields(cls):
+            tp = hints[f.name]
+            if is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            else:
+                out.append((f"{prefix}{f.name}", tp, getattr(inst, f.name), cls.__doc__ or ""))
+
+    walk(ExperimentConfig, "")
+    return out
+
+
+def _type_label(tp: Any) -> str:
+    from fedlora.config import _type_name
+
+    return _type_name(tp)
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "experiment", "where the configuration comes from (default: the 'demo' preset)"
+    )
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="a built-in preset (see `fedlora presets`)")
+    src.add_argument("--config", type=Path, help='a TOML file (may say extends = "PRESET")')
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any configuration key, e.g. --set strategy.options.split=sqrt (repeatable)",
+    )
+    keys = p.add_argument_group(
+        "configuration keys",
+        "each sets one key of the configuration (defaults shown are the dataclass defaults; a "
+        "preset or --config may change them)",
+    )
+    alias_of = {v: k for k, v in ALIASES.items()}
+    for key, tp, default, _ in _config_fields():
+        names = [f"--{key}"]
+        if "_" in key:
+            names.append(f"--{key.replace('_', '-')}")
+        if key in alias_of:
+            names.insert(0, f"--{alias_of[key]}")
+        keys.add_argument(
+            *names,
+            dest=f"cfg:{key}",
+            metavar="VALUE",
+            default=None,
+            help=f"{_type_label(tp)}; default {default!r}",
+        )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    out = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    for item in args.set:
+        if "=" not in item:
+            raise FedLoraError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _load_config(args: argparse.Namespace, extra: dict[str, Any] | None = None):
+    from fedlora.config import load_config
+
+    source = str(args.config) if args.config else (args.preset or "demo")
+    return load_config(source, {**_overrides(args), **(extra or {})})
+
+
+def _logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def _run_one(cfg, *, resume: bool, progress: bool, label: str | None = None) -> dict[str, Any]:
+    """Run `cfg`, write extras and plots, return the loaded run."""
+    import json
+
+    from fedlora import report
+    from fedlora.data import PartitionSummary
+    from fedlora.engine import run_experiment
+    from fedlora.engine.runner import build_split, load_data
+
+    result = run_experiment(cfg, resume=resume, progress=progress)
+    examples = load_data(cfg)
+    split = build_split(cfg, examples)
+    key = "label" if cfg.model.kind == "classifier" else "task"
+    summary = PartitionSummary.from_partition(examples, split.train, key=key)
+    report.write_run_extras(result.run_dir, result.strategy.global_delta(), result.specs, summary)
+    if label:
+        s = dict(result.summary, label=label)
+        (result.run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
+    run = report.load_run(result.run_dir)
+    report.plot_run(run)
+    return run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedlora import report
+    from fedlora.config import load_config
+
+    if args.resume:
+        cfg = load_config(str(Path(args.resume) / "config.toml"), _overrides(args))
+        cfg.output_dir = str(args.resume)
+    else:
+        cfg = _load_config(args)
+    run = _run_one(cfg, resume=bool(args.resume), progress=not args.quiet)
+    print(report.format_table(report.summary_rows([run])))
+    print(f"\nrun directory: {run['dir']}  (plots in {run['dir'] / 'plots'})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedlora import report
+    from fedlora.config import HOMOGENEOUS_ONLY
+
+    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    base = _load_config(args)  # validates the shared part before any training
+    # --output-dir names the comparison's folder (one sub-folder per strategy)
+    given = vars(args).get("cfg:output_dir")
+    out = Path(given or f"{base.output_dir}-compare")
+    cfgs = []
+    for name in names:
+        extra: dict[str, Any] = {
+            "strategy.name": name,
+            "output_dir": str(out / name),
+            "name": f"{base.name}-{name}",
+        }
+        if name != base.strategy.name:  # the base's options belong to its own strategy
+            extra["strategy.options"] = {}
+        label = name
+        if name in HOMOGENEOUS_ONLY and base.heterogeneous():
+            # the bucket-effect baseline: every client trains the smallest rank
+            extra["resources.distribution"] = "homogeneous"
+            extra["resources.homogeneous_type"] = 1
+            label = f"{name} (homogeneous, type-1 rank)"
+        cfgs.append((_load_config(args, extra), label))
+    LOG.info("comparing %s in %s", ", ".join(names), out)
+    runs = []
+    t0 = time.perf_counter()
+    for cfg, label in cfgs:
+        print(f"== {label}", flush=True)
+        runs.append(_run_one(cfg, resume=args.resume, progress=not args.quiet, label=label))
+    table = report.format_table(report.summary_rows(runs))
+    (out / "compare.txt").write_text(table + "\n")
+    path = report.plot_compare(runs, out)
+    print("\n" + table)
+    print(
+        f"\n{len(runs)} runs in {time.perf_counter() - t0:.0f} s; table {out / 'compare.txt'}, "
+        f"plot {path}, per-run plots in {out}/<strategy>/plots"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedlora import report
+
+    runs = [report.load_run(d) for d in args.run_dirs]
+    for run in runs:
+        report.plot_run(run)
+    table = report.format_table(report.summary_rows(runs))
+    print(table)
+    if len(runs) > 1:
+        out = Path(args.output_dir or Path(args.run_dirs[0]).parent)
+        print(f"\ncomparison plot: {report.plot_compare(runs, out)}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from fedlora.config import PRESET_DIR, preset_names
+
+    for name in preset_names():
+        first = (PRESET_DIR / f"{name}.toml").read_text().splitlines()
+        doc = " ".join(line.lstrip("# ").strip() for line in first if line.startswith("#"))
+        print(f"{name:16s} {doc[:150]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedlora",
+        description="Federated fine-tuning with heterogeneous LoRA adapters.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+        sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    run = sub.add_parser(
+        "run",
+        help="run one experiment",
+        description="Run one federated experiment on the in-process engine: progress, metrics "
+        "(metrics.jsonl), summary table, plots and checkpoints after every round in the run "
+        "directory (output_dir).",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its last checkpoint (same metrics as uninterrupted)",
+    )
+    common(run)
+    _add_config_options(run)
+    run.set_defaults(func=cmd_run)
+
+    cmp_ = sub.add_parser(
+        "compare",
+        help="compare strategies on the same partition, resources and seeds",
+        description="Run several strategies on the same data partition, client resources and "
+        "seeds; print a table (final/best metric, bytes, wall time) and plot all curves. "
+        "Strategies that need homogeneous ranks (fedit, fedex_lora) run as the bucket-effect "
+        "baseline: every client at the smallest rank type.",
+    )
+    cmp_.add_argument(
+        "--strategies",
+        default=",".join(DEMO_STRATEGIES),
+        help=f"comma-separated strategy names (default {','.join(DEMO_STRATEGIES)})",
+    )
+    cmp_.add_argument("--resume", action="store_true", help="resume each run from its checkpoint")
+    common(cmp_)
+    _add_config_options(cmp_)
+    cmp_.set_defaults(func=cmd_compare)
+
+    rep = sub.add_parser("report", help="rebuild tables and plots from finished runs")
+    rep.add_argument("run_dirs", nargs="+", help="run directories")
+    rep.add_argument("--output-dir", help="where the comparison plot goes")
+    common(rep)
+    rep.set_defaults(func=cmd_report)
+
+    pre = sub.add_parser("presets", help="list the built-in presets")
+    common(pre)
+    pre.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _logging(args)
+    try:
+        return args.func(args)
+    except (FedLoraError, FileNotFoundError) as e:
+        print(f"fedlora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\nfedlora: interrupted; resume with `fedlora run --resume <output_dir>`",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Tables and plots from run directories (what `fedlora run`, `compare` and `report` show).
+
+Everything here reads files a run wrote (``config.toml``, ``metrics.jsonl``,
+``summary.json``, and the ``partition.json`` / ``spectrum.json`` that `write_run_extras`
+adds), so `fedlora report DIR...` rebuilds every table and plot from finished runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedlora.contract import Adapter, ClientSpec
+
+HEADLINE = ("rouge_l", "accuracy", "f1")  # the first of these a run has is its "metric"
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """A run's rows, summary and extras; a clear error if `run_dir` holds no run."""
+    d = Path(run_dir)
+    metrics = d / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{d}: no metrics.jsonl (is this a fedlora run directory?)")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    out: dict[str, Any] = {"dir": d, "rows": rows, "name": d.name}
+    for extra in ("summary", "partition", "spectrum"):
+        p = d / f"{extra}.json"
+        out[extra] = json.loads(p.read_text()) if p.is_file() else None
+    if out["summary"]:
+        out["name"] = out["summary"].get("label") or out["summary"].get("strategy") or d.name
+    return out
+
+
+def headline_metric(rows: Sequence[dict[str, Any]]) -> str | None:
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    for m in HEADLINE:
+        if any(m in r for r in evals):
+            return m
+    return None
+
+
+def eval_curve(rows, key: str, eval_set: str = "seen_clients") -> tuple[list[int], list[float]]:
+    pts = [
+        (r["round"], r[key])
+        for r in rows
+        if r.get("kind") == "eval" and r.get("set") == eval_set and key in r
+    ]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+# -- extras a run directory gets after `run_experiment` ---------------------------------------
+
+
+def spectrum(delta: Adapter, specs: Sequence[ClientSpec], module: str | None = None) -> dict:
+    """Singular values of one module's aggregated delta and, at each client rank r, the
+    relative truncation error ``sqrt(sum_{i>r} s_i^2) / ||W||_F`` (FlexLoRA paper, fig. 6b).
+
+    The module defaults to the first MLP-like one (largest ranks there), else the first."""
+    if module is None:
+        names = list(delta)
+        module = next(
+            (m for m in names if any(k in m for k in ("mlp", "up_proj", "intermediate"))), names[0]
+        )
+    f = delta[module]
+    s = torch.linalg.svdvals(f.delta()) if f.rank else torch.zeros(0, dtype=torch.float64)
+    total = float(s.square().sum())
+    ranks = sorted({sp.ranks[module] for sp in specs if module in sp.ranks})
+    errors = {
+        str(r): (math.sqrt(float(s[r:].square().sum()) / total) if total > 0 else 0.0)
+        for r in ranks
+    }
+    return {"module": module, "singular_values": s.tolist(), "truncation_error": errors}
+
+
+def write_run_extras(run_dir: str | Path, delta: Adapter, specs, partition_summary) -> None:
+    """Write ``spectrum.json`` and ``partition.json`` beside the run's metrics."""
+    d = Path(run_dir)
+    if delta:
+        (d / "spectrum.json").write_text(json.dumps(spectrum(delta, specs)) + "\n")
+    if partition_summary is not None:
+        (d / "partition.json").write_text(json.dumps(partition_summary.as_dict()) + "\n")
+
+
+# -- tables ----------------------------------------------------------------------------------
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def summary_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run: final and best eval loss and headline metric on seen clients, unseen
+    tasks, bytes up/down, ratio to full fine-tuning, wall time."""
+    out = []
+    for run in runs:
+        rows, s = run["rows"], run["summary"] or {}
+        metric = headline_metric(rows)
+        row = {"run": run["name"], "metric": metric}
+        for key in ("loss", metric):
+            if key is None:
+                continue
+            for eval_set in ("seen_clients", "unseen_tasks", "unseen_clients"):
+                _, ys = eval_curve(rows, key, eval_set)
+                if not ys:
+                    continue
+                tag = "" if eval_set == "seen_clients" else f" ({eval_set.replace('_', ' ')})"
+                row[f"final {key}{tag}"] = ys[-1]
+                if eval_set == "seen_clients":
+                    row[f"best {key}"] = min(ys) if key == "loss" else max(ys)
+        row["bytes up"] = s.get("bytes_up")
+        row["bytes down"] = s.get("bytes_down")
+        row["vs full FT"] = s.get("comm_ratio_vs_full_ft")
+        row["wall s"] = s.get("time_total")
+        out.append(row)
+    return out
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of `summary_rows` (columns: union of keys, in first-seen order)."""
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols and k != "metric"]
+
+    def cell(k, v):
+        if v is None:
+            return "-"
+        if k.startswith("bytes"):
+            return _fmt_bytes(v)
+        if k == "vs full FT":
+            return f"{v:.2%}"
+        if isinstance(v, float):
+            return f"{v:.1f}" if k == "wall s" else f"{v:.4f}"
+        return str(v)
+
+    table = [[cell(k, r.get(k)) for k in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+
+    def line(xs):
+        return "  ".join(
+            x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(xs, widths))
+        )
+
+    return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(t) for t in table)])
+
+
+# -- plots -----------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(run: dict[str, Any], out_dir: str | Path | None = None) -> list[Path]:
+    """The run's PNGs: curves (eval loss and metric by round), communication per round,
+    partition histogram and the singular-value spectrum. Returns the written paths."""
+    plt = _plt()
+    out = Path(out_dir or run["dir"]) / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    rows, written = run["rows"], []
+
+    metric = headline_metric(rows)
+    keys = ["loss"] + ([metric] if metric else [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for eval_set in ("seen_clients", "unseen_clients", "unseen_tasks"):
+            xs, ys = eval_curve(rows, key, eval_set)
+            if xs:
+                ax.plot(xs, ys, marker="o", label=eval_set.replace("_", " "))
+        ax.set(xlabel="round", ylabel=key, title=f"global model: {key}")
+        ax.legend()
+    written.append(_save(fig, out / "curves.png"))
+
+    rr = [r for r in rows if r.get("kind") == "round"]
+    if rr:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        xs = [r["round"] for r in rr]
+        ax.bar([x - 0.2 for x in xs], [r["bytes_down"] / 2**20 for r in rr], 0.4, label="down")
+        ax.bar([x + 0.2 for x in xs], [r["bytes_up"] / 2**20 for r in rr], 0.4, label="up")
+        ax.set(xlabel="round", ylabel="MiB (all sampled clients)", title="communication per round")
+        ax.legend()
+        written.append(_save(fig, out / "communication.png"))
+
+    part = run.get("partition")
+    if part:
+        written.append(_plot_partition(plt, part, out / "partition.png"))
+    spec = run.get("spectrum")
+    if spec and spec["singular_values"]:
+        written.append(_plot_spectrum(plt, spec, out / "spectrum.png"))
+    return written
+
+
+def _plot_partition(plt, part: dict[str, Any], path: Path) -> Path:
+    """Stacked bars: examples per client, split by label/task."""
+    hist = part.get("histogram") or part.get("histograms") or []
+    clients = list(range(len(hist)))
+    keys = sorted({k for h in hist for k in h}) if hist and isinstance(hist[0], dict) else []
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(clients) + 2), 3.8))
+    bottom = [0] * len(clients)
+    cmap = plt.get_cmap("tab20")
+    for i, k in enumerate(keys):
+        ys = [h.get(k, 0) for h in hist]
+        ax.bar(clients, ys, bottom=bottom, color=cmap(i % 20), label=k if len(keys) <= 20 else None)
+        bottom = [b + y for b, y in zip(bottom, ys)]
+    ax.set(xlabel="client", ylabel="examples", title=f"partition ({part.get('key', 'label')})")
+    if 0 < len(keys) <= 20:
+        ax.legend(fontsize=6, ncol=2, loc="upper right")
+    return _save(fig, path)
+
+
+def _plot_spectrum(plt, spec: dict[str, Any], path: Path) -> Path:
+    s = spec["singular_values"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.semilogy(range(1, len(s) + 1), [max(v, 1e-30) for v in s], label="singular value")
+    ax.set(xlabel="index", ylabel="singular value", title=f"aggregated delta: {spec['module']}")
+    ax2 = ax.twinx()
+    for r, err in spec["truncation_error"].items():
+        ax2.scatter([int(r)], [err], color="C3", zorder=3)
+        ax2.annotate(
+            f"r={r}: {err:.2f}",
+            (int(r), err),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax2.set_ylabel("relative truncation error at client rank")
+    ax2.set_ylim(0, 1.05)
+    return _save(fig, path)
+
+
+def plot_compare(runs: Sequence[dict[str, Any]], out_dir: str | Path) -> Path:
+    """All runs' curves together: eval loss and headline metric by round, cumulative bytes."""
+    plt = _plt()
+    metric = next((m for m in (headline_metric(r["rows"]) for r in runs) if m), None)
+    keys = ["loss"] + ([metric] if metric else [])
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(5 * (len(keys) + 1), 3.8), squeeze=False)
+    for run in runs:
+        for ax, key in zip(axes[0], keys):
+            xs, ys = eval_curve(run["rows"], key)
+            ax.plot(xs, ys, marker="o", label=run["name"])
+            ax.set(xlabel="round", ylabel=key, title=f"seen clients: {key}")
+        rr = [r for r in run["rows"] if r.get("kind") == "round"]
+        axes[0][-1].plot(
+            [r["round"] for r in rr],
+            [(r["bytes_up_total"] + r["bytes_down_total"]) / 2**20 for r in rr],
+            marker="o",
+            label=run["name"],
+        )
+    axes[0][-1].set(xlabel="round", ylabel="MiB", title="cumulative communication")
+    for ax in axes[0]:
+        ax.legend(fontsize=8)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return _save(fig, out / "compare.png")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
