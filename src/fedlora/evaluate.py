@@ -128,12 +128,15 @@ def _token_logprobs(model: Any, seqs: Sequence[dict[str, list[int]]], pad: int, 
     ids, mask = _pad([s["input_ids"] for s in seqs], pad)
     labels, _ = _pad([s["labels"] for s in seqs], IGNORE_INDEX)
     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     target = labels[:, 1:]
     keep = target != IGNORE_INDEX
-    logp = torch.log_softmax(logits, dim=-1)
-    picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1) * keep
-    return picked.sum(1).cpu(), keep.sum(1).cpu()
+    # only response positions, in float64: the prompt's (many) vocabulary rows are skipped
+    rows = logits[keep].double()
+    picked = torch.log_softmax(rows, dim=-1).gather(-1, target[keep].unsqueeze(-1)).squeeze(-1)
+    per_seq = torch.zeros(len(seqs), dtype=torch.float64, device=picked.device)
+    per_seq.index_add_(0, keep.nonzero()[:, 0], picked)
+    return per_seq.cpu(), keep.sum(1).cpu()
 
 
 def _prompt_ids(tokenizer: Any, example: Any, max_prompt: int) -> list[int]:
