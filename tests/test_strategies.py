@@ -538,3 +538,28 @@ def test_state_dict_round_trip_resumes_exactly(name):
     round_of(b, specs[:3], 2, rng_b)
     for m, f in a.global_delta().items():
         np.testing.assert_array_equal(dense(f), dense(b.global_delta()[m]))
+
+
+@pytest.mark.parametrize("name", ["flexlora", "flora"])
+def test_streaming_strategies_hold_no_update_while_consuming_a_round(name):
+    import gc
+    import weakref
+
+    rng = np.random.default_rng()
+    updates = [random_update(rng, s) for s in HET]
+    expected = {m: np_exact_sum(updates, m) for m in SHAPES}
+    refs = []
+
+    def stream():
+        while updates:
+            u = updates.pop(0)
+            refs.append(weakref.ref(u.adapter["attn"].B))
+            yield u
+            del u
+            gc.collect()
+            assert all(r() is None for r in refs[:-1])  # earlier updates already released
+
+    strat = S.get(name)
+    strat.aggregate(1, stream())
+    for m in SHAPES:
+        assert rel(dense(strat.global_delta()[m]), expected[m]) < 1e-6

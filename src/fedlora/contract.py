@@ -20,7 +20,7 @@ import copy
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -214,17 +214,16 @@ class Strategy(ABC):
     ) -> list[ClientUpdate]:
         """Validate a round's updates before they touch server state (see `validate_updates`),
         and that each client trained the ranks it was configured with."""
-        updates = validate_updates(
-            server_round,
-            updates,
-            shapes=self.shapes,
-            strategy=self.name,
-            same_modules=same_modules,
-        )
-        for u in updates:
-            expected = self.expected_ranks.get(u.client_id)
-            if expected is None:
-                continue
+        return list(self.iter_checked(server_round, updates, same_modules=same_modules))
+
+    def iter_checked(
+        self, server_round: int, updates: Iterable[ClientUpdate], *, same_modules: bool = True
+    ) -> Iterator[ClientUpdate]:
+        """`check_updates` one update at a time (for strategies that aggregate as a stream)."""
+        for u in iter_valid_updates(
+            server_round, updates, shapes=self.shapes, strategy=self.name, same_modules=same_modules
+        ):
+            expected = self.expected_ranks.get(u.client_id, {})
             for module, f in u.adapter.items():
                 if module not in expected or f.rank == expected[module]:
                     continue
@@ -234,7 +233,11 @@ class Strategy(ABC):
                         f"{module}: rank {f.rank}, but it was configured with rank "
                         f"{expected[module]}"
                     )
-        return updates
+            yield u
+
+    def raw_weight(self, update: ClientUpdate) -> float:
+        """Unnormalised aggregation weight (streaming strategies divide by the sum at the end)."""
+        return 1.0 if self.weighting == "uniform" else float(update.num_examples)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume this strategy exactly (tensors, counters, options)."""
@@ -261,12 +264,29 @@ def validate_updates(
     `same_modules`, every client must send the same modules. Every error names the round, the
     client and the module.
     """
-    updates = list(updates)
+    return list(
+        iter_valid_updates(
+            server_round, updates, shapes=shapes, strategy=strategy, same_modules=same_modules
+        )
+    )
+
+
+def iter_valid_updates(
+    server_round: int,
+    updates: Iterable[ClientUpdate],
+    *,
+    shapes: Mapping[str, tuple[int, int]] | None = None,
+    strategy: str = "",
+    same_modules: bool = True,
+) -> Iterator[ClientUpdate]:
+    """`validate_updates` one update at a time, so a strategy can stream over a round without
+    holding every update: each is checked against the shapes and modules seen before it."""
     where = f"{strategy}: round {server_round}" if strategy else f"round {server_round}"
-    if not updates:
-        raise FedLoraError(f"{where}: no client updates to aggregate")
     seen: dict[str, tuple[int, int]] = dict(shapes or {})
-    ids = set()
+    ids: set[str] = set()
+    first: tuple[str, set[str]] | None = (
+        None  # (client, modules) of the first update, not the update
+    )
     for u in updates:
         who = f"{where}, client {u.client_id}"
         if u.client_id in ids:
@@ -286,16 +306,17 @@ def validate_updates(
                     f"{who}, module {module}: weight shape (d_out, d_in) = {f.shape}, "
                     f"expected {expected}"
                 )
-    if same_modules:
-        first = updates[0]
-        for u in updates[1:]:
-            diff = set(u.adapter) ^ set(first.adapter)
-            if diff:
-                raise FedLoraError(
-                    f"{where}: client {u.client_id} and client {first.client_id} sent different "
-                    f"modules ({sorted(diff)[:3]} ...)"
-                )
-    return updates
+        if first is None:
+            first = (u.client_id, set(u.adapter))
+        elif same_modules and set(u.adapter) != first[1]:
+            diff = set(u.adapter) ^ first[1]
+            raise FedLoraError(
+                f"{where}: client {u.client_id} and client {first[0]} sent different "
+                f"modules ({sorted(diff)[:3]} ...)"
+            )
+        yield u
+    if first is None:
+        raise FedLoraError(f"{where}: no client updates to aggregate")
 
 
 def check_factors(f: LoraFactors, who: str) -> None:

@@ -319,7 +319,7 @@ def run_experiment(
     threads = set_threads(cfg.threads)
     t_setup = time.perf_counter()
 
-    from fedlora.client import TrainConfig, train_client
+    from fedlora.client import TrainConfig
     from fedlora.data import encode_classification, label_mapping
     from fedlora.evaluate import evaluate, task_labels
     from fedlora.models import LoraHost, default_target_modules
@@ -398,40 +398,33 @@ def run_experiment(
     for rnd in range(start, cfg.rounds + 1):
         t0 = time.perf_counter()
         chosen = sorted(int(c) for c in sampler.choice(train_clients, k, replace=False))
-        updates: list[ClientUpdate] = []
-        down = up = 0
-        losses: list[tuple[float, int]] = []
+        tally = {"down": 0, "up": 0, "replies": 0, "t_train": 0.0, "losses": []}
         cbar = _bar(progress, len(chosen), 1, leave=False, desc=f"round {rnd}", unit="client")
-        for c in chosen:
-            spec = specs[c]
-            payload = strategy.configure(spec, rnd)
-            down += payload_nbytes(payload)
-            update = train_client(
-                host, spec, payload, client_data(c), train_cfg, tokenizer, server_round=rnd
-            )
-            up += update_nbytes(update, payload.trainable)
-            if on_update is not None:
-                on_update(rnd, spec, update)
-            losses.append(
-                (float(update.extras.get("train_loss", float("nan"))), update.num_examples)
-            )
-            updates.append(update)
-            if cbar is not None:
-                cbar.set_postfix(loss=f"{losses[-1][0]:.3f}")
-                cbar.update(1)
-        if cbar is not None:
-            cbar.close()
-        t1 = time.perf_counter()
+        stream = _trained_updates(
+            chosen,
+            rnd,
+            strategy,
+            specs,
+            host,
+            client_data,
+            train_cfg,
+            tokenizer,
+            on_update,
+            tally,
+            cbar,
+        )
         if profile_memory:
             tracemalloc.start()
-        strategy.aggregate(rnd, updates)
+        strategy.aggregate(rnd, stream)
         mem: dict[str, float] = {}
         if profile_memory:
             mem["mem_aggregate_peak_bytes"] = float(tracemalloc.get_traced_memory()[1])
             tracemalloc.stop()
-        replies = len(updates)
-        del updates
+        if cbar is not None:
+            cbar.close()
         t2 = time.perf_counter()
+        t1 = t0 + tally["t_train"]  # aggregation time below excludes the clients' training
+        down, up, replies, losses = tally["down"], tally["up"], tally["replies"], tally["losses"]
         eval_rows = []
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
             with host.use_global(strategy.global_delta()) as gmodel:
@@ -531,6 +524,35 @@ def run_experiment(
             if cfg.model.save_merged:
                 host.merge_and_save(delta, run_dir / "merged", tokenizer)
     return result
+
+
+def _trained_updates(
+    chosen, rnd, strategy, specs, host, client_data, train_cfg, tokenizer, on_update, tally, cbar
+):
+    """Train the chosen clients one at a time, as the strategy consumes them: a streaming
+    strategy (flexlora, flora) never holds more than one client's update. Counts bytes, losses
+    and training time into `tally`."""
+    from fedlora.client import train_client
+
+    for c in chosen:
+        tc = time.perf_counter()
+        spec = specs[c]
+        payload = strategy.configure(spec, rnd)
+        tally["down"] += payload_nbytes(payload)
+        update = train_client(
+            host, spec, payload, client_data(c), train_cfg, tokenizer, server_round=rnd
+        )
+        tally["up"] += update_nbytes(update, payload.trainable)
+        if on_update is not None:
+            on_update(rnd, spec, update)
+        loss = float(update.extras.get("train_loss", float("nan")))
+        tally["losses"].append((loss, update.num_examples))
+        tally["replies"] += 1
+        tally["t_train"] += time.perf_counter() - tc
+        if cbar is not None:
+            cbar.set_postfix(loss=f"{loss:.3f}")
+            cbar.update(1)
+        yield update
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -55,16 +55,18 @@ class FlexLoRA(Strategy):
         return self.expect(client, Payload(None, adapter, seed=self.seed))
 
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
-        updates = self.check_updates(server_round, updates)
-        weights = self.weights(updates)
-        sums = {}
-        for module, f in updates[0].adapter.items():
-            acc = LowRankSum(f.shape, dense_rank=self.dense_rank)
-            for u, w in zip(updates, weights):
-                g = u.adapter[module]
-                acc.add(g.scaled_B(), g.A, w)
-            sums[module] = acc
-        self.sums, self._svd = sums, {}
+        # streams: each update is folded into per-module accumulators and dropped, so memory is
+        # bounded by the stacked factors (or one dense matrix), not by the number of clients
+        sums: dict[str, LowRankSum] = {}
+        total = 0.0
+        for u in self.iter_checked(server_round, updates):
+            w = self.raw_weight(u)
+            total += w
+            for module, f in u.adapter.items():
+                acc = sums.setdefault(module, LowRankSum(f.shape, dense_rank=self.dense_rank))
+                acc.add(f.scaled_B(), f.A, w)
+        self.sums = {m: acc.scale_(1.0 / total) for m, acc in sums.items()}
+        self._svd = {}
 
     def global_delta(self) -> Adapter:
         return {m: s.factors() for m, s in self.sums.items()}

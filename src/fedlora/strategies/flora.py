@@ -46,18 +46,20 @@ class FLoRA(Strategy):
         return self.expect(client, Payload(merge, None, seed=seed))
 
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
-        updates = self.check_updates(server_round, updates)
-        weights = self.weights(updates)
-        total = {}
-        for module, f in updates[0].adapter.items():
-            acc = LowRankSum(f.shape, dense_rank=self.dense_rank)
+        # streams over the round's updates (see FlexLoRA); the previous total joins at the end
+        sums: dict[str, LowRankSum] = {}
+        total = 0.0
+        for u in self.iter_checked(server_round, updates):
+            w = self.raw_weight(u)
+            total += w
+            for module, f in u.adapter.items():
+                acc = sums.setdefault(module, LowRankSum(f.shape, dense_rank=self.dense_rank))
+                acc.add(f.scaled_B(), f.A, w)
+        for module, acc in sums.items():
+            acc.scale_(1.0 / total)
             if module in self.total:
                 acc.add(self.total[module].scaled_B(), self.total[module].A)
-            for u, w in zip(updates, weights):
-                g = u.adapter[module]
-                acc.add(g.scaled_B(), g.A, w)
-            total[module] = acc.factors()
-        self.total.update(total)
+            self.total[module] = acc.factors()
 
     def global_delta(self) -> Adapter:
         return dict(self.total)
