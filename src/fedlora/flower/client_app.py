@@ -1,5 +1,11 @@
 """The fedlora `ClientApp`: answers hello with the node's declared config, trains, evaluates.
 
+What it trains comes from the run config (`fedlora.flower.backend.get_backend`): by default
+the experiment of ``fedlora run`` (run config ``experiment`` + ``overrides``), where the node's
+``partition-id`` is the engine's client index (its data); the model is loaded once per process
+and cached. Training is seeded from (experiment seed, client id, server round), as in the
+in-process engine.
+
 Stateless: each train message carries the payload (merge, adapter, seed, trainable, extras) and
 the node's resolved `ClientSpec`, so a node that skipped rounds starts from the current global
 model. The handlers are plain functions of records, so they run the same under a SuperNode,
@@ -35,7 +41,11 @@ def train_content(
     """Decode the payload, train on this node's partition, encode the update."""
     payload = codec.decode_payload(content)
     spec = codec.decode_spec(content.config_records[codec.SPEC])
-    update = get_backend(run_config).train(spec, payload, partition_of(node_config))
+    config = content.config_records.get("config")
+    server_round = int(config.get("server-round", 0)) if config is not None else 0
+    update = get_backend(run_config).train(
+        spec, payload, partition_of(node_config), server_round=server_round
+    )
     reply = codec.encode_update(update)
     reply[codec.NODE] = declared_config(node_config)  # lets the server see a changed declaration
     return reply

@@ -16,6 +16,12 @@ A node declares (all optional, in ``flower-supernode --node-config '...'``):
 The node sends these raw values (`declared_config`); the server validates them against the
 model's modules (`resolve_spec`): unknown module, rank < 1 or rank above min(d_out, d_in)
 raise a `FedLoraError` that names the node.
+
+With an experiment configuration the server passes ``configured`` (partition id -> the
+engine's `ClientSpec` of each training client): ``partition-id`` is then required and selects
+the client; its configured ranks, alpha, rsLoRA and example count apply, and its client id is
+the engine's (``"3"``), unless the node declares ``rank``/``ranks``/``rank-type`` (its ranks),
+``client-id``, ``alpha``, ``rslora`` or ``num-examples`` itself.
 """
 
 from __future__ import annotations
@@ -78,14 +84,51 @@ def resolve_spec(
     rank_types: Sequence[int] = (),
     default_rank: int | None = None,
     default_alpha: float = 16.0,
+    configured: Mapping[int, ClientSpec] | None = None,
 ) -> ClientSpec:
-    """The `ClientSpec` of a node from its declared config, validated against `shapes`."""
+    """The `ClientSpec` of a node from its declared config, validated against `shapes`
+    (and, with ``configured``, defaulted from the experiment's client; see the module doc)."""
     pid = declared.get("partition-id")
-    cid = declared.get("client-id") or (f"partition-{pid}" if pid is not None else None)
+    base: ClientSpec | None = None
+    if configured is not None:
+        who = f"node {node_id}"
+        if pid is None:
+            raise FedLoraError(f"{who}: declare partition-id (the experiment's client index)")
+        p = _int(pid, "partition-id", who)
+        if p not in configured:
+            ids = sorted(configured)
+            raise FedLoraError(
+                f"{who}: partition-id {p} is not a training client of the experiment "
+                f"(training clients: {ids[0]}..{ids[-1]})"
+                if ids
+                else f"{who}: the experiment has no training clients"
+            )
+        base = configured[p]
+    cid = declared.get("client-id") or (
+        base.client_id if base is not None else f"partition-{pid}" if pid is not None else None
+    )
     client_id = str(cid or f"node-{node_id}")
     who = f"node {node_id} (client {client_id})"
     if not shapes:
         raise FedLoraError(f"{who}: the server knows no modules to assign ranks to")
+    explicit = any(k in declared for k in ("rank", "ranks", "rank-type"))
+    if base is not None and not explicit:
+        ranks = dict(base.ranks)
+        for module, r in ranks.items():  # the configured ranks are checked like declared ones
+            if module not in shapes or not 1 <= r <= min(shapes[module]):
+                raise FedLoraError(f"{who}, module {module}: configured rank {r} does not fit")
+        n = declared.get("num-examples")
+        rslora = declared.get("rslora")
+        return ClientSpec(
+            client_id,
+            ranks,
+            float(declared.get("alpha", base.alpha)),
+            base.rslora if rslora is None else str(rslora).lower() in ("1", "true", "yes"),
+            base.num_examples if n is None else _int(n, "num-examples", who),
+            base.resource_type,
+        )
+    if base is not None:
+        default_alpha = base.alpha
 
     fallback = default_rank
     if "rank-type" in declared:
@@ -127,8 +170,11 @@ def resolve_spec(
                 f"{who}, module {module}: rank {r} exceeds min(d_out, d_in) = {limit}"
             )
     alpha = float(declared.get("alpha", default_alpha))
-    rslora = str(declared.get("rslora", "false")).lower() in ("1", "true", "yes")
+    rslora_default = "true" if base is not None and base.rslora else "false"
+    rslora = str(declared.get("rslora", rslora_default)).lower() in ("1", "true", "yes")
     n = declared.get("num-examples")
+    if n is None and base is not None:
+        n = base.num_examples
     rt = declared.get("rank-type")
     return ClientSpec(
         client_id,

@@ -1,11 +1,26 @@
-"""The fedlora `ServerApp`: any registered fedlora strategy over a Flower federation.
+"""The fedlora `ServerApp`: the experiment of ``fedlora run`` over a Flower federation.
 
-Run config (``flower_app/pyproject.toml``, ``[tool.flwr.app.config]``): ``strategy``,
-``strategy-options`` (JSON), ``num-server-rounds``, ``model`` (``"toy"`` or a model name/path),
-``rank-types``, ``default-rank``, ``alpha``, ``min-nodes``, ``fraction-train``,
-``fraction-evaluate``, ``round-timeout``, ``seed`` and ``result-dir``: if set, the app writes
-``result.json`` (per round: clients used, dropped replies with reasons, metrics) and
-``global_delta.pt`` (the final global delta as scale-1 factors) there.
+Run config (``flower_app/pyproject.toml``, ``[tool.flwr.app.config]``, or
+``flwr run --run-config``):
+
+* ``experiment`` (default ``"tiny"``): a preset name or a TOML experiment path, and
+  ``overrides``: ``"key=value ..."`` dotted keys (`fedlora.flower.experiment`). The app builds
+  the model's module shapes, the clients' specs and the strategy with the in-process engine's
+  functions (`fedlora.engine.runner.client_specs`, `build_strategy`), runs ``rounds`` rounds,
+  samples ``clients_per_round`` nodes per round (seeded from ``seed`` as the engine does).
+* ``min-nodes`` (0: ``clients_per_round``): nodes to wait for before each round;
+  ``round-timeout`` (seconds); ``fraction-evaluate`` (evaluate the global delta on that
+  fraction of nodes, on their held-out data, with the ``[eval]`` settings; default 0);
+  ``rank-types`` (``"2,4,8,16"``: the ranks a node's ``rank-type=N`` declaration means;
+  empty: the experiment's ``resources.ranks``);
+* ``result-dir`` (empty: the experiment's ``output_dir``): the app writes ``result.json`` (per
+  round: clients used, dropped replies with reasons, metrics), ``global_delta.pt`` (the final
+  global delta as scale-1 factors ``{module: (A, B)}``) and ``config.toml`` (the resolved
+  experiment) there.
+
+``experiment = "toy"`` runs the synthetic toy task instead (`fedlora.flower.toy`, for smoke
+tests), configured by the keys ``strategy``, ``strategy-options`` (JSON),
+``num-server-rounds``, ``seed``, ``default-rank``, ``alpha``, ``fraction-train``, ``toy-*``.
 """
 
 from __future__ import annotations
@@ -20,7 +35,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 import fedlora.strategies
-from fedlora.flower.backend import get_backend
+from fedlora.flower.backend import get_backend, is_toy
 from fedlora.flower.strategy import FlowerStrategy
 
 app = ServerApp()
@@ -30,8 +45,7 @@ def _ints(text: Any) -> list[int]:
     return [int(x) for x in str(text).replace(" ", "").split(",") if x]
 
 
-def build(run_config: Mapping[str, Any]) -> FlowerStrategy:
-    """The `FlowerStrategy` a run config describes."""
+def _build_toy(run_config: Mapping[str, Any]) -> FlowerStrategy:
     shapes = get_backend(run_config).shapes()
     options = json.loads(str(run_config.get("strategy-options", "") or "{}"))
     options.setdefault("seed", int(run_config.get("seed", 0)))
@@ -54,14 +68,53 @@ def build(run_config: Mapping[str, Any]) -> FlowerStrategy:
     )
 
 
+def build(run_config: Mapping[str, Any]) -> FlowerStrategy:
+    """The `FlowerStrategy` a run config describes (its ``num_rounds`` attribute is set)."""
+    if is_toy(run_config):
+        fs = _build_toy(run_config)
+        fs.num_rounds = int(run_config.get("num-server-rounds", 2))
+        fs.result_dir = str(run_config.get("result-dir", "") or "")
+        fs.experiment = None
+        return fs
+    from fedlora.engine.runner import build_strategy
+    from fedlora.flower.experiment import experiment_config
+
+    cfg = experiment_config(run_config)
+    backend = get_backend(run_config)  # cached: may be shared with runs of other strategies
+    shapes = backend.shapes()
+    strategy = build_strategy(cfg, shapes, backend.specs)
+    k = cfg.sampled_per_round()
+    timeout = float(run_config.get("round-timeout", 120))
+    rank_types = _ints(run_config.get("rank-types", "")) or list(cfg.resources.ranks or [])
+    fs = FlowerStrategy(
+        strategy,
+        shapes,
+        fraction_evaluate=float(run_config.get("fraction-evaluate", 0.0)),
+        min_nodes=int(run_config.get("min-nodes", 0)) or k,
+        rank_types=rank_types,
+        default_alpha=cfg.model.alpha,
+        hello_timeout=timeout,
+        wait_timeout=timeout,
+        sample_seed=cfg.seed,
+        client_specs=backend.training_specs(),
+        clients_per_round=k,
+    )
+    fs.num_rounds = cfg.rounds
+    fs.result_dir = str(run_config.get("result-dir", "") or "") or cfg.output_dir
+    fs.experiment = cfg
+    return fs
+
+
 def write_result(fs: FlowerStrategy, result_dir: str) -> None:
     os.makedirs(result_dir, exist_ok=True)
     delta = fs.strategy.global_delta() if any(r["error"] is None for r in fs.rounds) else {}
     torch.save(
         {m: (f.A, f.B) for m, f in delta.items()}, os.path.join(result_dir, "global_delta.pt")
     )
+    cfg = getattr(fs, "experiment", None)
     result = {
         "strategy": fs.strategy.name,
+        "experiment": cfg.name if cfg is not None else "toy",
         "nodes": {
             str(n): {"client_id": s.client_id, "ranks": dict(s.ranks)} for n, s in fs.specs.items()
         },
@@ -72,6 +125,11 @@ def write_result(fs: FlowerStrategy, result_dir: str) -> None:
     }
     with open(os.path.join(result_dir, "result.json"), "w") as fh:
         json.dump(result, fh, indent=1)
+    if cfg is not None:
+        from fedlora.config import dumps_toml
+
+        with open(os.path.join(result_dir, "config.toml"), "w") as fh:
+            fh.write(dumps_toml(cfg))
 
 
 @app.main()
@@ -82,11 +140,11 @@ def main(grid: Grid, context: Context) -> None:
         fs.start(
             grid,
             initial_arrays=ArrayRecord(),
-            num_rounds=int(rc.get("num-server-rounds", 2)),
+            num_rounds=fs.num_rounds,
             timeout=float(rc.get("round-timeout", 600)),
             train_config=ConfigRecord(),
             evaluate_config=ConfigRecord(),
         )
     finally:
-        if rc.get("result-dir"):
-            write_result(fs, str(rc["result-dir"]))
+        if fs.result_dir:
+            write_result(fs, fs.result_dir)

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -50,7 +51,15 @@ class FlowerStrategy(FlwrStrategy):
 
     ``shapes`` (module -> (d_out, d_in)) is the model's module list: node ranks are validated
     against it and updates are checked against it. ``specs`` may pre-register node specs
-    (node id -> `ClientSpec`), skipping the hello for those nodes.
+    (node id -> `ClientSpec`), skipping the hello for those nodes. ``client_specs``
+    (partition id -> `ClientSpec`, from an experiment config) gives each node the configured
+    client of its ``partition-id`` (see `fedlora.flower.nodes.resolve_spec`).
+
+    Sampling: with ``clients_per_round`` k, each round draws k of the ready nodes, ordered by
+    client id, with ``numpy.random.default_rng([sample_seed, 7])`` exactly as the in-process
+    engine draws its clients: when the nodes are the experiment's training clients, a Flower
+    run trains the same clients each round as ``fedlora run``. Fewer ready nodes than k: all
+    of them train. Without it, ``fraction_train`` of the nodes (all when 1.0).
     """
 
     def __init__(
@@ -68,6 +77,8 @@ class FlowerStrategy(FlwrStrategy):
         wait_timeout: float = 120.0,
         specs: Mapping[int, ClientSpec] | None = None,
         sample_seed: int = 0,
+        client_specs: Mapping[int, ClientSpec] | None = None,
+        clients_per_round: int | None = None,
     ) -> None:
         self.strategy = strategy
         self.shapes = {m: (int(s[0]), int(s[1])) for m, s in shapes.items()}
@@ -82,9 +93,17 @@ class FlowerStrategy(FlwrStrategy):
         self.specs: dict[int, ClientSpec] = dict(specs or {})
         self.rejected: dict[int, str] = {}  # node id -> why its declaration was refused
         self.sample_seed = sample_seed
+        self.client_specs = None if client_specs is None else dict(client_specs)
+        self.clients_per_round = clients_per_round
+        self.sampler = np.random.default_rng([sample_seed, 7])
         self._sent: dict[int, tuple[ClientSpec, Payload, int]] = {}  # node -> spec, payload, bytes
         self.rounds: list[dict[str, Any]] = []  # one record per train round (for result files)
         self.eval_rounds: list[dict[str, Any]] = []
+        # set by `fedlora.flower.server_app.build`: rounds to run, where to write results, the
+        # experiment configuration (None for the toy task)
+        self.num_rounds: int = 1
+        self.result_dir: str = ""
+        self.experiment: Any = None
 
     # -- node identity --------------------------------------------------------------------
 
@@ -107,6 +126,7 @@ class FlowerStrategy(FlwrStrategy):
                 rank_types=self.rank_types,
                 default_rank=self.default_rank,
                 default_alpha=self.default_alpha,
+                configured=self.client_specs,
             )
             for other, s in self.specs.items():
                 if other != node_id and s.client_id == spec.client_id:
@@ -178,6 +198,23 @@ class FlowerStrategy(FlwrStrategy):
             )
         )
 
+    def _sample_clients(self, nodes: list[int], server_round: int) -> list[int]:
+        """``clients_per_round`` of `nodes`, drawn as the in-process engine draws clients."""
+        k = int(self.clients_per_round or 0)
+        ordered = sorted(nodes, key=lambda n: _natural(self.specs[n].client_id))
+        if len(ordered) < k:
+            log(
+                WARNING,
+                "fedlora: round %s: %d nodes ready, fewer than clients_per_round = %d; "
+                "all of them train",
+                server_round,
+                len(ordered),
+                k,
+            )
+            return nodes
+        picked = self.sampler.choice(len(ordered), k, replace=False)
+        return sorted(ordered[int(i)] for i in picked)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -186,7 +223,10 @@ class FlowerStrategy(FlwrStrategy):
             grid, [n for n in nodes if n not in self.specs and n not in self.rejected], server_round
         )
         ready = [n for n in nodes if n in self.specs]
-        chosen = self._sample(ready, self.fraction_train, server_round)
+        if self.clients_per_round:
+            chosen = self._sample_clients(ready, server_round)
+        else:
+            chosen = self._sample(ready, self.fraction_train, server_round)
         self._sent = {}
         messages = []
         for node in chosen:
@@ -259,13 +299,14 @@ class FlowerStrategy(FlwrStrategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        # a fixed order (by client id), whatever order the replies arrived in
+        # a fixed order (by client id, numeric ids as numbers: the engine's order), whatever
+        # order the replies arrived in
         replies = sorted(
             replies,
             key=lambda m: (
-                self._sent[m.metadata.src_node_id][0].client_id
+                _natural(self._sent[m.metadata.src_node_id][0].client_id)
                 if m.metadata.src_node_id in self._sent
-                else f"~{m.metadata.src_node_id}"
+                else (2, m.metadata.src_node_id, "")
             ),
         )
         used: list[ClientUpdate] = []
@@ -415,6 +456,11 @@ class FlowerStrategy(FlwrStrategy):
             out[k] = sum(n * x for n, x in pairs) / max(1, sum(n for n, _ in pairs))
         self.eval_rounds.append({"round": server_round, "num_examples": total, **dict(out)})
         return out if good else None
+
+
+def _natural(client_id: str) -> tuple:
+    """Sort key: numeric client ids ("2" < "10") before others, which sort as text."""
+    return (0, int(client_id), "") if client_id.isdigit() else (1, 0, client_id)
 
 
 def _ranks_summary(spec: ClientSpec) -> str:

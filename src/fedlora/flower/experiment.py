@@ -1,0 +1,189 @@
+"""The experiment configuration of ``fedlora run`` on Flower.
+
+Run config keys (``[tool.flwr.app.config]`` or ``flwr run --run-config``):
+
+* ``experiment``: a preset name (``fedlora presets``) or the path of a TOML experiment file, as
+  for ``fedlora run``;
+* ``overrides``: dotted ``key=value`` pairs separated by spaces, e.g.
+  ``"rounds=2 clients_per_round=2 strategy.name=flora"`` (values parsed as by
+  ``fedlora run --set``; quote a value with spaces: ``'train.lr=1e-3 data.tasks=["a","b"]'``).
+
+`ExperimentBackend` builds what a node (and the ServerApp) needs exactly as the in-process
+engine does, by calling the engine's own functions (`fedlora.engine.runner.load_data`,
+`build_split`, `client_specs`, `load_base_model`, `set_threads`) and `LoraHost` with the
+config's dropout, rsLoRA and alpha. Partition id ``i`` is the engine's client ``i`` (its data
+and its `ClientSpec`, client id ``str(i)``), so a Flower run trains the same clients with the
+same seeds as ``fedlora run``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+from fedlora.config import ConfigError, ExperimentConfig, apply_overrides, load_config, to_dict
+from fedlora.contract import Adapter, ClientSpec, ClientUpdate, FedLoraError, Payload
+
+LOG = logging.getLogger("fedlora.flower")
+
+
+def parse_overrides(text: str) -> dict[str, str]:
+    """``"rounds=2 train.lr=1e-3"`` -> ``{"rounds": "2", "train.lr": "1e-3"}`` (shell-quoted)."""
+    out: dict[str, str] = {}
+    for part in shlex.split(str(text or "")):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"run config overrides: {part!r} is not 'key=value'")
+        out[key.strip()] = value
+    return out
+
+
+def experiment_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
+    """The validated `ExperimentConfig` of run config keys ``experiment`` and ``overrides``."""
+    source = str(run_config.get("experiment", "") or "tiny")
+    cfg = load_config(source, validate=False)
+    overrides = parse_overrides(str(run_config.get("overrides", "") or ""))
+    # string values are parsed to each field's type, exactly as `fedlora.config.override`
+    return apply_overrides(cfg, overrides, validate=True)
+
+
+def backend_key(cfg: ExperimentConfig) -> tuple:
+    """What a node's backend depends on: not the strategy, rounds, sampling or evaluation."""
+    d = to_dict(cfg)
+    return tuple(
+        (k, repr(d.get(k)))
+        for k in ("seed", "threads", "model", "data", "resources", "train", "eval")
+    )
+
+
+class ExperimentBackend:
+    """The engine's model, data and client specs for one experiment, built once per process.
+
+    ``train`` and ``evaluate`` hold a lock: the one `LoraHost` serves one client at a time
+    (a process running several ClientApps in threads shares it safely).
+    """
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        from fedlora.client import TrainConfig
+        from fedlora.data import label_mapping
+        from fedlora.engine.runner import (
+            build_split,
+            client_specs,
+            load_base_model,
+            load_data,
+            set_threads,
+        )
+        from fedlora.models import LoraHost, default_target_modules
+
+        t0 = time.perf_counter()
+        self.cfg = cfg  # only its `backend_key` parts are this backend's: see get_backend
+        set_threads(cfg.threads)
+        self.examples = load_data(cfg)
+        self.split = build_split(cfg, self.examples)
+        self.classifier = cfg.model.kind == "classifier"
+        self.label_to_id = label_mapping(self.examples) if self.classifier else None
+        self.model, self.tokenizer = load_base_model(
+            cfg, len(self.label_to_id) if self.label_to_id is not None else None
+        )
+        targets = cfg.model.target_modules or default_target_modules(self.model)
+        self.host = LoraHost(
+            self.model,
+            targets,
+            lora_dropout=cfg.model.dropout,
+            rslora=cfg.model.rslora,
+            alpha=cfg.model.alpha,
+        )
+        self._shapes = self.host.shapes()
+        self.specs: list[ClientSpec] = client_specs(
+            cfg, self.host.module_names(), self._shapes, self.split.train
+        )
+        names = {f.name for f in fields(TrainConfig)}
+        self.train_cfg = TrainConfig(
+            **{k: v for k, v in to_dict(cfg.train).items() if k in names}, seed=cfg.seed
+        )
+        self.lock = threading.Lock()
+        self.load_seconds = time.perf_counter() - t0
+        LOG.info(
+            "fedlora: loaded %s for experiment %s in %.1fs", cfg.model.name, cfg.name,
+            self.load_seconds,
+        )  # fmt: skip
+
+    # -- what the ServerApp needs -----------------------------------------------------------
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return dict(self._shapes)
+
+    def training_specs(self) -> dict[int, ClientSpec]:
+        """Partition id -> configured `ClientSpec`, for the clients that train."""
+        return {c: self.specs[c] for c in self.split.training_clients}
+
+    # -- what a node does -------------------------------------------------------------------
+
+    def _client(self, partition: int) -> int:
+        n = len(self.split.train)
+        if not 0 <= partition < n:
+            raise FedLoraError(f"partition-id {partition} is not a client of 0..{n - 1}")
+        return partition
+
+    def client_data(self, partition: int) -> list:
+        """The client's training examples, as the engine passes them to `train_client`."""
+        c = self._client(partition)
+        ex = [self.examples[i] for i in self.split.train[c]]
+        if self.classifier:
+            from fedlora.data import encode_classification
+
+            return [
+                encode_classification(
+                    self.tokenizer, e, self.label_to_id, self.cfg.train.max_length
+                )
+                for e in ex
+                if e.label is not None
+            ]
+        return ex
+
+    def train(
+        self, spec: ClientSpec, payload: Payload, partition: int, server_round: int = 0
+    ) -> ClientUpdate:
+        from fedlora.client import train_client
+
+        data = self.client_data(partition)
+        with self.lock:
+            return train_client(
+                self.host,
+                spec,
+                payload,
+                data,
+                self.train_cfg,
+                self.tokenizer,
+                server_round=server_round,
+            )
+
+    def evaluate(self, delta: Adapter | None, spec: ClientSpec, partition: int):
+        """The global delta on the client's held-out test examples (``cfg.eval`` settings)."""
+        from fedlora.evaluate import evaluate, task_labels
+
+        c = self._client(partition)
+        e = self.cfg.eval
+        data = [self.examples[i] for i in self.split.test[c]][: e.max_examples]
+        if not data:
+            return {}, 0
+        with self.lock, self.host.use_global(delta or {}) as model:
+            out = evaluate(
+                model,
+                self.tokenizer,
+                data,
+                e.metrics,
+                batch_size=e.batch_size,
+                max_new_tokens=e.max_new_tokens,
+                max_length=self.cfg.train.max_length,
+                kind=self.cfg.model.kind,
+                labels=task_labels(self.examples),
+                label_to_id=self.label_to_id,
+                per_task=False,
+            )
+        return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}, len(data)
