@@ -1,5 +1,6 @@
-"""A real Flower deployment on 127.0.0.1: one SuperLink, two SuperNodes with different ranks,
-`flwr run flower_app` for 2 rounds of the toy model; insecure and with TLS.
+"""A real Flower deployment on 127.0.0.1: one SuperLink, two SuperNodes with different ranks
+(declared with --node-config), `flwr run flower_app` with the app's default experiment (the
+``tiny`` preset: tiny random Llama) for 2 rounds, 2 clients per round; insecure and with TLS.
 
 Every process is started in its own session and stopped by its PID (process group) in a
 finally block, also on failure.
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.flower
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "flower_app"
 BIN = Path(sys.executable).parent
+OVERRIDES = "rounds=2 clients_per_round=2"  # the tiny preset's 6 clients, 2 of them as nodes
 
 
 def _exe(name: str) -> str:
@@ -155,12 +157,14 @@ def _run_federation(tmp_path: Path, tls: bool) -> dict:
             )  # fmt: skip
         run = subprocess.run(
             [_exe("flwr"), "run", str(APP), "test", "--stream",
-             "--run-config", f'result-dir="{result_dir}" round-timeout=60'],
+             "--run-config",
+             f'overrides="{OVERRIDES}" result-dir="{result_dir}" round-timeout=60'],
             env=env, capture_output=True, text=True, timeout=200, start_new_session=True,
         )  # fmt: skip
         out = run.stdout + run.stderr
         assert run.returncode == 0, out[-4000:]
         assert (result_dir / "result.json").exists(), out[-4000:]
+        assert (result_dir / "global_delta.pt").exists() and (result_dir / "config.toml").exists()
         return json.loads((result_dir / "result.json").read_text())
     except BaseException:
         for name, log in logs:
@@ -174,14 +178,18 @@ def _run_federation(tmp_path: Path, tls: bool) -> dict:
 
 
 def _check(result: dict) -> None:
-    assert result["strategy"] == "flexlora"
-    ranks = sorted(set(n["ranks"].values()).pop() for n in result["nodes"].values())
-    assert ranks == [2, 8]
+    assert result["experiment"] == "tiny" and result["strategy"] == "flexlora"
+    # node ranks as declared (not the preset's), client ids the engine's ("0", "1")
+    nodes = {n["client_id"]: set(n["ranks"].values()) for n in result["nodes"].values()}
+    assert nodes == {"0": {2}, "1": {8}}
     assert len(result["rounds"]) == 2
     for r in result["rounds"]:
-        assert sorted(r["used"]) == ["partition-0", "partition-1"], r
+        assert r["used"] == ["0", "1"], r
         assert r["metrics"]["replies-used"] == 2 and r["dropped"] == {}
-    assert result["global_delta_fro"] and all(v > 0 for v in result["global_delta_fro"].values())
+        assert r["metrics"]["train_loss"] > 0
+    # 14 LoRA modules of the tiny Llama (2 layers x q,k,v,o,gate,up,down), all updated
+    fro = result["global_delta_fro"]
+    assert len(fro) == 14 and all(v > 0 for v in fro.values())
 
 
 def test_superlink_two_supernodes_insecure(tmp_path):

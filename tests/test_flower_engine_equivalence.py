@@ -70,7 +70,11 @@ class ClientAppGrid:
             self.sent.append((node, kind))
             ctx = Context(1, node, dict(self.node_configs[node]), RecordDict(), self.run_config)
             inbound = Message(_wire(msg.content), dst_node_id=node, message_type=kind)
-            handler = {"query.hello": client_app.hello, "train": client_app.train}[kind]
+            handler = {
+                "query.hello": client_app.hello,
+                "train": client_app.train,
+                "evaluate": client_app.evaluate,
+            }[kind]
             out = handler(inbound, ctx)
             replies.append(Message(_wire(out.content), reply_to=msg))
         return replies
@@ -133,3 +137,39 @@ def test_engine_and_flower_give_the_same_global_delta(strategy, tmp_path):
     assert backend.LOADS["experiment"] - loads <= 1
     assert sum(kind == "train" for _, kind in grid.sent) == 8
     assert sum(kind == "query.hello" for _, kind in grid.sent) == 4
+
+
+def test_flower_evaluates_the_global_delta_on_nodes(tmp_path):
+    """``fraction-evaluate``: nodes evaluate the global delta on their held-out examples."""
+    rc = {
+        "experiment": "tiny",
+        "overrides": f'{_overrides("flora")} rounds=1 eval.metrics=["loss"]',
+        "result-dir": str(tmp_path),
+        "fraction-evaluate": 1.0,
+        "round-timeout": 10,
+    }
+    nodes = {100 + i: {"partition-id": i} for i in range(4)}
+    server_app.main(ClientAppGrid(nodes, rc), Context(1, 0, {}, RecordDict(), rc))
+    result = json.loads((tmp_path / "result.json").read_text())
+    (ev,) = result["evaluate"]
+    assert ev["replies-used"] == 4 and ev["num_examples"] > 0 and ev["loss"] > 0
+
+
+def test_overrides_run_config_key():
+    from fedlora.config import ConfigError
+    from fedlora.flower.experiment import experiment_config
+
+    text = 'rounds=5 eval.metrics=["loss", "f1"] name="a b" strategy.options={split = "sqrt"}'
+    assert parse_overrides(text) == {
+        "rounds": "5",
+        "eval.metrics": '["loss", "f1"]',
+        "name": '"a b"',
+        "strategy.options": '{split = "sqrt"}',
+    }
+    cfg = experiment_config({"experiment": "tiny", "overrides": "rounds=5 eval.metrics=loss,f1"})
+    assert cfg.rounds == 5 and cfg.eval.metrics == ["loss", "f1"] and cfg.model.name == "tiny-llama"
+    for bad in ("rounds", 'name="a', "eval.metrics=[loss"):
+        with pytest.raises(ConfigError):
+            parse_overrides(bad)
+    with pytest.raises(ConfigError, match="rounds"):
+        experiment_config({"experiment": "tiny", "overrides": "rounds=0"})

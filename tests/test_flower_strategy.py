@@ -245,3 +245,45 @@ def test_server_app_build_and_evaluate_on_nodes():
     ev = result.evaluate_metrics_clientapp
     assert ev[2]["replies-used"] == 2 and ev[2]["eval_loss"] < ev[1]["eval_loss"] * 1.5
     assert result.train_metrics_clientapp[1]["upload-bytes"] > 0
+
+
+def _configured(n=6):
+    """Experiment-style configured clients: partition i -> client "i" (engine ids)."""
+    return {
+        i: ClientSpec(str(i), {m: [1, 2, 4, 8][i % 4] for m in SHAPES}, 8.0, False, 10 + i, i % 4)
+        for i in range(n)
+    }
+
+
+def test_configured_clients_by_partition_id():
+    conf = _configured()
+    s = resolve_spec({"partition-id": 2}, 7, SHAPES, configured=conf)
+    assert s == conf[2]
+    # explicit ranks override the configured ones; the rest (id, alpha, examples) is kept
+    s = resolve_spec({"partition-id": 3, "rank": 2}, 7, SHAPES, configured=conf)
+    assert s.client_id == "3" and set(s.ranks.values()) == {2}
+    assert s.alpha == 8.0 and s.num_examples == 13
+    for declared, message in [
+        ({}, "declare partition-id"),
+        ({"partition-id": 6}, "not a training client"),
+        ({"partition-id": 1, "rank": 99}, "rank 99 exceeds"),
+    ]:
+        with pytest.raises(FedLoraError, match=message):
+            resolve_spec(declared, 7, SHAPES, configured=conf)
+
+
+def test_clients_per_round_draws_as_the_engine():
+    """With all training clients as nodes, a round's clients are the engine's clients."""
+    import numpy as np
+
+    conf = _configured(12)  # 12: client ids "10", "11" sort after "9"
+    nodes = {500 - 3 * i: {"partition-id": i} for i in range(12)}  # node ids in another order
+    strategy = S.get("flexlora", shapes=SHAPES)
+    fs = FlowerStrategy(
+        strategy, SHAPES, min_nodes=12, client_specs=conf, clients_per_round=5, sample_seed=3
+    )
+    fs.start(FakeGrid(nodes), ArrayRecord(), num_rounds=3, timeout=10)
+    engine = np.random.default_rng([3, 7])  # fedlora.engine.runner.run_experiment's sampler
+    for r in fs.rounds:
+        chosen = sorted(int(c) for c in engine.choice(list(range(12)), 5, replace=False))
+        assert r["used"] == [str(c) for c in chosen]

@@ -5,8 +5,9 @@ Run config keys (``[tool.flwr.app.config]`` or ``flwr run --run-config``):
 * ``experiment``: a preset name (``fedlora presets``) or the path of a TOML experiment file, as
   for ``fedlora run``;
 * ``overrides``: dotted ``key=value`` pairs separated by spaces, e.g.
-  ``"rounds=2 clients_per_round=2 strategy.name=flora"`` (values parsed as by
-  ``fedlora run --set``; quote a value with spaces: ``'train.lr=1e-3 data.tasks=["a","b"]'``).
+  ``"rounds=2 clients_per_round=2 strategy.name=flora"``; values are TOML literals or bare
+  text, parsed to each key's type by `fedlora.config.apply_overrides` (lists:
+  ``eval.metrics=["loss", "f1"]`` or ``eval.metrics=loss,f1``).
 
 `ExperimentBackend` builds what a node (and the ServerApp) needs exactly as the in-process
 engine does, by calling the engine's own functions (`fedlora.engine.runner.load_data`,
@@ -19,7 +20,6 @@ same seeds as ``fedlora run``.
 from __future__ import annotations
 
 import logging
-import shlex
 import threading
 import time
 from collections.abc import Mapping
@@ -32,10 +32,35 @@ from fedlora.contract import Adapter, ClientSpec, ClientUpdate, FedLoraError, Pa
 LOG = logging.getLogger("fedlora.flower")
 
 
+def _split(text: str) -> list[str]:
+    """Split on whitespace outside quotes and brackets, keeping quotes (TOML values)."""
+    parts, cur, depth, quote = [], "", 0, ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch.isspace() and depth <= 0:
+            if cur:
+                parts.append(cur)
+            cur = ""
+            continue
+        cur += ch
+    if quote or depth > 0:
+        raise ConfigError(f"run config overrides: unbalanced quotes or brackets in {text!r}")
+    return parts + ([cur] if cur else [])
+
+
 def parse_overrides(text: str) -> dict[str, str]:
-    """``"rounds=2 train.lr=1e-3"`` -> ``{"rounds": "2", "train.lr": "1e-3"}`` (shell-quoted)."""
+    """``'rounds=2 eval.metrics=["loss", "f1"]'`` -> ``{"rounds": "2", "eval.metrics":
+    '["loss", "f1"]'}``: values are split off at whitespace outside quotes and brackets and
+    left as text, parsed to each field's type by `fedlora.config.apply_overrides`."""
     out: dict[str, str] = {}
-    for part in shlex.split(str(text or "")):
+    for part in _split(str(text or "")):
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"run config overrides: {part!r} is not 'key=value'")
