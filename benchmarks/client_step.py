@@ -2,17 +2,20 @@
 
 Both sides use the same LoraConfig (rank 8 on every default target module, alpha 16, no
 dropout), the same batch (4 x 256 tokens, fixed random ids) and AdamW with the same options
-and gradient clipping. Runs are interleaved (fedlora, peft, fedlora, peft, ...) after one
-warm-up step each; fedlora's time includes `LoraHost.prepare` and `read_adapter` (everything
-`train_client` does), the peft loop only its steps.
+and gradient clipping. Steps are timed one at a time and interleaved (fedlora, peft, then
+peft, fedlora, ...) after one warm-up step each. Each fedlora step is a full `train_client`
+call with ``local_steps=1``, so it also pays `LoraHost.prepare`, the optimizer set-up and
+`read_adapter`; the peft step is only forward, backward, clipping and AdamW. Wall and process CPU
+seconds are reported as medians: on a shared machine single steps are noisy.
 
-    HF_HUB_OFFLINE=1 python benchmarks/client_step.py [--steps 3] [--reps 1]
+    HF_HUB_OFFLINE=1 python benchmarks/client_step.py [--steps 3] [--reps 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,8 +29,8 @@ from fedlora.models import LoraHost, default_target_modules, load_model  # noqa:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
-    ap.add_argument("--reps", type=int, default=1, help="interleaved repetitions")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per repetition")
+    ap.add_argument("--reps", type=int, default=2, help="repetitions (steps * reps samples)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rank", type=int, default=8)
@@ -58,37 +61,56 @@ def main() -> None:
     cfg_kw = dict(batch_size=n, lr=3e-4, max_length=L, grad_clip=1.0)
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
 
-    def run_fedlora(steps: int) -> float:
-        t = time.perf_counter()
-        train_client(host, spec, payload, examples, TrainConfig(local_steps=steps, **cfg_kw))
-        return time.perf_counter() - t
+    def fedlora_step() -> tuple[float, float]:
+        """One call of train_client with local_steps=1: prepare + step + read_adapter."""
+        t, c = time.perf_counter(), time.process_time()
+        train_client(host, spec, payload, examples, TrainConfig(local_steps=1, **cfg_kw))
+        return time.perf_counter() - t, time.process_time() - c
 
-    def run_peft(steps: int) -> float:
+    def peft_step() -> tuple[float, float]:
         peft_model.train()
-        t = time.perf_counter()
-        for _ in range(steps):
-            loss = peft_model(**batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-        return time.perf_counter() - t
+        t, c = time.perf_counter(), time.process_time()
+        loss = peft_model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return time.perf_counter() - t, time.process_time() - c
 
     print(f"warm-up (1 step each), batch {n} x {L} tokens, rank {args.rank}", flush=True)
-    run_fedlora(1)
-    run_peft(1)
-    fed, pef = [], []
-    for rep in range(args.reps):
-        fed.append(run_fedlora(args.steps) / args.steps)
-        pef.append(run_peft(args.steps) / args.steps)
+    fedlora_step()
+    peft_step()
+    fed: list[tuple[float, float]] = []
+    pef: list[tuple[float, float]] = []
+    for i in range(args.steps * args.reps):
+        if i % 2 == 0:  # alternate which side goes first
+            fed.append(fedlora_step())
+            pef.append(peft_step())
+        else:
+            pef.append(peft_step())
+            fed.append(fedlora_step())
         print(
-            f"rep {rep + 1}: fedlora {fed[-1]:.3f} s/step   peft {pef[-1]:.3f} s/step",
+            f"step {i + 1}: fedlora {fed[-1][0]:.3f} s (cpu {fed[-1][1]:.3f})   "
+            f"peft {pef[-1][0]:.3f} s (cpu {pef[-1][1]:.3f})",
             flush=True,
         )
-    f, p = sum(fed) / len(fed), sum(pef) / len(pef)
-    print(f"fedlora client : {f:.3f} s/step ({args.steps} steps x {args.reps} reps)")
-    print(f"plain peft loop: {p:.3f} s/step")
-    print(f"ratio fedlora/peft: {f / p:.3f}")
+    for k, what in ((0, "wall"), (1, "cpu")):
+        f = [x[k] for x in fed]
+        p = [x[k] for x in pef]
+        f_med, p_med = statistics.median(f), statistics.median(p)
+        print(
+            f"[{what}] fedlora client : median {f_med:.3f} s/step, "
+            f"min {min(f):.3f}, mean {mean(f):.3f}"
+        )
+        print(
+            f"[{what}] plain peft loop: median {p_med:.3f} s/step, "
+            f"min {min(p):.3f}, mean {mean(p):.3f}"
+        )
+        print(f"[{what}] ratio fedlora/peft: median {f_med / p_med:.3f}, min {min(f) / min(p):.3f}")
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
 
 
 def host_params(host: LoraHost, spec: ClientSpec, payload: Payload):
