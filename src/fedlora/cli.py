@@ -11,7 +11,9 @@ fedlora report runs/compare/*                # tables and plots from finished ru
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
+import re
 import sys
 import time
 import typing
@@ -27,8 +29,19 @@ DEMO_STRATEGIES = ["flexlora", "flora", "hetlora", "fedit"]
 ALIASES = {"strategy": "strategy.name", "model": "model.name"}
 
 
+def _field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in a config dataclass's source: the one
+    place a key is described, shown by ``--help``."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): .*?  # (.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).replace("%", "%%")
+    return comments
+
+
 def _config_fields() -> list[tuple[str, Any, Any, str]]:
-    """(dotted key, type, default, section doc) for every configuration key."""
+    """(dotted key, type, default, description) for every configuration key."""
     from fedlora.config import ExperimentConfig
 
     out = []
@@ -36,12 +49,13 @@ def _config_fields() -> list[tuple[str, Any, Any, str]]:
     def walk(cls, prefix):
         hints = typing.get_type_hints(cls)
         inst = cls()
+        notes = _field_comments(cls)
         for f in fields(cls):
             tp = hints[f.name]
             if is_dataclass(tp):
                 walk(tp, f"{prefix}{f.name}.")
             else:
-                out.append((f"{prefix}{f.name}", tp, getattr(inst, f.name), cls.__doc__ or ""))
+                out.append((f"{prefix}{f.name}", tp, getattr(inst, f.name), notes.get(f.name, "")))
 
     walk(ExperimentConfig, "")
     return out
@@ -73,7 +87,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         "preset or --config may change them)",
     )
     alias_of = {v: k for k, v in ALIASES.items()}
-    for key, tp, default, _ in _config_fields():
+    for key, tp, default, note in _config_fields():
         names = [f"--{key}"]
         if "_" in key:
             names.append(f"--{key.replace('_', '-')}")
@@ -84,7 +98,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             dest=f"cfg:{key}",
             metavar="VALUE",
             default=None,
-            help=f"{_type_label(tp)}; default {default!r}",
+            help=f"{note + '. ' if note else ''}{_type_label(tp)}; default {default!r}",
         )
 
 

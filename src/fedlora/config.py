@@ -48,6 +48,7 @@ DISTRIBUTIONS = (
     "custom",
 )
 METRICS = ("loss", "perplexity", "rouge_l", "accuracy", "f1")
+DEFAULT_METRICS = ("loss", "rouge_l", "accuracy", "f1")
 TINY_MODELS = ("tiny-llama", "tiny-bert")
 # strategies that average A and B separately and so need one rank for every client
 HOMOGENEOUS_ONLY = ("fedit", "fedex_lora")
@@ -68,9 +69,9 @@ class ModelConfig:
     name: str = "smollm2"  # "smollm2" | "minilm" | "tiny-llama" | "tiny-bert" | path | hub id
     kind: Literal["causal", "classifier"] = "causal"
     target_modules: list[str] | None = None  # None: the model's default attention/MLP modules
-    alpha: float = 16.0
-    rslora: bool = False
-    dropout: float = 0.0
+    alpha: float = 16.0  # LoRA alpha: scale = alpha / rank (alpha / sqrt(rank) with rslora)
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank)
+    dropout: float = 0.0  # LoRA dropout during local training
     save_merged: bool = False  # also write the base model with the final delta merged in
 
 
@@ -82,13 +83,13 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)  # field -> column of the source
     tasks: list[str] | None = None  # None: every task of the source
     partition: Literal["natural", "dirichlet", "pathological", "iid"] = "natural"
-    dirichlet_alpha: float = 0.5
-    classes_per_client: int = 2
-    num_clients: int = 8
+    dirichlet_alpha: float = 0.5  # "dirichlet": concentration; smaller is more skewed
+    classes_per_client: int = 2  # "pathological": labels per client
+    num_clients: int = 8  # clients in the federation (held-out ones included)
     heldout_clients: float = 0.0  # fraction of clients never trained on, evaluated as unseen
     heldout_tasks: list[str] = field(default_factory=list)  # loaded, but no client trains on
     test_fraction: float = 0.1  # each client's held-out share (evaluation of seen clients)
-    max_examples_per_client: int | None = None
+    max_examples_per_client: int | None = None  # cap each client's training examples
 
 
 @dataclass
@@ -113,8 +114,8 @@ class ResourcesConfig:
 class StrategyConfig:
     """The aggregation method and its options (passed to `fedlora.strategies.get`)."""
 
-    name: str = "flexlora"
-    options: dict[str, Any] = field(default_factory=dict)
+    name: str = "flexlora"  # one of fedlora.strategies.names()
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. {split = "sqrt"} for flexlora
 
 
 @dataclass
@@ -122,14 +123,14 @@ class TrainSection:
     """Local training of one client per round (`fedlora.client.TrainConfig`; its seed is the
     experiment's)."""
 
-    local_steps: int = 10
+    local_steps: int = 10  # optimizer steps per client per round
     epochs: int | None = None  # passes over the client's data instead of local_steps
-    batch_size: int = 4
-    lr: float = 3e-4
-    b_lr_multiplier: float = 1.0
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
-    max_length: int = 128
+    batch_size: int = 4  # examples per local step
+    lr: float = 3e-4  # AdamW learning rate
+    b_lr_multiplier: float = 1.0  # B's learning rate = lr * this (LoRA+ / LoRA-A2 style)
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float | None = 1.0  # clip the gradient norm (None: no clipping)
+    max_length: int = 128  # tokens per example (the prompt is truncated first)
 
 
 @dataclass
@@ -137,10 +138,10 @@ class EvalConfig:
     """What is evaluated, how often, on how much data."""
 
     every: int = 1  # evaluate every N rounds (and always after the last round)
-    metrics: list[str] = field(default_factory=lambda: ["loss", "rouge_l", "accuracy", "f1"])
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))  # any of METRICS
     max_examples: int = 64  # per evaluated client set
-    batch_size: int = 8
-    max_new_tokens: int = 32
+    batch_size: int = 8  # evaluation batch size
+    max_new_tokens: int = 32  # greedy generation length for Rouge-L
     seen_clients: bool = True  # held-out test split of the clients that train
     unseen_clients: bool = True  # clients held out of training (data.heldout_clients)
     unseen_tasks: bool = True  # tasks held out of training (data.heldout_tasks)
@@ -151,11 +152,11 @@ class EvalConfig:
 class ExperimentConfig:
     """A whole experiment."""
 
-    name: str = "experiment"
-    rounds: int = 3
+    name: str = "experiment"  # a label for logs and tables
+    rounds: int = 3  # communication rounds
     clients_per_round: int | float = 4  # an int: count; a float in (0, 1]: fraction
-    seed: int = 0
-    output_dir: str = "runs/experiment"
+    seed: int = 0  # seeds partition, resources, sampling, initialisation and training
+    output_dir: str = "runs/experiment"  # the run directory (metrics, plots, checkpoints)
     threads: int = 0  # torch threads; 0: all cores
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
