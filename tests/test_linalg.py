@@ -8,7 +8,7 @@ import torch
 from helpers import rel
 
 from fedlora import FedLoraError
-from fedlora.linalg import LowRankSum, factored_svd, orthonormalize, rank_r_factors, top_svd
+from fedlora.linalg import LowRankSum, factored_svd, gram_r, rank_r_factors, top_svd
 
 
 def ill_conditioned(rng, m, n, rank, cond):
@@ -95,20 +95,31 @@ def test_rank_r_factors_pads_ranks_above_the_number_of_triplets():
     assert f.A[3:].abs().max() == 0 and f.B[:, 3:].abs().max() == 0
 
 
-@pytest.mark.parametrize("cond", [0, 10])  # CholeskyQR2 path, and the Householder fallback
-def test_orthonormalize_both_paths(cond):
+@pytest.mark.parametrize("cond", [0, 2])  # well-conditioned: the Gram/Cholesky path
+def test_gram_r_is_the_r_of_a_qr(cond):
     rng = np.random.default_rng()
     G, _ = ill_conditioned(rng, 200, 30, 30, cond)
-    X = torch.tensor(G)
-    Q, R = orthonormalize(X)
-    np.testing.assert_allclose(Q.T.numpy() @ Q.numpy(), np.eye(30), atol=1e-12)
-    assert rel(Q.numpy() @ R.numpy(), G) < 1e-13
+    R = gram_r(torch.tensor(G))
+    assert R is not None
+    Q = G @ np.linalg.inv(R.numpy())
+    np.testing.assert_allclose(Q.T @ Q, np.eye(30), atol=1e-9)
     assert np.allclose(np.tril(R.numpy(), -1), 0)
 
 
-def test_orthonormalize_rank_deficient_falls_back_to_householder():
+def test_gram_r_refuses_ill_conditioned_and_rank_deficient_stacks():
     rng = np.random.default_rng()
-    G = rng.standard_normal((50, 4))
-    X = torch.tensor(np.hstack([G, G]))
-    Q, R = orthonormalize(X)
-    assert rel(Q.numpy() @ R.numpy(), X.numpy()) < 1e-13
+    G, _ = ill_conditioned(rng, 200, 30, 30, 10)
+    assert gram_r(torch.tensor(G)) is None
+    X = rng.standard_normal((50, 4))
+    assert gram_r(torch.tensor(np.hstack([X, X]))) is None
+
+
+@pytest.mark.parametrize("cond", [3, 10])  # Gram path, and the Householder fallback
+def test_factored_svd_top_k_matches_dense(cond):
+    rng = np.random.default_rng()
+    G, H = ill_conditioned(rng, 120, 90, 25, cond)
+    U, S, Vh = factored_svd(torch.tensor(G), torch.tensor(H), k=7)
+    Ur, Sr, Vr = np.linalg.svd(G @ H, full_matrices=False)
+    assert U.shape == (120, 7) and Vh.shape == (7, 90)
+    np.testing.assert_allclose(S.numpy(), Sr[:7], rtol=1e-8)
+    assert rel((U * S).numpy() @ Vh.numpy(), (Ur[:, :7] * Sr[:7]) @ Vr[:7]) < 1e-8

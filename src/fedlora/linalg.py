@@ -23,36 +23,48 @@ from fedlora.contract import FedLoraError, LoraFactors
 F64 = torch.float64
 
 
-def orthonormalize(X: Tensor, max_cond: float = 1e6) -> tuple[Tensor, Tensor]:
-    """Thin QR of a tall float64 matrix X = Q R.
+def gram_r(X: Tensor, max_cond: float = 1e4) -> Tensor | None:
+    """R of the thin QR of a tall float64 X (X = Q R) from the Cholesky factor of X^T X, or
+    None when X is too ill-conditioned for the Gram matrix to be accurate.
 
-    CholeskyQR2 (two Cholesky passes on the Gram matrix: BLAS-3 products, several times faster
-    than Householder on 2 cores) when X is well enough conditioned for it to be as accurate
-    (condition estimated from the first Cholesky factor below `max_cond`, far inside its 1e8
-    stability limit in float64); Householder QR otherwise (rank-deficient or ill-conditioned
-    stacks, e.g. clients that all started from the same global factors).
+    One BLAS-3 product instead of a Householder factorisation (several times faster on 2
+    cores). Its error grows like eps * cond(X)^2, so it is used only while the condition
+    estimate from R's diagonal stays below `max_cond` (error below ~1e-8 in float64);
+    rank-deficient or ill-conditioned stacks (e.g. clients that all started from the same
+    global factors) return None and take the Householder path.
     """
     if X.shape[1] == 0 or X.shape[0] < X.shape[1]:
-        return torch.linalg.qr(X)
-    R1, info = torch.linalg.cholesky_ex(X.T @ X, upper=True)
-    d = R1.diagonal().abs() if info == 0 else None
-    if d is None or d.min() <= 0 or d.max() / d.min() > max_cond:
-        return torch.linalg.qr(X)
-    Q1 = torch.linalg.solve_triangular(R1, X, upper=True, left=False)
-    R2 = torch.linalg.cholesky(Q1.T @ Q1, upper=True)
-    return torch.linalg.solve_triangular(R2, Q1, upper=True, left=False), R2 @ R1
+        return None
+    R, info = torch.linalg.cholesky_ex(X.T @ X, upper=True)
+    if info != 0:
+        return None
+    d = R.diagonal().abs()
+    if d.min() <= 0 or d.max() / d.min() > max_cond:
+        return None
+    return R
 
 
-def factored_svd(G: Tensor, H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def factored_svd(G: Tensor, H: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of ``G @ H`` from its factors G (m, R), H (R, n), in float64.
 
-    Returns U (m, p), S (p,), Vh (p, n) with p = min(m, n, R), S descending.
+    Returns the top k (default all p = min(m, n, R)) triplets: U (m, k), S (k,), Vh (k, n),
+    S descending. With G = Q_g R_g and H^T = Q_h R_h, the SVD of the small core
+    R_g R_h^T = U_c S V_c^T gives U = G R_g^{-1} U_c and Vh = (R_h^{-1} V_c)^T H, so only the k
+    wanted columns are ever rotated back.
     """
     G, H = G.to(F64), H.to(F64)
-    Qg, Rg = orthonormalize(G)  # (m, min(m,R)), (min(m,R), R)
-    Qh, Rh = orthonormalize(H.T)  # (n, min(n,R)), (min(n,R), R)
+    Rg, Rh = gram_r(G), gram_r(H.T)
+    if Rg is None or Rh is None:  # Householder QR: stable for any conditioning
+        Qg, Rg = torch.linalg.qr(G)
+        Qh, Rh = torch.linalg.qr(H.T)
+        Uc, S, Vhc = torch.linalg.svd(Rg @ Rh.T, full_matrices=False)
+        k = S.numel() if k is None else min(k, S.numel())
+        return Qg @ Uc[:, :k], S[:k], Vhc[:k] @ Qh.T
     Uc, S, Vhc = torch.linalg.svd(Rg @ Rh.T, full_matrices=False)
-    return Qg @ Uc, S, Vhc @ Qh.T
+    k = S.numel() if k is None else min(k, S.numel())
+    U = G @ torch.linalg.solve_triangular(Rg, Uc[:, :k], upper=True)
+    Vh = torch.linalg.solve_triangular(Rh, Vhc[:k].T, upper=True).T @ H
+    return U, S[:k], Vh
 
 
 def top_svd(
@@ -160,8 +172,7 @@ class LowRankSum:
                 torch.zeros(0, dtype=F64),
                 torch.zeros(0, d_in, dtype=F64),
             )
-        U, S, Vh = factored_svd(torch.cat(self.G, 1), torch.cat(self.H, 0))
-        return (U, S, Vh) if k is None else (U[:, :k], S[:k], Vh[:k])
+        return factored_svd(torch.cat(self.G, 1), torch.cat(self.H, 0), k)
 
     def factors(self, rtol: float = 1e-12) -> LoraFactors:
         """The sum, exactly, as compact factors (scale 1): B = U S, A = Vh over the singular
