@@ -3,12 +3,13 @@
     python benchmarks/scale.py                      # 100 and 1,000 clients, 5% per round
     python benchmarks/scale.py --clients 100 1000 5000 --strategies flexlora flora hetlora
 
-Each client trains 1 local step on a tiny random Llama, so the numbers are the server's: the
-peak of traced Python allocations during aggregation (tracemalloc), the size of the
-strategy's state (tensors and per-client bookkeeping, pickled), the process RSS after the last
-round, and the mean round time. With a fixed fraction sampled per round the per-round work
-grows with the sampled count; what must not grow with the total client count is the state the
-server keeps between rounds.
+Each client trains 1 local step on a tiny random Llama, so the numbers are the server's:
+the peak of traced Python allocations during the round's streamed aggregation (tracemalloc;
+clients train inside that stream, one at a time, so their Python-side work counts too), the
+size of the strategy's state (tensors and per-client bookkeeping, pickled), the process RSS
+after the last round, and the mean round time. With a fixed fraction sampled per round the
+per-round work grows with the sampled count; what must not grow with the total client count
+is the state the server keeps between rounds.
 """
 
 from __future__ import annotations

@@ -297,7 +297,8 @@ def run_experiment(
 
     ``on_update(round, spec, update)`` sees every client update before aggregation;
     ``on_round_end(round, result)`` runs after each round's checkpoint (raise `RunStopped` to
-    stop there). ``profile_memory`` records the aggregation's peak traced Python allocations
+    stop there). ``profile_memory`` records the peak traced Python allocations of the round's
+    streamed aggregation (clients train inside the stream, one at a time)
     (``mem_aggregate_peak_bytes``) and the process RSS (``mem_rss_mb``) in each round row.
     """
     log = log or LOG
