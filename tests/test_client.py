@@ -8,32 +8,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from tiny_models import llama_host
+from transformers import BertConfig, BertForSequenceClassification
 
 from fedlora.client import TrainConfig, train_client
 from fedlora.contract import BOTH, ClientSpec, FedLoraError, LoraFactors, Payload
 from fedlora.models import LoraHost, default_target_modules
 from fedlora.strategies import get
 from fedlora.strategies.hetlora import self_pruning_penalty
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg)
-
-
-def llama_host() -> LoraHost:
-    model = tiny_llama()
-    return LoraHost(model, default_target_modules(model))
 
 
 def lm_examples(n: int = 8, seed: int = 0) -> list[dict]:

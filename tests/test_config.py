@@ -26,7 +26,7 @@ def test_presets_load_and_validate():
 def test_demo_is_small_and_heterogeneous():
     cfg = C.load_preset("demo")
     assert cfg.model.name == "smollm2" and cfg.heterogeneous()
-    assert cfg.rounds <= 3 and cfg.data.num_clients <= 10 and cfg.sampled_per_round() <= 4
+    assert cfg.rounds <= 5 and cfg.data.num_clients <= 10 and cfg.sampled_per_round() <= 4
     assert cfg.data.partition == "natural"
 
 

@@ -9,51 +9,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from tiny_models import llama_host, tiny_bert, tiny_llama
 from transformers import (
     AutoModelForCausalLM,
-    BertConfig,
-    BertForSequenceClassification,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 from fedlora.contract import ClientSpec, FedLoraError, LoraFactors, Payload, init_lora
 from fedlora.models import LoraHost, builtin_model_path, default_target_modules, load_model
 
 LLAMA_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=100,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-    )
-    return BertForSequenceClassification(cfg).eval()
-
-
-def llama_host(**kw) -> LoraHost:
-    model = tiny_llama()
-    return LoraHost(model, default_target_modules(model), **kw)
 
 
 def mixed_ranks(host: LoraHost, attn: int = 3, mlp: int = 20) -> dict[str, int]:

@@ -39,14 +39,6 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10 with tomli install
 PRESET_DIR = Path(__file__).parent / "presets"
 
 PARTITIONS = ("natural", "dirichlet", "pathological", "iid")
-DISTRIBUTIONS = (
-    "uniform",
-    "heavy_tail_light",
-    "heavy_tail_strong",
-    "normal",
-    "homogeneous",
-    "custom",
-)
 METRICS = ("loss", "perplexity", "rouge_l", "accuracy", "f1")
 DEFAULT_METRICS = ("loss", "rouge_l", "accuracy", "f1")
 TINY_MODELS = ("tiny-llama", "tiny-bert")

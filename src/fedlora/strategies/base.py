@@ -7,6 +7,8 @@ different alphas or ranks combine on their effective deltas ``G @ A``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
@@ -16,8 +18,10 @@ from fedlora.contract import (
     ClientUpdate,
     FedLoraError,
     LoraFactors,
+    Strategy,
     init_lora_A,
 )
+from fedlora.linalg import LowRankSum
 
 F64 = torch.float64
 
@@ -84,3 +88,24 @@ def homogeneous_ranks(updates: list[ClientUpdate], strategy: str, server_round: 
 def factored(A: dict[str, Tensor], G: dict[str, Tensor]) -> Adapter:
     """Global delta ``G @ A`` per module as scale-1 factors."""
     return {m: LoraFactors(A[m].clone(), G[m].clone(), 1.0) for m in A}
+
+
+def streamed_sums(
+    strategy: Strategy,
+    server_round: int,
+    updates: Iterable[ClientUpdate],
+    dense_rank: int | None = None,
+) -> dict[str, LowRankSum]:
+    """Per module, ``sum_k p_k scale_k B_k A_k`` over the round's updates, streamed: each
+    update is validated, folded into the accumulators and dropped, so memory is bounded by the
+    stacked factors (or one dense matrix per module), not by the number of clients. The raw
+    weights are normalised once the stream ends."""
+    sums: dict[str, LowRankSum] = {}
+    total = 0.0
+    for u in strategy.iter_checked(server_round, updates):
+        w = strategy.raw_weight(u)
+        total += w
+        for module, f in u.adapter.items():
+            acc = sums.setdefault(module, LowRankSum(f.shape, dense_rank=dense_rank))
+            acc.add(f.scaled_B(), f.A, w)
+    return {m: acc.scale_(1.0 / total) for m, acc in sums.items()}

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from fedlora.contract import Adapter, ClientSpec, ClientUpdate, Payload, Strategy
 from fedlora.linalg import LowRankSum, rank_r_factors
 from fedlora.strategies import register
+from fedlora.strategies.base import streamed_sums
 
 
 @register
@@ -55,17 +56,7 @@ class FlexLoRA(Strategy):
         return self.expect(client, Payload(None, adapter, seed=self.seed))
 
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
-        # streams: each update is folded into per-module accumulators and dropped, so memory is
-        # bounded by the stacked factors (or one dense matrix), not by the number of clients
-        sums: dict[str, LowRankSum] = {}
-        total = 0.0
-        for u in self.iter_checked(server_round, updates):
-            w = self.raw_weight(u)
-            total += w
-            for module, f in u.adapter.items():
-                acc = sums.setdefault(module, LowRankSum(f.shape, dense_rank=self.dense_rank))
-                acc.add(f.scaled_B(), f.A, w)
-        self.sums = {m: acc.scale_(1.0 / total) for m, acc in sums.items()}
+        self.sums = streamed_sums(self, server_round, updates, self.dense_rank)
         self._svd = {}
 
     def global_delta(self) -> Adapter:

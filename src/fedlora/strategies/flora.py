@@ -24,8 +24,8 @@ from fedlora.contract import (
     Strategy,
     module_seed,
 )
-from fedlora.linalg import LowRankSum
 from fedlora.strategies import register
+from fedlora.strategies.base import streamed_sums
 
 
 @register
@@ -46,17 +46,8 @@ class FLoRA(Strategy):
         return self.expect(client, Payload(merge, None, seed=seed))
 
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
-        # streams over the round's updates (see FlexLoRA); the previous total joins at the end
-        sums: dict[str, LowRankSum] = {}
-        total = 0.0
-        for u in self.iter_checked(server_round, updates):
-            w = self.raw_weight(u)
-            total += w
-            for module, f in u.adapter.items():
-                acc = sums.setdefault(module, LowRankSum(f.shape, dense_rank=self.dense_rank))
-                acc.add(f.scaled_B(), f.A, w)
-        for module, acc in sums.items():
-            acc.scale_(1.0 / total)
+        # the round's exact sum (streamed), then the previous total joins it
+        for module, acc in streamed_sums(self, server_round, updates, self.dense_rank).items():
             if module in self.total:
                 acc.add(self.total[module].scaled_B(), self.total[module].A)
             self.total[module] = acc.factors()
