@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from fedlora.contract import ClientSpec, ClientUpdate
+from fedlora.contract import ClientSpec, ClientUpdate, LoraFactors
 from fedlora.strategies import register
 from fedlora.strategies.zero_pad import ZeroPad
 
@@ -61,10 +61,7 @@ class HetLoRA(ZeroPad):
 
     def aggregation_weights(self, updates: list[ClientUpdate]) -> list[float]:
         base = self.weights(updates)
-        norms = [
-            math.sqrt(sum(float(f.delta().square().sum()) for f in u.adapter.values()))
-            for u in updates
-        ]
+        norms = [math.sqrt(sum(delta_sq_norm(f) for f in u.adapter.values())) for u in updates]
         raw = [b * s for b, s in zip(base, norms)]
         total = sum(raw)
         if total == 0:  # all deltas zero: the sparsity weights are undefined, keep the base ones
@@ -80,6 +77,13 @@ class HetLoRA(ZeroPad):
             if "hetlora_tail_norms" in u.extras:
                 self.tail_norms[u.client_id] = dict(u.extras["hetlora_tail_norms"])
         super().aggregate(server_round, updates)
+
+
+def delta_sq_norm(f: LoraFactors) -> float:
+    """``||scale * B A||_F^2`` from the factors: ``scale^2 trace((B^T B)(A A^T))``, r x r work
+    instead of a d_out x d_in product."""
+    A, B = f.A.double(), f.B.double()
+    return float(f.scale**2 * ((B.T @ B) * (A @ A.T)).sum())
 
 
 def self_pruning_penalty(A: Tensor, B: Tensor, gamma: float, scale: float = 1.0) -> Tensor:
