@@ -1,6 +1,8 @@
 """A real Flower deployment on 127.0.0.1: one SuperLink, two SuperNodes with different ranks
 (declared with --node-config), `flwr run flower_app` with the app's default experiment (the
-``tiny`` preset: tiny random Llama) for 2 rounds, 2 clients per round; insecure and with TLS.
+``tiny`` preset: tiny random Llama) for 2 rounds, 2 clients per round; insecure, with TLS,
+and with TLS plus SuperNode authentication (two registered SuperNode keys, a third SuperNode
+with an unregistered key that the SuperLink must refuse).
 
 Every process is started in its own session and stopped by its PID (process group) in a
 finally block, also on failure.
@@ -16,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,13 +96,54 @@ def _make_certs(d: Path) -> None:
     write_key(key, "server.key")
 
 
+def _make_node_keys(d: Path, names: list[str]) -> None:
+    """ECDSA P-384 key pairs in OpenSSH format (what `flower-supernode
+    --auth-supernode-private-key` and `flwr supernode register` read), like
+    `ssh-keygen -t ecdsa -b 384 -N "" -f <name>`: <name> (private) and <name>.pub."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    for name in names:
+        key = ec.generate_private_key(ec.SECP384R1())
+        (d / name).write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            )
+        )
+        (d / f"{name}.pub").write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+            )
+        )
+
+
+def _register(env: dict, pub: Path, deadline_s: float = 30.0) -> int:
+    """`flwr supernode register <pub> test`, retried until the SuperLink answers."""
+    t0 = time.monotonic()
+    while True:
+        r = subprocess.run(
+            [_exe("flwr"), "supernode", "register", str(pub), "test", "--format", "json"],
+            env=env, capture_output=True, text=True, timeout=60, start_new_session=True,
+        )  # fmt: skip
+        try:  # with --format json, flwr exits 0 also on failure: read "success"
+            reply = json.loads(r.stdout)
+        except ValueError:
+            reply = {}
+        if r.returncode == 0 and reply.get("success"):
+            return int(reply["node-id"])
+        if time.monotonic() - t0 > deadline_s:
+            raise AssertionError(f"flwr supernode register failed:\n{r.stdout}{r.stderr}")
+        time.sleep(1.0)
+
+
 def _stop(procs: list[subprocess.Popen]) -> None:
     for p in reversed(procs):
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)  # the group of a process this test started
-            except ProcessLookupError:
-                pass
+        try:  # the group of a process this test started (also if its leader has exited: a
+            os.killpg(p.pid, signal.SIGTERM)  # refused SuperNode's children may be left)
+        except ProcessLookupError:
+            pass
     for p in reversed(procs):
         try:
             p.wait(timeout=15)
@@ -108,7 +152,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait(timeout=5)
 
 
-def _run_federation(tmp_path: Path, tls: bool) -> dict:
+def _run_federation(tmp_path: Path, tls: bool, auth: bool = False) -> dict:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(tmp_path / "home")}
     (tmp_path / "home").mkdir()
     port = _free_port()
@@ -126,6 +170,11 @@ def _run_federation(tmp_path: Path, tls: bool) -> dict:
         ]  # fmt: skip
         node_tls = ["--root-certificates", str(certs / "ca.crt")]
         conn = f'root-certificates = "{certs / "ca.crt"}"'
+    keys = tmp_path / "keys"
+    if auth:  # SuperNode authentication needs TLS (the SuperLink refuses it with --insecure)
+        keys.mkdir()
+        _make_node_keys(keys, ["supernode0", "supernode1", "intruder"])
+        link_args = [*link_args, "--enable-supernode-auth"]
     (tmp_path / "home" / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n{conn}\n'
     )
@@ -148,12 +197,20 @@ def _run_federation(tmp_path: Path, tls: bool) -> dict:
             [_exe("flower-superlink"), *link_args, "--disable-runtime-dependency-installation",
              "--host", "127.0.0.1", "--port", str(port)],
         )  # fmt: skip
-        for i, rank in enumerate((2, 8)):
+        nodes = [("supernode0", "partition-id=0 rank=2"), ("supernode1", "partition-id=1 rank=8")]
+        if auth:
+            # register the two nodes' public keys with the SuperLink (Control API, TLS);
+            # the intruder's key is never registered
+            registered = {_register(env, keys / f"{name}.pub") for name, _ in nodes}
+            nodes.append(("intruder", "partition-id=2 rank=4"))
+        for name, node_config in nodes:
+            node_auth = ["--auth-supernode-private-key", str(keys / name)] if auth else []
             start(
-                f"supernode{i}",
-                [_exe("flower-supernode"), *node_tls, "--superlink", f"127.0.0.1:{port}",
+                name,
+                [_exe("flower-supernode"), *node_tls, *node_auth,
+                 "--superlink", f"127.0.0.1:{port}",
                  "--host", "127.0.0.1", "--port", str(_free_port()),
-                 "--node-config", f"partition-id={i} rank={rank}"],
+                 "--node-config", node_config],
             )  # fmt: skip
         run = subprocess.run(
             [_exe("flwr"), "run", str(APP), "test", "--stream",
@@ -165,7 +222,11 @@ def _run_federation(tmp_path: Path, tls: bool) -> dict:
         assert run.returncode == 0, out[-4000:]
         assert (result_dir / "result.json").exists(), out[-4000:]
         assert (result_dir / "global_delta.pt").exists() and (result_dir / "config.toml").exists()
-        return json.loads((result_dir / "result.json").read_text())
+        result = json.loads((result_dir / "result.json").read_text())
+        if auth:
+            listed = _check_intruder_refused(env, tmp_path, keys / "intruder.pub", procs[-1])
+            assert listed == registered and {int(n) for n in result["nodes"]} == registered
+        return result
     except BaseException:
         for name, log in logs:
             log.flush()
@@ -175,6 +236,35 @@ def _run_federation(tmp_path: Path, tls: bool) -> dict:
         _stop(procs)
         for _, log in logs:
             log.close()
+
+
+def _check_intruder_refused(
+    env: dict, tmp_path: Path, intruder_pub: Path, intruder: subprocess.Popen
+) -> set[int]:
+    """The SuperNode with the unregistered key was refused at activation and exited; returns
+    the node ids the SuperLink knows (`flwr supernode list`)."""
+    from cryptography.hazmat.primitives import serialization
+
+    rc = intruder.wait(timeout=30)
+    log = (tmp_path / "intruder.log").read_text()
+    assert rc != 0 and "Failed to initialize the connection to the SuperLink" in log, log
+    assert "[code: 2004] Failed to activate SuperNode" in log, log  # ApiError 2004: refused
+    # the SuperLink log names the refused key (its PEM, SubjectPublicKeyInfo)
+    pem = (
+        serialization.load_ssh_public_key(intruder_pub.read_bytes())
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    link_log = (tmp_path / "superlink.log").read_text()
+    refused = [ln for ln in link_log.splitlines() if pem.splitlines()[1] in ln]
+    assert refused and all("No SuperNode found with the given public key" in ln for ln in refused)
+    r = subprocess.run(
+        [_exe("flwr"), "supernode", "list", "test", "--format", "json"],
+        env=env, capture_output=True, text=True, timeout=60, start_new_session=True,
+    )  # fmt: skip
+    listed = json.loads(r.stdout)
+    assert r.returncode == 0 and listed["success"], r.stdout + r.stderr
+    return {int(n["node-id"]) for n in listed["nodes"]}
 
 
 def _check(result: dict) -> None:
@@ -199,3 +289,9 @@ def test_superlink_two_supernodes_insecure(tmp_path):
 def test_superlink_two_supernodes_tls(tmp_path):
     pytest.importorskip("cryptography")
     _check(_run_federation(tmp_path, tls=True))
+
+
+def test_superlink_two_supernodes_tls_supernode_auth(tmp_path):
+    pytest.importorskip("cryptography")
+    result = _run_federation(tmp_path, tls=True, auth=True)
+    _check(result)  # both registered nodes trained in both rounds, the intruder in none
