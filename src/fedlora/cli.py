@@ -17,6 +17,7 @@ import re
 import sys
 import time
 import typing
+import warnings
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a deprecation notice raised inside peft on every adapter switch; it says nothing to users
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
     args = build_parser().parse_args(argv)
     _logging(args)
     try:
