@@ -81,6 +81,20 @@ def test_resume_refuses_a_different_config(tmp_path):
     assert [r["round"] for r in done.round_rows()] == [1, 2]
 
 
+def test_resume_with_more_rounds_extends_a_finished_run(tmp_path):
+    cfg = cfg_for(tmp_path / "run", "flora", rounds=2)
+    first = run_experiment(cfg, progress=False, save_final=False)
+    more = run_experiment(
+        cfg_for(tmp_path / "run", "flora", rounds=3), resume=True, progress=False, save_final=False
+    )
+    assert [r["round"] for r in more.round_rows()] == [1, 2, 3]
+    assert [deterministic(r) for r in more.rows[: len(first.rows)]] == [
+        deterministic(r) for r in first.rows
+    ]
+    with pytest.raises(ConfigError, match=r"rounds = 1: the checkpoint .* is already at round 3"):
+        run_experiment(cfg_for(tmp_path / "run", "flora", rounds=1), resume=True, progress=False)
+
+
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
     cfg = cfg_for(tmp_path / "run", "flora", rounds=1)
     out = run_experiment(cfg, resume=True, progress=False, save_final=False)

@@ -309,7 +309,13 @@ def run_experiment(
         log.info("no checkpoint in %s: starting from round 1", run_dir)
     if state is not None:
         saved = from_dict(state["config"])
-        changed = diff(saved, cfg)
+        # `rounds` may grow: resuming a finished run with more rounds extends it
+        changed = diff(saved, cfg, ignore=("output_dir", "threads", "rounds"))
+        if cfg.rounds < int(state["round"]):
+            raise ConfigError(
+                f"rounds = {cfg.rounds}: the checkpoint in {run_dir} is already at round "
+                f"{state['round']}; resume with rounds >= {state['round']} or use a new output_dir"
+            )
         if changed:
             raise ConfigError(
                 f"cannot resume {run_dir}: the configuration differs from the checkpointed "
