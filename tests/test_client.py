@@ -8,8 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from tiny_models import llama_host
-from transformers import BertConfig, BertForSequenceClassification
+from tiny_models import llama_host, tiny_bert
 
 from fedlora.client import TrainConfig, train_client
 from fedlora.contract import BOTH, ClientSpec, FedLoraError, LoraFactors, Payload
@@ -143,19 +142,7 @@ def test_b_lr_multiplier_moves_b_further():
 
 
 def test_sequence_classification():
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=100,
-        max_position_embeddings=64,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    model = BertForSequenceClassification(cfg)
+    model = tiny_bert(0, 2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     host = LoraHost(model, default_target_modules(model) + ["classifier"])
     g = torch.Generator().manual_seed(0)
     data = []

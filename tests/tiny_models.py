@@ -22,7 +22,8 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
+def tiny_bert(seed: int = 0, num_labels: int = 3, **config) -> BertForSequenceClassification:
+    """A tiny BERT classifier; `config` overrides BertConfig fields (e.g. dropouts)."""
     torch.manual_seed(seed)
     cfg = BertConfig(
         hidden_size=32,
@@ -32,6 +33,7 @@ def tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassificati
         vocab_size=100,
         max_position_embeddings=64,
         num_labels=num_labels,
+        **config,
     )
     return BertForSequenceClassification(cfg).eval()
 

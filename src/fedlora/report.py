@@ -207,7 +207,7 @@ def plot_run(run: dict[str, Any], out_dir: str | Path | None = None) -> list[Pat
 
 def _plot_partition(plt, part: dict[str, Any], path: Path) -> Path:
     """Stacked bars: examples per client, split by label/task."""
-    hist = part.get("histogram") or part.get("histograms") or []
+    hist = part["histograms"]
     clients = list(range(len(hist)))
     keys = sorted({k for h in hist for k in h}) if hist and isinstance(hist[0], dict) else []
     fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(clients) + 2), 3.8))
