@@ -15,6 +15,10 @@ implements the client sides of the strategies:
 Training is deterministic for a fixed seed: shuffling uses a `torch.Generator` and dropout the
 global RNG inside `torch.random.fork_rng`, both seeded from (``cfg.seed``, client id, round);
 the caller's global RNG state is left untouched. Global thread settings are not changed.
+
+The step loop (micro-batches, gradient accumulation, autocast, clipping, learning-rate
+schedule) is `fedlora.local_steps`; device and precision policy is `fedlora.device`. Batches
+and the active factors live on the host's device; the returned update is CPU float32.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from fedlora.contract import (
     module_seed,
 )
 from fedlora.data import collate, encode_example
-from fedlora.models import LoraHost
+from fedlora.device import DEVICE_PATTERN, PRECISIONS, Amp, resolve_device, resolve_precision
+from fedlora.host import LoraHost
+from fedlora.local_steps import SCHEDULERS, gradient_checkpointing, lr_factor, run_steps
 from fedlora.strategies.hetlora import pruned_rank, self_pruning_penalty
 from fedlora.strategies.lora_a2 import masked_upload, select_slots
 
@@ -51,6 +57,14 @@ class TrainConfig:
     set (then ``local_steps`` is ignored). ``b_lr_multiplier`` scales B's learning rate
     (LoRA+ / LoRA-A2 style). ``grad_clip`` is the max global gradient norm (None or 0: off).
     ``max_length`` truncates pre-tokenized examples and is used when tokenizing raw ones.
+
+    ``device``: must be the host's (``"auto"``: wherever the host's model lives; an explicit
+    device names where `fedlora.models.load_model` should have put it). ``precision``: autocast
+    of the forward passes, ``"fp32"`` | ``"bf16"`` | ``"fp16"`` | ``"auto"`` (bf16 where the
+    device computes it natively, see `fedlora.device`); the LoRA factors and AdamW state stay
+    float32. ``grad_accum_steps`` micro-batches of ``batch_size`` make one optimizer step.
+    ``lr_scheduler`` (``"constant"`` | ``"linear"`` | ``"cosine"``) after ``warmup_steps``
+    runs over one client's local steps of one round (clients are stateless between rounds).
     """
 
     local_steps: int = 10
@@ -62,6 +76,12 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     max_length: int = 256
     seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    grad_accum_steps: int = 1
+    gradient_checkpointing: bool = False
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> FedLoraError:
@@ -73,7 +93,7 @@ class TrainConfig:
         def is_num(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        for name in ("local_steps", "batch_size", "max_length"):
+        for name in ("local_steps", "batch_size", "max_length", "grad_accum_steps"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise bad(name, "an integer >= 1")
         if self.epochs is not None and (not is_int(self.epochs) or self.epochs < 1):
@@ -88,6 +108,16 @@ class TrainConfig:
             raise bad("grad_clip", "None or a finite number >= 0")
         if not is_int(self.seed):
             raise bad("seed", "an integer")
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.match(self.device):
+            raise bad("device", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"one of {PRECISIONS}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise bad("gradient_checkpointing", "a bool")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise bad("lr_scheduler", f"one of {SCHEDULERS}")
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
+            raise bad("warmup_steps", "an integer >= 0")
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> TrainConfig:
@@ -134,8 +164,9 @@ def _features(
 
 
 def _batches(n: int, cfg: TrainConfig, gen: torch.Generator) -> Iterator[list[int]]:
-    """Index batches: ``epochs`` full shuffled passes, else ``local_steps`` batches drawn from
-    consecutive shuffled passes (a batch may span two passes)."""
+    """Index micro-batches: ``epochs`` full shuffled passes, else ``local_steps *
+    grad_accum_steps`` micro-batches drawn from consecutive shuffled passes (a micro-batch may
+    span two passes)."""
     bs = min(cfg.batch_size, n)
     if cfg.epochs is not None:
         for _ in range(cfg.epochs):
@@ -144,11 +175,16 @@ def _batches(n: int, cfg: TrainConfig, gen: torch.Generator) -> Iterator[list[in
                 yield perm[i : i + bs]
         return
     stream: list[int] = []
-    for _ in range(cfg.local_steps):
+    for _ in range(cfg.local_steps * cfg.grad_accum_steps):
         while len(stream) < bs:
             stream += torch.randperm(n, generator=gen).tolist()
         yield stream[:bs]
         stream = stream[bs:]
+
+
+def _steps(micro: list[list[int]], k: int) -> list[list[list[int]]]:
+    """Micro-batches grouped ``k`` per optimizer step (the last step may have fewer)."""
+    return [micro[i : i + k] for i in range(0, len(micro), k)]
 
 
 def _pad_id(tokenizer: Any, model: torch.nn.Module) -> int:
@@ -163,6 +199,40 @@ def _pad_id(tokenizer: Any, model: torch.nn.Module) -> int:
 
 
 # -- training ----------------------------------------------------------------------------------
+
+
+def _client_device(host: LoraHost, cfg: TrainConfig, who: str) -> torch.device:
+    """The host's device; an explicit ``cfg.device`` must be it (models are placed at load)."""
+    device = host.device
+    if cfg.device != "auto":
+        wanted = resolve_device(cfg.device, "TrainConfig.device")
+        same = wanted.type == device.type and (wanted.index or 0) == (device.index or 0)
+        if not same:
+            raise FedLoraError(
+                f"{who}: TrainConfig.device = {cfg.device!r} but the host's model is on "
+                f"{device}; load it there (fedlora.models.load_model(..., device=...))"
+            )
+    return device
+
+
+def _optimizer(host: LoraHost, cfg: TrainConfig, who: str, payload: Payload):
+    """AdamW over the active adapter's trainable factors (B at ``lr * b_lr_multiplier``)."""
+    a_params, b_params = host.trainable_parameters()
+    if not a_params and not b_params:
+        raise FedLoraError(f"{who}: nothing to train (trainable={sorted(payload.trainable)})")
+    groups = []
+    if a_params:
+        groups.append({"params": a_params, "lr": cfg.lr})
+    if b_params:
+        groups.append({"params": b_params, "lr": cfg.lr * cfg.b_lr_multiplier})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, a_params + b_params
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def train_client(
@@ -193,57 +263,66 @@ def train_client(
     budget = payload.extras.get("budget")
     het = payload.extras.get("hetlora")
 
+    device = _client_device(host, cfg, who)
     model = host.prepare(spec, payload)
     before = host.read_adapter() if budget is not None else None
-    a_params, b_params = host.trainable_parameters()
-    if not a_params and not b_params:
-        raise FedLoraError(f"{who}: nothing to train (trainable={sorted(payload.trainable)})")
-    groups = []
-    if a_params:
-        groups.append({"params": a_params, "lr": cfg.lr})
-    if b_params:
-        groups.append({"params": b_params, "lr": cfg.lr * cfg.b_lr_multiplier})
-    params = a_params + b_params
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt, params = _optimizer(host, cfg, who, payload)
     pad_id = _pad_id(tokenizer, model)
     lam = float(het.get("lambda", 0.0)) if het else 0.0
     gamma = float(het.get("gamma", 1.0)) if het else 1.0
     lora = host.lora_weights() if lam > 0 else {}
 
+    def penalty() -> torch.Tensor:
+        return sum(self_pruning_penalty(a, b, gamma, s) for a, b, s in lora.values())
+
     seed = module_seed(cfg.seed, f"client/{spec.client_id}", server_round)
-    losses: list[float] = []
-    penalties: list[float] = []
     was_training = model.training
-    with torch.random.fork_rng(devices=[]):
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
+        steps = _steps(list(_batches(len(data), cfg, gen)), cfg.grad_accum_steps)
+        batches = (  # collated and moved to the device one step at a time
+            [_to(collate([data[i] for i in idx], pad_id), device) for idx in micro]
+            for micro in steps
+        )
         model.train()
         try:
-            for idx in _batches(len(data), cfg, gen):
-                batch = collate([data[i] for i in idx], pad_id)
-                out = model(**batch)
-                loss = out.loss
-                total = loss
-                if lora:
-                    pen = sum(self_pruning_penalty(a, b, gamma, s) for a, b, s in lora.values())
-                    total = loss + lam * pen
-                    penalties.append(float(pen.detach()))
-                if not torch.isfinite(total):
-                    raise FedLoraError(
-                        f"{who}: loss became {float(total)} at step {len(losses) + 1}; "
-                        "lower TrainConfig.lr"
-                    )
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                losses.append(float(loss.detach()))
+            with gradient_checkpointing(model, cfg.gradient_checkpointing, who):
+                losses, penalties = run_steps(
+                    model,
+                    batches,
+                    opt,
+                    params,
+                    amp=Amp(device, resolve_precision(cfg.precision, device)),
+                    grad_clip=cfg.grad_clip,
+                    schedule=lambda s: lr_factor(s, len(steps), cfg.lr_scheduler, cfg.warmup_steps),
+                    penalty=penalty if lora else None,
+                    penalty_weight=lam,
+                    who=who,
+                )
         finally:
             model.train(was_training)
             opt.zero_grad(set_to_none=True)
 
-    after = host.read_adapter()
+    adapter, extras = _client_side(payload, before, host.read_adapter(), gamma, penalties)
+    extras.update(
+        train_loss=sum(losses) / len(losses),
+        first_loss=losses[0],
+        last_loss=losses[-1],
+        steps=float(len(losses)),
+        train_seconds=time.perf_counter() - t0,
+    )
+    return ClientUpdate(spec.client_id, adapter, len(data), extras)
+
+
+def _client_side(
+    payload: Payload, before: Any, after: dict[str, LoraFactors], gamma: float, penalties
+) -> tuple[dict[str, LoraFactors], dict[str, Any]]:
+    """The strategies' client-side post-processing of the trained adapter: LoRA-A2's slot
+    selection (``extras["budget"]``), HetLoRA's self-pruning (``extras["hetlora"]``)."""
+    budget = payload.extras.get("budget")
+    het = payload.extras.get("hetlora")
     adapter = after
     extras: dict[str, Any] = {}
     if budget is not None:
@@ -265,11 +344,4 @@ def train_client(
         extras["hetlora_tail_norms"] = tails
         if penalties:
             extras["hetlora_penalty"] = sum(penalties) / len(penalties)
-    extras.update(
-        train_loss=sum(losses) / len(losses),
-        first_loss=losses[0],
-        last_loss=losses[-1],
-        steps=float(len(losses)),
-        train_seconds=time.perf_counter() - t0,
-    )
-    return ClientUpdate(spec.client_id, adapter, len(data), extras)
+    return adapter, extras

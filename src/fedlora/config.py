@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from fedlora.contract import FedLoraError
+from fedlora.device import DEVICE_PATTERN
 
 try:  # Python >= 3.11
     import tomllib
@@ -65,6 +66,8 @@ class ModelConfig:
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank)
     dropout: float = 0.0  # LoRA dropout during local training
     save_merged: bool = False  # also write the base model with the final delta merged in
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # storage; auto: as precision
+    quantization: Literal["none", "8bit", "4bit"] = "none"  # bitsandbytes; 4bit: NF4, double quant
 
 
 @dataclass
@@ -123,6 +126,12 @@ class TrainSection:
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float | None = 1.0  # clip the gradient norm (None: no clipping)
     max_length: int = 128  # tokens per example (the prompt is truncated first)
+    device: str = "auto"  # "auto" (cuda, else mps, else cpu) | "cpu" | "cuda" | "cuda:N" | "mps"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast; auto: bf16 if native
+    grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # over a client's steps
+    warmup_steps: int = 0  # linear warm-up steps at the start of each client's local training
 
 
 @dataclass
@@ -653,6 +662,24 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
     need(t.b_lr_multiplier > 0, f"train.b_lr_multiplier = {t.b_lr_multiplier}: must be > 0")
     if t.grad_clip is not None:
         need(t.grad_clip >= 0, f"train.grad_clip = {t.grad_clip}: must be >= 0 (or none)")
+    need(
+        bool(DEVICE_PATTERN.match(t.device)),
+        f"train.device = {t.device!r}: choose 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
+    )
+    need(t.grad_accum_steps >= 1, f"train.grad_accum_steps = {t.grad_accum_steps}: must be >= 1")
+    need(t.warmup_steps >= 0, f"train.warmup_steps = {t.warmup_steps}: must be >= 0")
+    if t.epochs is None:
+        need(
+            t.warmup_steps < t.local_steps or t.warmup_steps == 0,
+            f"train.warmup_steps = {t.warmup_steps}: must be below train.local_steps "
+            f"({t.local_steps}), or the schedule never leaves warm-up",
+        )
+    if m.quantization != "none":
+        need(
+            m.name not in TINY_MODELS,
+            f"model.quantization = {m.quantization!r}: {m.name} is built in memory; quantize a "
+            "saved model (model.name = a path or hub id)",
+        )
     # eval
     need(e.every >= 1, f"eval.every = {e.every}: must be >= 1")
     need(e.max_examples >= 1, f"eval.max_examples = {e.max_examples}: must be >= 1")

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fedlora.device import Amp, model_device
+
 METRICS = ("loss", "perplexity", "rouge_l", "accuracy", "f1")
 IGNORE_INDEX = -100
 
@@ -102,13 +104,6 @@ def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
         yield items[i : i + size]
 
 
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
-
-
 def _pad(seqs: Sequence[Sequence[int]], pad: int, left: bool = False):
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), pad, dtype=torch.long)
@@ -178,12 +173,16 @@ def evaluate(
     labels: Mapping[str, Sequence[str]] | None = None,
     label_to_id: Mapping[str, int] | None = None,
     per_task: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """Evaluate `model` on `examples` (see the module docstring).
 
     ``labels``: task -> label set for constrained generation (default: the labels present in
     `examples` per task). ``label_to_id``: the class ids of an encoder classifier's head
     (default: `fedlora.data.label_mapping` of `examples`). ``kind`` is detected from the model.
+    Batches go to the model's device; forward passes and generation run under the autocast of
+    ``precision`` (as in training, `fedlora.device.Amp`); log-probabilities are summed in
+    float64 (autocast leaves float64 alone).
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -192,15 +191,15 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     examples = list(examples)
     kind = kind or model_kind(model)
+    amp = Amp.of(model, precision)
     was_training = model.training
     model.eval()
     try:
-        if kind == "classifier":
-            rows = _eval_classifier(model, tokenizer, examples, batch_size, max_length, label_to_id)
-        else:
-            rows = _eval_causal(
-                model, tokenizer, examples, metrics, batch_size, max_new_tokens, max_length, labels
-            )
+        with amp.autocast():
+            rows = _evaluate_rows(
+                model, tokenizer, examples, metrics, kind, batch_size, max_new_tokens,
+                max_length, labels, label_to_id,
+            )  # fmt: skip
     finally:
         model.train(was_training)
     out = _summarise(rows, metrics)
@@ -214,6 +213,15 @@ def evaluate(
                 if not k.startswith("n_"):
                     out[f"{task}/{k}"] = v
     return out
+
+
+def _evaluate_rows(model, tokenizer, examples, metrics, kind, batch_size, max_new_tokens,
+                   max_length, labels, label_to_id):  # fmt: skip
+    if kind == "classifier":
+        return _eval_classifier(model, tokenizer, examples, batch_size, max_length, label_to_id)
+    return _eval_causal(
+        model, tokenizer, examples, metrics, batch_size, max_new_tokens, max_length, labels
+    )
 
 
 def _summarise(rows: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, float]:
@@ -248,7 +256,7 @@ def _eval_causal(model, tokenizer, examples, metrics, batch_size, max_new_tokens
     from fedlora.data.examples import Example
     from fedlora.data.prompts import encode_example
 
-    device = _device(model)
+    device = model_device(model)
     pad = _pad_id(tokenizer)
     rows: list[dict[str, Any]] = [{"task": e.task} for e in examples]
     if "loss" in metrics or "perplexity" in metrics:
@@ -272,6 +280,7 @@ def _eval_causal(model, tokenizer, examples, metrics, batch_size, max_new_tokens
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 num_beams=1,
+                use_cache=True,  # the KV cache: each new token attends to cached keys/values
                 pad_token_id=pad,
                 eos_token_id=getattr(tokenizer, "eos_token_id", None),
             )
@@ -309,7 +318,7 @@ def _eval_classifier(model, tokenizer, examples, batch_size, max_length, label_t
     examples = [e for e in examples if e.label is not None]
     label_to_id = dict(label_to_id or label_mapping(examples))
     id_to_label = {i: lab for lab, i in label_to_id.items()}
-    device = _device(model)
+    device = model_device(model)
     pad = _pad_id(tokenizer)
     rows: list[dict[str, Any]] = []
     enc = [encode_classification(tokenizer, e, label_to_id, max_length) for e in examples]

@@ -54,6 +54,7 @@ from fedlora.contract import (
     payload_nbytes,
     update_nbytes,
 )
+from fedlora.device import precision_name
 from fedlora.engine.tiny import TINY_MODELS, build_tiny
 
 LOG = logging.getLogger("fedlora.engine")
@@ -103,14 +104,66 @@ def set_threads(threads: int) -> int:
     return threads
 
 
-def load_base_model(cfg: ExperimentConfig, num_labels: int | None = None):
-    """``(model, tokenizer)`` for ``cfg.model`` (tiny random models included)."""
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a client computes: the resolved ``train.device``, the autocast dtype of
+    ``train.precision`` and the base weights' storage dtype (``model.dtype``)."""
+
+    device: torch.device
+    compute: torch.dtype
+    storage: torch.dtype
+
+
+def placement(cfg: ExperimentConfig) -> Placement:
+    """Resolve ``train.device`` / ``train.precision`` / ``model.dtype``; an unavailable device
+    is a `FedLoraError` naming it, raised before anything is loaded."""
+    from fedlora.device import resolve_device, resolve_dtype, resolve_precision
+
+    device = resolve_device(cfg.train.device)
+    compute = resolve_precision(cfg.train.precision, device)
+    return Placement(device, compute, resolve_dtype(cfg.model.dtype, compute))
+
+
+def load_base_model(cfg: ExperimentConfig, num_labels: int | None = None, where=None):
+    """``(model, tokenizer)`` for ``cfg.model`` (tiny random models included), on the device
+    and in the dtype of `placement` (`where`, resolved here when None)."""
+    where = where or placement(cfg)
     m = cfg.model
     if m.name in TINY_MODELS:
-        return build_tiny(m.name, m.kind, num_labels)
+        model, tok = build_tiny(m.name, m.kind, num_labels)
+        return model.to(where.device, where.storage), tok
     from fedlora.models import load_model
 
-    return load_model(m.name, m.kind, num_labels)
+    return load_model(
+        m.name,
+        m.kind,
+        num_labels,
+        where.storage,
+        device=where.device,
+        quantization=m.quantization,
+        compute_dtype=where.compute,
+    )
+
+
+def build_host(cfg: ExperimentConfig, model):
+    """The `LoraHost` of ``cfg.model`` on `model` (the engine's and the Flower ClientApp's)."""
+    from fedlora.models import LoraHost, default_target_modules
+
+    return LoraHost(
+        model,
+        cfg.model.target_modules or default_target_modules(model),
+        lora_dropout=cfg.model.dropout,
+        rslora=cfg.model.rslora,
+        alpha=cfg.model.alpha,
+    )
+
+
+def train_config(cfg: ExperimentConfig):
+    """The clients' `fedlora.client.TrainConfig`: ``cfg.train`` with the experiment's seed."""
+    from fedlora.client import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in to_dict(cfg.train).items() if k in names}, seed=cfg.seed)
 
 
 def load_data(cfg: ExperimentConfig):
@@ -325,26 +378,18 @@ def run_experiment(
             )
     threads = set_threads(cfg.threads)
     t_setup = time.perf_counter()
+    where = placement(cfg)
 
-    from fedlora.client import TrainConfig
     from fedlora.data import encode_classification, label_mapping
     from fedlora.evaluate import evaluate, task_labels
-    from fedlora.models import LoraHost, default_target_modules
 
     examples = load_data(cfg)
     split = build_split(cfg, examples)
     classifier = cfg.model.kind == "classifier"
     label_to_id = label_mapping(examples) if classifier else None
     labels = task_labels(examples)
-    model, tokenizer = load_base_model(cfg, len(label_to_id) if classifier else None)
-    targets = cfg.model.target_modules or default_target_modules(model)
-    host = LoraHost(
-        model,
-        targets,
-        lora_dropout=cfg.model.dropout,
-        rslora=cfg.model.rslora,
-        alpha=cfg.model.alpha,
-    )
+    model, tokenizer = load_base_model(cfg, len(label_to_id) if classifier else None, where)
+    host = build_host(cfg, model)
     shapes = host.shapes()
     modules = host.module_names()
     specs = client_specs(cfg, modules, shapes, split.train)
@@ -357,10 +402,7 @@ def run_experiment(
             "train; lower clients_per_round"
         )
     sets = eval_sets(cfg, split)
-    tc_fields = {f.name for f in fields(TrainConfig)}
-    train_cfg = TrainConfig(
-        **{k_: v for k_, v in to_dict(cfg.train).items() if k_ in tc_fields}, seed=cfg.seed
-    )
+    train_cfg = train_config(cfg)
     sampler = np.random.default_rng([cfg.seed, 7])
     full_ft = full_ft_nbytes(shapes)
 
@@ -379,10 +421,14 @@ def run_experiment(
     metrics = _Jsonl(run_dir / "metrics.jsonl", rows)
     result = RunResult(run_dir, cfg, rows, {}, strategy, specs)
     log.info(
-        "%s: %s on %s, %d clients (%d train, %d per round), %d modules, %d threads, setup %.1fs",
+        "%s: %s on %s (%s, %s, %s weights), %d clients (%d train, %d per round), %d modules, "
+        "%d threads, setup %.1fs",
         cfg.name,
         cfg.strategy.name,
         cfg.model.name,
+        where.device,
+        precision_name(where.compute),
+        str(where.storage).replace("torch.", ""),
         len(specs),
         len(train_clients),
         k,
@@ -449,6 +495,7 @@ def run_experiment(
                         labels=labels,
                         label_to_id=label_to_id,
                         per_task=cfg.eval.per_task,
+                        precision=cfg.train.precision,
                     )
                     eval_rows.append(
                         {

@@ -23,7 +23,6 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any
 
 from fedlora.config import ConfigError, ExperimentConfig, apply_overrides, load_config, to_dict
@@ -94,43 +93,35 @@ class ExperimentBackend:
     """
 
     def __init__(self, cfg: ExperimentConfig) -> None:
-        from fedlora.client import TrainConfig
         from fedlora.data import label_mapping
         from fedlora.engine.runner import (
+            build_host,
             build_split,
             client_specs,
             load_base_model,
             load_data,
+            placement,
             set_threads,
+            train_config,
         )
-        from fedlora.models import LoraHost, default_target_modules
 
         t0 = time.perf_counter()
         self.cfg = cfg  # only its `backend_key` parts are this backend's: see get_backend
         set_threads(cfg.threads)
+        where = placement(cfg)  # this node's device (train.device "auto": its own GPU)
         self.examples = load_data(cfg)
         self.split = build_split(cfg, self.examples)
         self.classifier = cfg.model.kind == "classifier"
         self.label_to_id = label_mapping(self.examples) if self.classifier else None
         self.model, self.tokenizer = load_base_model(
-            cfg, len(self.label_to_id) if self.label_to_id is not None else None
+            cfg, len(self.label_to_id) if self.label_to_id is not None else None, where
         )
-        targets = cfg.model.target_modules or default_target_modules(self.model)
-        self.host = LoraHost(
-            self.model,
-            targets,
-            lora_dropout=cfg.model.dropout,
-            rslora=cfg.model.rslora,
-            alpha=cfg.model.alpha,
-        )
+        self.host = build_host(cfg, self.model)
         self._shapes = self.host.shapes()
         self.specs: list[ClientSpec] = client_specs(
             cfg, self.host.module_names(), self._shapes, self.split.train
         )
-        names = {f.name for f in fields(TrainConfig)}
-        self.train_cfg = TrainConfig(
-            **{k: v for k, v in to_dict(cfg.train).items() if k in names}, seed=cfg.seed
-        )
+        self.train_cfg = train_config(cfg)
         self.lock = threading.Lock()
         self.load_seconds = time.perf_counter() - t0
         LOG.info(
@@ -210,5 +201,6 @@ class ExperimentBackend:
                 labels=task_labels(self.examples),
                 label_to_id=self.label_to_id,
                 per_task=False,
+                precision=self.cfg.train.precision,
             )
         return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}, len(data)
