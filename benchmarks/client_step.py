@@ -1,21 +1,36 @@
-"""Seconds per local training step: fedlora's client vs. a plain peft loop, on SmolLM2-135M.
+"""Seconds per local training step on SmolLM2-135M: a plain peft loop in fp32 against fedlora's
+client in fp32, in bf16 autocast, and in bf16 autocast on bf16 base weights; plus loss curves
+of the three fedlora precisions and the peak memory of a step with and without gradient
+checkpointing.
 
-Both sides use the same LoraConfig (rank 8 on every default target module, alpha 16, no
-dropout), the same batch (4 x 256 tokens, fixed random ids) and AdamW with the same options
-and gradient clipping. Steps are timed one at a time and interleaved (fedlora, peft, then
-peft, fedlora, ...) after one warm-up step each. Each fedlora step is a full `train_client`
-call with ``local_steps=1``, so it also pays `LoraHost.prepare`, the optimizer set-up and
-`read_adapter`; the peft step is only forward, backward, clipping and AdamW. Wall and process CPU
-seconds are reported as medians: on a shared machine single steps are noisy.
+Timing: for each rank type (FlexLoRA's type 1: rank 8 everywhere; type 3: 30 on attention,
+200 on MLP modules) every variant runs one warm-up step, then ``--reps`` rounds in which each
+variant takes one step, the order rotating every round, so all variants see the same machine
+load. The batch is 4 x 256 random token ids. A fedlora step is a whole `train_client` call with
+``local_steps=1`` (it also pays `LoraHost.prepare`, the optimizer set-up and `read_adapter`);
+the peft step is forward, backward, clipping and AdamW only. Medians of wall seconds are
+reported, with each variant's speed-up over peft fp32.
 
-    HF_HUB_OFFLINE=1 python benchmarks/client_step.py [--steps 3] [--reps 2]
+Loss curves: ``--curve-steps`` local steps of `train_client` on built-in task examples
+(batch 4, same seed and data for every precision); the table gives each precision's largest
+absolute and relative loss difference from fp32 over the curve.
+
+Memory (``--memory``): peak resident memory of one client step in a fresh process per setting
+(CPU; on CUDA, the peak allocated device memory), minus the peak after loading and preparing.
+
+    HF_HUB_OFFLINE=1 python benchmarks/client_step.py [--reps 3] [--curve-steps 8] [--memory]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,98 +40,216 @@ import torch  # noqa: E402
 from fedlora.client import TrainConfig, train_client  # noqa: E402
 from fedlora.contract import ClientSpec, Payload  # noqa: E402
 from fedlora.models import LoraHost, default_target_modules, load_model  # noqa: E402
+from fedlora.resources import resource_ranks  # noqa: E402
+
+LR = 3e-4
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per repetition")
-    ap.add_argument("--reps", type=int, default=2, help="repetitions (steps * reps samples)")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--rank", type=int, default=8)
-    args = ap.parse_args()
+def batch_examples(vocab: int, n: int, length: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, vocab, (n, length), generator=g)
+    return [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
 
+
+def peft_variant(targets, ranks, examples):
+    """A plain peft model and one fp32 training step on the same batch."""
     from peft import LoraConfig, get_peft_model
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    model_f, tok = load_model("smollm2")
-    model_p, _ = load_model("smollm2")
-    targets = default_target_modules(model_f)
-    host = LoraHost(model_f, targets)
-    spec = ClientSpec("bench", {m: args.rank for m in targets}, alpha=16.0)
-    payload = Payload(None, None, seed=0)
-
-    lcfg = LoraConfig(r=args.rank, lora_alpha=16.0, target_modules=targets, lora_dropout=0.0)
-    peft_model = get_peft_model(model_p, lcfg)
+    model, _ = load_model("smollm2")
+    r0 = next(iter(ranks.values()))
+    cfg = LoraConfig(
+        r=r0,
+        lora_alpha=16.0,
+        target_modules=targets,
+        rank_pattern={re.escape(m): r for m, r in ranks.items()},
+        lora_dropout=0.0,
+    )
+    peft_model = get_peft_model(model, cfg)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    assert sum(p.numel() for p in params) == sum(
-        a.numel() + b.numel() for a, b in zip(*host_params(host, spec, payload))
-    ), "the two sides train different parameter counts"
-
-    g = torch.Generator().manual_seed(0)
-    n, L = args.batch_size, args.seq_len
-    ids = torch.randint(10, model_f.config.vocab_size, (n, L), generator=g)
-    examples = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
+    opt = torch.optim.AdamW(params, lr=LR)
+    ids = torch.tensor([e["input_ids"] for e in examples])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    cfg_kw = dict(batch_size=n, lr=3e-4, max_length=L, grad_clip=1.0)
-    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
 
-    def fedlora_step() -> tuple[float, float]:
-        """One call of train_client with local_steps=1: prepare + step + read_adapter."""
-        t, c = time.perf_counter(), time.process_time()
-        train_client(host, spec, payload, examples, TrainConfig(local_steps=1, **cfg_kw))
-        return time.perf_counter() - t, time.process_time() - c
-
-    def peft_step() -> tuple[float, float]:
+    def step() -> None:
         peft_model.train()
-        t, c = time.perf_counter(), time.process_time()
         loss = peft_model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        return time.perf_counter() - t, time.process_time() - c
 
-    print(f"warm-up (1 step each), batch {n} x {L} tokens, rank {args.rank}", flush=True)
-    fedlora_step()
-    peft_step()
-    fed: list[tuple[float, float]] = []
-    pef: list[tuple[float, float]] = []
-    for i in range(args.steps * args.reps):
-        if i % 2 == 0:  # alternate which side goes first
-            fed.append(fedlora_step())
-            pef.append(peft_step())
-        else:
-            pef.append(peft_step())
-            fed.append(fedlora_step())
+    return step, sum(p.numel() for p in params)
+
+
+def fedlora_variant(host, spec, examples, precision: str):
+    cfg = TrainConfig(
+        local_steps=1, batch_size=len(examples), lr=LR, max_length=len(examples[0]["input_ids"]),
+        precision=precision,
+    )  # fmt: skip
+
+    def step() -> None:
+        train_client(host, spec, Payload(None, None, seed=0), examples, cfg)
+
+    return step
+
+
+def time_variants(variants: dict, reps: int) -> dict[str, list[float]]:
+    for step in variants.values():  # warm-up
+        step()
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(reps):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for n in order:
+            t = time.perf_counter()
+            variants[n]()
+            times[n].append(time.perf_counter() - t)
+        print(f"  rep {i + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
+    return times
+
+
+def timing(args) -> None:
+    model32, tok = load_model("smollm2")
+    model16, _ = load_model("smollm2", dtype=torch.bfloat16)
+    targets = default_target_modules(model32)
+    host32 = LoraHost(model32, targets, alpha=16.0)
+    host16 = LoraHost(model16, targets, alpha=16.0)
+    examples = batch_examples(model32.config.vocab_size, args.batch_size, args.seq_len)
+    rows = []
+    for rank_type in (1, 3):
+        ranks = resource_ranks(rank_type, targets)
+        spec = ClientSpec(f"type{rank_type}", ranks, alpha=16.0)
+        peft_step, n_peft = peft_variant(targets, ranks, examples)
+        host32.prepare(spec, Payload(None, None))
+        n_fed = sum(p.numel() for ps in host32.trainable_parameters() for p in ps)
+        assert n_peft == n_fed, f"peft trains {n_peft} parameters, fedlora {n_fed}"
+        variants = {
+            "peft fp32": peft_step,
+            "fedlora fp32": fedlora_variant(host32, spec, examples, "fp32"),
+            "fedlora bf16": fedlora_variant(host32, spec, examples, "bf16"),
+            "fedlora bf16 + bf16 weights": fedlora_variant(host16, spec, examples, "bf16"),
+        }
+        print(f"rank type {rank_type} ({n_fed / 1e6:.2f} M LoRA parameters)", flush=True)
+        times = time_variants(variants, args.reps)
+        base = statistics.median(times["peft fp32"])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            rows.append((rank_type, name, med, min(ts), base / med))
+        del peft_step
+    print(f"\nstep time, SmolLM2-135M, batch {args.batch_size} x {args.seq_len}, {args.reps} reps")
+    print(f"{'ranks':<8}{'variant':<30}{'median s':>10}{'min s':>8}{'vs peft fp32':>14}")
+    for rank_type, name, med, low, speedup in rows:
+        label = "type 1" if rank_type == 1 else "type 3"
+        print(f"{label:<8}{name:<30}{med:>10.2f}{low:>8.2f}{speedup:>13.2f}x")
+
+
+def curves(args) -> None:
+    from fedlora.data import load_builtin
+
+    data = load_builtin(["wn_define_noun"])[:64]
+    out = {}
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.float32),
+                             ("bf16 + bf16 weights", torch.bfloat16)):  # fmt: skip
+        model, tok = load_model("smollm2", dtype=dtype)
+        targets = default_target_modules(model)
+        host = LoraHost(model, targets, alpha=16.0)
+        spec = ClientSpec("curve", resource_ranks(1, targets), alpha=16.0)
+        cfg = TrainConfig(
+            local_steps=args.curve_steps, batch_size=4, lr=1e-3, max_length=128, seed=0,
+            precision=precision[:4],
+        )  # fmt: skip
+        losses = record_losses(host, spec, data, cfg, tok)
+        out[precision] = losses
+        print(f"  {precision:<22}" + " ".join(f"{x:.3f}" for x in losses), flush=True)
+    ref = out["fp32"]
+    print(f"\nloss curves, {args.curve_steps} steps of batch 4 (wn_define_noun), rank type 1")
+    for name, losses in out.items():
+        diff = max(abs(a - b) for a, b in zip(losses, ref))
+        rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref))
+        print(f"  {name:<22} max |loss - fp32| {diff:.4f}  (relative {rel:.2%})")
+
+
+def record_losses(host, spec, data, cfg, tok) -> list[float]:
+    """The per-step losses of one `train_client` call, read from the step loop."""
+    import fedlora.local_steps as steps
+
+    original, losses = steps._accumulate, []
+
+    def recording(*a, **k):
+        losses.append(original(*a, **k))
+        return losses[-1]
+
+    steps._accumulate = recording
+    try:
+        train_client(host, spec, Payload(None, None), data, cfg, tok)
+    finally:
+        steps._accumulate = original
+    return losses
+
+
+def memory_child(checkpointing: bool, args) -> None:
+    model, _ = load_model("smollm2")
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+    targets = default_target_modules(model)
+    host = LoraHost(model, targets, alpha=16.0)
+    spec = ClientSpec("mem", resource_ranks(3, targets), alpha=16.0)
+    examples = batch_examples(model.config.vocab_size, args.batch_size, args.seq_len)
+    host.prepare(spec, Payload(None, None))
+    cfg = TrainConfig(
+        local_steps=1, batch_size=args.batch_size, max_length=args.seq_len,
+        precision=args.mem_precision, gradient_checkpointing=checkpointing,
+    )  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.max_memory_allocated()
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    train_client(host, spec, Payload(None, None), examples, cfg)
+    if device.type == "cuda":
+        after = torch.cuda.max_memory_allocated()
+    else:
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"device": str(device), "before": before, "after": after}))
+
+
+def memory(args) -> None:
+    print(f"\npeak memory of one client step (rank type 3, {args.mem_precision}), fresh process")
+    for on in (False, True):
+        cmd = [sys.executable, __file__, "--memory-child", str(int(on)),
+               "--mem-precision", args.mem_precision, "--batch-size", str(args.batch_size),
+               "--seq-len", str(args.seq_len)]  # fmt: skip
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        step = (r["after"] - r["before"]) / 2**20
         print(
-            f"step {i + 1}: fedlora {fed[-1][0]:.3f} s (cpu {fed[-1][1]:.3f})   "
-            f"peft {pef[-1][0]:.3f} s (cpu {pef[-1][1]:.3f})",
+            f"  gradient_checkpointing={str(on).lower():<5}  step peak +{step:7.0f} MiB over "
+            f"the loaded model ({r['after'] / 2**20:.0f} MiB peak in all, {r['device']})",
             flush=True,
         )
-    for k, what in ((0, "wall"), (1, "cpu")):
-        f = [x[k] for x in fed]
-        p = [x[k] for x in pef]
-        f_med, p_med = statistics.median(f), statistics.median(p)
-        print(
-            f"[{what}] fedlora client : median {f_med:.3f} s/step, "
-            f"min {min(f):.3f}, mean {mean(f):.3f}"
-        )
-        print(
-            f"[{what}] plain peft loop: median {p_med:.3f} s/step, "
-            f"min {min(p):.3f}, mean {mean(p):.3f}"
-        )
-        print(f"[{what}] ratio fedlora/peft: median {f_med / p_med:.3f}, min {min(f) / min(p):.3f}")
 
 
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
-
-
-def host_params(host: LoraHost, spec: ClientSpec, payload: Payload):
-    host.prepare(spec, payload)
-    a, b = host.trainable_parameters()
-    return a, b
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3, help="timed steps per variant and rank type")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--curve-steps", type=int, default=8, help="0: skip the loss curves")
+    ap.add_argument("--memory", action="store_true", help="also measure peak step memory")
+    ap.add_argument("--mem-precision", default="fp32")
+    ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child is not None:
+        memory_child(bool(args.memory_child), args)
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    if not args.no_timing:
+        timing(args)
+    if args.curve_steps:
+        curves(args)
+    if args.memory:
+        memory(args)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,31 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, name):
         assert torch.equal(a[m].A, b[m].A) and torch.equal(a[m].B, b[m].B)
 
 
+def _close(a, b, rel=1e-3):
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=rel, abs=1e-6)
+    return a == b
+
+
+def test_resume_in_bf16_matches_to_tolerance(tmp_path):
+    """bf16 autocast on bf16 base weights (FLoRA's merges then run as side branches)."""
+    extra = {"train.precision": "bf16", "model.dtype": "auto"}
+    full = run_experiment(cfg_for(tmp_path / "full", "flora", **extra), progress=False)
+    cfg = cfg_for(tmp_path / "cut", "flora", **extra)
+    with pytest.raises(RunStopped):
+        run_experiment(cfg, progress=False, on_round_end=stop_after(2), save_final=False)
+    resumed = run_experiment(cfg, resume=True, progress=False, save_final=False)
+    want = [deterministic(r) for r in full.rows]
+    got = [deterministic(r) for r in resumed.rows]
+    assert len(got) == len(want)
+    for r, w in zip(got, want):
+        assert r.keys() == w.keys()
+        assert all(_close(r[k], w[k]) for k in r), (r, w)
+    a, b = full.strategy.global_delta(), resumed.strategy.global_delta()
+    for m in a:
+        torch.testing.assert_close(b[m].delta(), a[m].delta(), rtol=1e-3, atol=1e-6)
+
+
 def test_resume_refuses_a_different_config(tmp_path):
     cfg = cfg_for(tmp_path / "run", "flexlora", rounds=2)
     with pytest.raises(RunStopped):
