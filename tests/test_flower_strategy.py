@@ -19,6 +19,8 @@ from fedlora.flower.nodes import resolve_spec  # noqa: E402
 from fedlora.flower.server_app import build  # noqa: E402
 from fedlora.flower.strategy import FlowerStrategy  # noqa: E402
 from fedlora.flower.toy import ToyTask, toy_shapes  # noqa: E402
+from fedlora.norms import adapter_norm, scale_adapter  # noqa: E402
+from fedlora.robust import NormBound  # noqa: E402
 
 RUN = {"model": "toy", "seed": 0, "toy-layers": 2, "toy-d-model": 16, "toy-d-ff": 24}
 SHAPES = toy_shapes(2, 16, 24)
@@ -44,7 +46,8 @@ def _wire(content):
 class FakeGrid:
     """A Grid that delivers messages to in-process nodes running fedlora's ClientApp handlers.
 
-    ``faults[node_id]`` maps a message type to "error", "timeout", "nan", "shape" or "client".
+    ``faults[node_id]`` maps a message type to "error", "timeout", "nan", "shape", "client" or
+    "scaled" (every B times 1e6).
     """
 
     def __init__(self, node_configs, run_config=RUN, faults=None):
@@ -73,7 +76,7 @@ class FakeGrid:
                 out = client_app.hello_content(cfg)
             elif kind == "train":
                 out = client_app.train_content(content, cfg, self.run_config)
-                if fault in ("nan", "shape", "client"):
+                if fault in ("nan", "shape", "client", "scaled"):
                     out = _corrupt(out, fault)
             else:
                 out = client_app.evaluate_content(content, cfg, self.run_config)
@@ -89,6 +92,8 @@ def _corrupt(content, how):
         B = f.B.clone()
         B[0, 0] = float("nan")
         u.adapter[m] = type(f)(f.A, B, f.scale)
+    elif how == "scaled":
+        u.adapter = scale_adapter(u.adapter, 1e6)
     elif how == "shape":
         u.adapter[m] = type(f)(torch.zeros(f.rank, f.A.shape[1] + 1), f.B, f.scale)
     else:
@@ -169,6 +174,34 @@ def test_bad_reply_is_dropped_and_round_goes_on(fault):
             rnd, [task.train(s, p, int(s.client_id[-1])) for s, p in zip(specs, payloads)]
         )
     _assert_same(strategy.global_delta(), ref.global_delta())
+
+
+@pytest.mark.parametrize("name", S.names())
+def test_a_1e6_scaled_reply_is_rejected(name):
+    strategy, ranks = _strategy(name)
+    fs = FlowerStrategy(strategy, SHAPES, min_nodes=4)
+    grid = FakeGrid(_nodes(ranks), faults={102: {"train": "scaled"}})
+    fs.start(grid, ArrayRecord(), num_rounds=2, timeout=10)
+    for r in fs.rounds:
+        assert list(r["dropped"]) == ["partition-2"]
+        assert "robust.max_norm_ratio" in r["dropped"]["partition-2"]
+        assert r["used"] == ["partition-0", "partition-1", "partition-3"]
+    # nothing of it reached the global model: as large as the honest clients' deltas
+    assert adapter_norm(strategy.global_delta()) < 1e3
+
+
+def test_a_1e6_scaled_reply_is_clipped_with_the_clip_action():
+    strategy = S.get("flora", shapes=SHAPES, seed=3)
+    bound = NormBound(max_ratio=3.0, action="clip")
+    fs = FlowerStrategy(strategy, SHAPES, min_nodes=4, norm_bound=bound)
+    fs.start(FakeGrid(_nodes(), faults={101: {"train": "scaled"}}), ArrayRecord(), num_rounds=1)
+    r = fs.rounds[0]
+    assert not r["dropped"] and len(r["used"]) == 4
+    assert 0 < r["clipped"]["partition-1"] < 1e-4
+    norms = r["update_norms"]
+    others = sorted(v for k, v in norms.items() if k != "partition-1")
+    assert norms["partition-1"] > 1e4 * others[-1]
+    assert adapter_norm(strategy.global_delta()) < 4 * sum(others)
 
 
 def test_all_replies_bad_leaves_model_unchanged():

@@ -1,25 +1,53 @@
-"""Round checkpoints: atomic writes and every RNG state, so a resumed run is bit-identical.
+"""Round checkpoints: atomic writes, a format that cannot run code, and every RNG state, so a
+resumed run is bit-identical.
 
-A checkpoint is one file, ``<run_dir>/checkpoint.pt``, holding a dict (strategy state, RNG
-states, round number, metrics rows so far, the resolved configuration, ...). It is written to a
-temporary file in the same directory, flushed and fsync'ed, then moved over the old one with
-`os.replace` (atomic on POSIX and Windows) and the directory is fsync'ed: a crash at any point
-leaves either the previous checkpoint or the new one, never a torn file.
+A checkpoint is one file, ``<run_dir>/checkpoint.safetensors``: the tensors of the state
+(strategy state, RNG states) in safetensors, and everything else (round number, metrics rows,
+configuration, the structure that says where each tensor goes) as JSON in the file's
+metadata. Loading it parses data only: nothing in it is executed, unlike a pickle. The state
+may nest dicts, lists and tuples of tensors, numpy arrays, numbers, strings and instances of
+the allow-listed classes (`LoraFactors`, `LowRankSum`; see `register_checkpoint_type`);
+anything else is refused when saving, naming where it is.
+
+The file is written to a temporary file in the same directory, flushed and fsync'ed, then
+moved over the old one with `os.replace` (atomic on POSIX and Windows) and the directory is
+fsync'ed: a crash at any point leaves either the previous checkpoint or the new one, never a
+torn file. Leftover temporary files of a killed writer are removed by `remove_stale_temp`.
+
+File permissions: every file fedlora writes is created as ``0o666`` minus the process umask,
+like any file the user creates (temporary files start private and get that mode before they
+are renamed into place): keep a run private with ``umask 077`` or a private directory.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-CHECKPOINT = "checkpoint.pt"
-FORMAT = 1
+from fedlora.contract import FedLoraError, LoraFactors
+from fedlora.linalg import LowRankSum
+
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # pickle, fedlora < 0.2: never loaded
+FORMAT = 2
+TAG = "__fedlora__"  # marks an encoded node in the JSON tree
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
 
 
 def checkpoint_path(run_dir: str | os.PathLike) -> Path:
@@ -38,6 +66,8 @@ def atomic_write_bytes(path: str | os.PathLike, write) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), FILE_MODE)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -53,6 +83,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
+def remove_stale_temp(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files `atomic_write_bytes` leaves when its process is killed
+    (``.<name>.<random>.tmp``); returns them. Call it only where no other writer is active."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    stale = [p for p in d.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -66,23 +108,144 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# -- encoding: tensors apart, the rest as JSON -----------------------------------------------
+
+#: class name -> (class, to plain state, from plain state); plain state is any encodable tree
+_TYPES: dict[str, tuple[type, Callable[[Any], Any], Callable[[Any], Any]]] = {}
+
+
+def register_checkpoint_type(
+    cls: type,
+    to_state: Callable[[Any], Any] | None = None,
+    from_state: Callable[[Any], Any] | None = None,
+) -> type:
+    """Allow instances of `cls` in checkpoints. By default their ``vars()`` are saved and
+    restored into an instance made without calling ``__init__``."""
+
+    def default_from(state: dict[str, Any]) -> Any:
+        obj = object.__new__(cls)
+        obj.__dict__.update(state)
+        return obj
+
+    _TYPES[cls.__qualname__] = (cls, to_state or vars, from_state or default_from)
+    return cls
+
+
+register_checkpoint_type(LoraFactors)
+register_checkpoint_type(LowRankSum)
+
+
+def _encode(x: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = x.detach().cpu().contiguous().clone()
+        return {TAG: "tensor", "key": key}
+    if isinstance(x, np.ndarray):
+        key = str(len(tensors))
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(x).copy())
+        return {TAG: "ndarray", "key": key, "dtype": str(x.dtype)}
+    if isinstance(x, (np.integer, np.floating, np.bool_)):
+        return x.item()
+    if isinstance(x, (list, tuple)):
+        items = [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(x)]
+        return items if isinstance(x, list) else {TAG: "tuple", "items": items}
+    if isinstance(x, dict):
+        if all(isinstance(k, str) for k in x) and TAG not in x:
+            return {k: _encode(v, tensors, f"{where}.{k}") for k, v in x.items()}
+        return {
+            TAG: "dict",
+            "items": [
+                [_encode(k, tensors, f"{where} key"), _encode(v, tensors, f"{where}[{k!r}]")]
+                for k, v in x.items()
+            ],
+        }
+    entry = _TYPES.get(type(x).__qualname__)
+    if entry is not None and type(x) is entry[0]:
+        state = _encode(entry[1](x), tensors, where)
+        return {TAG: "object", "type": type(x).__qualname__, "state": state}
+    raise TypeError(
+        f"checkpoint: {where} is a {type(x).__name__}, which a checkpoint cannot hold (use "
+        "tensors, numbers, strings, lists and dicts, or fedlora.checkpoint."
+        "register_checkpoint_type)"
+    )
+
+
+def _decode(x: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(x, list):
+        return [_decode(v, tensors) for v in x]
+    if not isinstance(x, dict):
+        return x
+    kind = x.get(TAG)
+    if kind is None:
+        return {k: _decode(v, tensors) for k, v in x.items()}
+    if kind == "tensor":
+        return tensors[x["key"]]
+    if kind == "ndarray":
+        return tensors[x["key"]].numpy().astype(x["dtype"], copy=False)
+    if kind == "tuple":
+        return tuple(_decode(v, tensors) for v in x["items"])
+    if kind == "dict":
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in x["items"]}
+    if kind == "object" and x.get("type") in _TYPES:
+        return _TYPES[x["type"]][2](_decode(x["state"], tensors))
+    raise ValueError(f"unknown entry {kind!r}")
+
+
+def encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
+    """(tensors by key, JSON of everything else) for a state tree."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(state, tensors, "state")
+    return tensors, json.dumps(tree)
+
+
+def decode_state(tensors: dict[str, torch.Tensor], text: str) -> dict[str, Any]:
+    return _decode(json.loads(text), tensors)
+
+
 def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Atomically write `state` (any picklable dict; tensors welcome) as the run's checkpoint."""
+    """Atomically write `state` (a tree of the types the module docstring lists) as the run's
+    checkpoint."""
+    from safetensors.torch import save
+
     path = checkpoint_path(run_dir)
-    payload = {"format": FORMAT, **state}
-    atomic_write_bytes(path, lambda f: torch.save(payload, f))
+    tensors, text = encode_state({"format": FORMAT, **state})
+    data = save(tensors, metadata={"fedlora": text})
+    atomic_write_bytes(path, lambda f: f.write(data))
     return path
 
 
 def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The run's last checkpoint, or None when there is none."""
-    path = checkpoint_path(run_dir)
+    """The run's last checkpoint, or None when there is none. A corrupt, foreign or old-format
+    file raises `FedLoraError` naming it; nothing in the file is ever executed."""
+    from safetensors.torch import load
+
+    d = Path(run_dir)
+    path = d / CHECKPOINT
     if not path.is_file():
+        if (d / LEGACY_CHECKPOINT).is_file():
+            raise FedLoraError(
+                f"{d / LEGACY_CHECKPOINT}: written by an older fedlora (a pickle, which this "
+                "version never loads because unpickling can run code); it cannot be resumed: "
+                "start again with --overwrite or another output_dir"
+            )
         return None
-    # our own file: it holds strategy objects (LowRankSum, LoraFactors), not only tensors
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {state.get('format')!r}")
+    try:
+        data = path.read_bytes()
+        tensors = load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        state = decode_state(tensors, header["__metadata__"]["fedlora"])
+    except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, name the file
+        raise FedLoraError(
+            f"{path}: not a readable fedlora checkpoint (truncated, corrupt or foreign: "
+            f"{type(e).__name__}: {str(e)[:120]}); start again with --overwrite or another "
+            "output_dir"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        got = state.get("format") if isinstance(state, dict) else None
+        raise FedLoraError(f"{path}: unknown checkpoint format {got!r} (expected {FORMAT})")
     return state
 
 

@@ -127,7 +127,9 @@ def _logging(args: argparse.Namespace) -> None:
     )
 
 
-def _run_one(cfg, *, resume: bool, progress: bool, label: str | None = None) -> dict[str, Any]:
+def _run_one(
+    cfg, *, resume: bool, progress: bool, overwrite: bool = False, label: str | None = None
+) -> dict[str, Any]:
     """Run `cfg`, write extras and plots, return the loaded run."""
     import json
 
@@ -136,7 +138,7 @@ def _run_one(cfg, *, resume: bool, progress: bool, label: str | None = None) -> 
     from fedlora.engine import run_experiment
     from fedlora.engine.runner import build_split, load_data
 
-    result = run_experiment(cfg, resume=resume, progress=progress)
+    result = run_experiment(cfg, resume=resume, overwrite=overwrite, progress=progress)
     examples = load_data(cfg)
     split = build_split(cfg, examples)
     key = "label" if cfg.model.kind == "classifier" else "task"
@@ -159,8 +161,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg.output_dir = str(args.resume)
     else:
         cfg = _load_config(args)
-    run = _run_one(cfg, resume=bool(args.resume), progress=not args.quiet)
+    run = _run_one(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet)
     print(report.format_table(report.summary_rows([run])))
+    summary = run["summary"] or {}
+    drops = sum(len(v) for v in (summary.get("dropped") or {}).values())
+    if drops:
+        empty = summary.get("rounds_without_update") or []
+        print(
+            f"\n{drops} client update(s) dropped"
+            + (f", rounds {empty} without any usable update" if empty else "")
+            + f": reasons in {run['dir'] / 'summary.json'} ('dropped')"
+        )
     print(f"\nrun directory: {run['dir']}  (plots in {run['dir'] / 'plots'})")
     return 0
 
@@ -195,7 +206,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     for cfg, label in cfgs:
         print(f"== {label}", flush=True)
-        runs.append(_run_one(cfg, resume=args.resume, progress=not args.quiet, label=label))
+        runs.append(
+            _run_one(
+                cfg,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                progress=not args.quiet,
+                label=label,
+            )
+        )
     table = report.format_table(report.summary_rows(runs))
     (out / "compare.txt").write_text(table + "\n")
     path = report.plot_compare(runs, out)
@@ -256,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="continue the run in DIR from its last checkpoint (same metrics as uninterrupted)",
     )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in the output directory (its metrics, checkpoint, "
+        "plots); without it such a directory is refused",
+    )
     common(run)
     _add_config_options(run)
     run.set_defaults(func=cmd_run)
@@ -274,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated strategy names (default {','.join(DEMO_STRATEGIES)})",
     )
     cmp_.add_argument("--resume", action="store_true", help="resume each run from its checkpoint")
+    cmp_.add_argument(
+        "--overwrite", action="store_true", help="replace runs already in the output directories"
+    )
     common(cmp_)
     _add_config_options(cmp_)
     cmp_.set_defaults(func=cmd_compare)
@@ -300,14 +328,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (FedLoraError, FileNotFoundError) as e:
-        print(f"fedlora: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
+    except (ValueError, OSError, UnicodeError) as e:
+        if not _raised_by_fedlora(e):
+            raise  # a real internal error: keep its traceback visible
+        return _error(e)
     except KeyboardInterrupt:
         print(
             "\nfedlora: interrupted; resume with `fedlora run --resume <output_dir>`",
             file=sys.stderr,
         )
         return 130
+
+
+def _error(e: BaseException) -> int:
+    """One line on stderr, exit status 2 (bad input)."""
+    text = " ".join(str(e).split()) if "\n  - " not in str(e) else str(e)
+    print(f"fedlora: error: {text}", file=sys.stderr)
+    return 2
+
+
+def _raised_by_fedlora(e: BaseException) -> bool:
+    """Whether `e` was raised by fedlora's own checks (its innermost frame is in the fedlora
+    package), as opposed to from inside a library it calls."""
+    tb = e.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    if last is None:
+        return False
+    package = str(Path(__file__).resolve().parent)
+    return str(Path(last.tb_frame.f_code.co_filename).resolve()).startswith(package)
 
 
 if __name__ == "__main__":

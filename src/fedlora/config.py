@@ -150,6 +150,23 @@ class EvalConfig:
 
 
 @dataclass
+class RobustConfig:
+    """Defences against bad clients (`fedlora.robust`): a client whose update fails a check or
+    whose contribution norm ||delta - start delta||_F is over a bound is dropped for the round."""
+
+    max_update_norm: float | None = None  # absolute bound on a client's contribution norm
+    max_norm_ratio: float = 20.0  # bound: this x the others' median norm in the round; 0: off
+    action: Literal["reject", "clip"] = "reject"  # an update over a bound: drop it, or clip it
+    fatal_drops: bool = False  # stop the run at the first dropped client (debugging)
+
+    def bound(self):
+        """These bounds as the `fedlora.robust.NormBound` both engines screen with."""
+        from fedlora.robust import NormBound
+
+        return NormBound(self.max_update_norm, self.max_norm_ratio or None, self.action)
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment."""
 
@@ -165,6 +182,7 @@ class ExperimentConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
     # -- derived values -------------------------------------------------------------------
 
@@ -693,6 +711,19 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
                 + (f"; did you mean {hint[0]!r}?" if hint else "")
                 + f" (metrics: {', '.join(METRICS)})"
             )
+    # robust
+    rb = cfg.robust
+    if rb.max_update_norm is not None:
+        need(
+            rb.max_update_norm > 0 and math.isfinite(rb.max_update_norm),
+            f"robust.max_update_norm = {rb.max_update_norm}: must be a number > 0 (leave it "
+            "out for no absolute bound)",
+        )
+    need(
+        rb.max_norm_ratio >= 0 and math.isfinite(rb.max_norm_ratio),
+        f"robust.max_norm_ratio = {rb.max_norm_ratio}: must be a number >= 0 (0: no relative "
+        "bound)",
+    )
     p += _strategy_problems(cfg)
     return p
 

@@ -223,17 +223,24 @@ class Strategy(ABC):
         for u in iter_valid_updates(
             server_round, updates, shapes=self.shapes, strategy=self.name, same_modules=same_modules
         ):
-            expected = self.expected_ranks.get(u.client_id, {})
-            for module, f in u.adapter.items():
-                if module not in expected or f.rank == expected[module]:
-                    continue
-                if not (self.rank_may_shrink and f.rank < expected[module]):
-                    raise FedLoraError(
-                        f"{self.name}: round {server_round}, client {u.client_id}, module "
-                        f"{module}: rank {f.rank}, but it was configured with rank "
-                        f"{expected[module]}"
-                    )
+            self.check_update(server_round, u)
             yield u
+
+    def check_update(self, server_round: int, update: ClientUpdate) -> None:
+        """Checks of one (already well-formed) update that need this strategy's state; raise
+        `FedLoraError` naming the client. By default: the client trained the ranks it was
+        configured with. Subclasses extend it (FFA-LoRA's frozen A, LoRA-A2's slots), so that
+        `check_update` (the module function) can drop one bad client before aggregation."""
+        expected = self.expected_ranks.get(update.client_id, {})
+        for module, f in update.adapter.items():
+            if module not in expected or f.rank == expected[module]:
+                continue
+            if not (self.rank_may_shrink and f.rank < expected[module]):
+                raise FedLoraError(
+                    f"{self.name}: round {server_round}, client {update.client_id}, module "
+                    f"{module}: rank {f.rank}, but it was configured with rank "
+                    f"{expected[module]}"
+                )
 
     def raw_weight(self, update: ClientUpdate) -> float:
         """Unnormalised aggregation weight (streaming strategies divide by the sum at the end)."""
@@ -317,6 +324,49 @@ def iter_valid_updates(
         yield u
     if first is None:
         raise FedLoraError(f"{where}: no client updates to aggregate")
+
+
+def check_update(
+    strategy: Strategy,
+    server_round: int,
+    spec: ClientSpec,
+    payload: Payload,
+    update: ClientUpdate,
+    *,
+    shapes: Mapping[str, tuple[int, int]] | None = None,
+) -> None:
+    """Everything one client's update can be checked for on its own, against the payload it
+    was trained from: its client id, finite float metrics (``train_loss``), finite factors of
+    the model's shapes (`shapes`, default the strategy's), the modules it was sent (LoRA-A2
+    may upload a subset) and the strategy's own checks (`Strategy.check_update`). Raises
+    `FedLoraError` with the reason.
+
+    Both engines call it on each update before it reaches `Strategy.aggregate`, so a bad
+    update drops its client instead of failing the round (or a streamed aggregation); the
+    strategy's `iter_checked` stays as the last line of defence.
+    """
+    who = f"{strategy.name}: round {server_round}, client {spec.client_id}"
+    if update.client_id != spec.client_id:
+        raise FedLoraError(f"{who}: update claims client {update.client_id!r}")
+    for key, value in update.extras.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FedLoraError(f"{who}: {key} is {value}")
+    validate_updates(
+        server_round,
+        [update],
+        shapes=shapes or strategy.shapes or None,
+        strategy=strategy.name,
+        same_modules=False,
+    )
+    sent = set(payload.adapter) if payload.adapter is not None else set(spec.ranks)
+    if "budget" in payload.extras or "slots" in payload.extras:  # a subset of the modules
+        extra = set(update.adapter) - sent
+        if extra:
+            raise FedLoraError(f"{who}: uploaded modules it was not sent: {sorted(extra)[:3]}")
+    elif set(update.adapter) != sent:
+        diff = sorted(set(update.adapter) ^ sent)
+        raise FedLoraError(f"{who}: modules {diff[:3]} differ from its payload's")
+    strategy.check_update(server_round, update)
 
 
 def check_factors(f: LoraFactors, who: str) -> None:

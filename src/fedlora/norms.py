@@ -89,3 +89,76 @@ def median(values: Iterable[float]) -> float:
         return math.nan
     n = len(xs)
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+# -- a client's contribution: its delta minus the delta it started from ----------------------
+
+
+def contribution_norm(
+    adapter: Mapping[str, LoraFactors], start: Mapping[str, LoraFactors | None] | None
+) -> float:
+    """``||delta(adapter) - delta(start)||_F`` over all modules: what a client's training
+    added to the model it was sent. A module with no start (fresh init, B = 0) counts whole."""
+    return adapter_norm(adapter, {m: f for m, f in (start or {}).items() if f is not None})
+
+
+def move_toward(f: LoraFactors, f0: LoraFactors | None, t: float) -> LoraFactors:
+    """Factors a fraction `t` of the way from the start `f0` to the trained `f`.
+
+    With no start, or a start with B = 0 (a fresh init: its delta is zero), only B is scaled, so
+    the delta is exactly ``t * delta(f)``. Otherwise A and ``scale * B`` are interpolated on
+    the first ``f.rank`` slots (a client may have pruned its tail, HetLoRA); when one factor
+    was frozen (FFA-LoRA, LoRA-A2) the contribution is then exactly ``t`` times the full one.
+    The result keeps `f`'s rank, scale and dtype, so the strategy accepts it like `f`.
+    """
+    if f0 is None or not bool(f0.B.any()):
+        return LoraFactors(f.A, f.B * t, f.scale)
+    k = f.rank
+    a0, g0 = f0.A[:k].to(F64), f0.scaled_B()[:, :k]
+    a = a0 + t * (f.A.to(F64) - a0)
+    g = g0 + t * (f.scaled_B() - g0)
+    return LoraFactors(a.to(f.A.dtype), (g / f.scale).to(f.B.dtype), f.scale)
+
+
+def clip_contribution(
+    adapter: Mapping[str, LoraFactors],
+    start: Mapping[str, LoraFactors | None] | None,
+    max_norm: float,
+    *,
+    iters: int = 60,
+) -> tuple[Adapter | None, float, float]:
+    """Move an update toward its start until its contribution norm is at most `max_norm`.
+
+    Returns (clipped adapter, contribution norm before clipping, fraction t kept). ``t`` is
+    ``max_norm / norm`` where the contribution is linear in t (see `move_toward`), else found by
+    bisection on the norm, which is continuous in t. The adapter is returned unchanged when no
+    clipping is needed; the clipped norm is within float32 rounding (1e-5 relative) of
+    `max_norm` where the update is float32. None when even t = 0 exceeds the bound (a pruned
+    client's dropped tail alone is too large): the update cannot be clipped, only rejected.
+    """
+    clip_factor(0.0, max_norm)  # validates max_norm
+    start = {m: f for m, f in (start or {}).items() if f is not None}
+
+    def at(t: float) -> tuple[Adapter, float]:
+        moved = {m: move_toward(f, start.get(m), t) for m, f in adapter.items()}
+        return moved, contribution_norm(moved, start)
+
+    norm = contribution_norm(adapter, start)
+    if norm <= max_norm:
+        return dict(adapter), norm, 1.0
+    t = max_norm / norm
+    moved, n = at(t)
+    if abs(n - max_norm) <= 1e-5 * max_norm:  # linear in t, up to float32 rounding
+        return moved, norm, t
+    moved, n = at(0.0)
+    if n > max_norm:
+        return None, norm, 0.0
+    lo, hi, best = 0.0, 1.0, moved  # norm(lo) <= max_norm < norm(hi)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        moved, n = at(mid)
+        if n <= max_norm:
+            lo, best = mid, moved
+        else:
+            hi = mid
+    return best, norm, lo

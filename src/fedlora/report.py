@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedlora.contract import Adapter, ClientSpec
+from fedlora.contract import Adapter, ClientSpec, FedLoraError
 
 HEADLINE = ("rouge_l", "accuracy", "f1")  # the first of these a run has is its "metric"
 
@@ -26,14 +26,34 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     metrics = d / "metrics.jsonl"
     if not metrics.is_file():
         raise FileNotFoundError(f"{d}: no metrics.jsonl (is this a fedlora run directory?)")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(_read_text(metrics).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise FedLoraError(
+                f"{metrics}, line {n}: not valid JSON ({e.msg}; a write cut short?); "
+                f"`fedlora run --resume {d}` rewrites it from the last checkpoint"
+            ) from None
     out: dict[str, Any] = {"dir": d, "rows": rows, "name": d.name}
     for extra in ("summary", "partition", "spectrum"):
         p = d / f"{extra}.json"
-        out[extra] = json.loads(p.read_text()) if p.is_file() else None
+        try:
+            out[extra] = json.loads(_read_text(p)) if p.is_file() else None
+        except json.JSONDecodeError as e:
+            raise FedLoraError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
     if out["summary"]:
         out["name"] = out["summary"].get("label") or out["summary"].get("strategy") or d.name
     return out
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FedLoraError(f"{path}: not UTF-8 text ({e.reason}); is it a fedlora file?") from None
 
 
 def headline_metric(rows: Sequence[dict[str, Any]]) -> str | None:
@@ -205,9 +225,17 @@ def plot_run(run: dict[str, Any], out_dir: str | Path | None = None) -> list[Pat
     return written
 
 
+#: above this many clients the partition plot aggregates instead of drawing a bar per client
+MAX_CLIENT_BARS = 200
+
+
 def _plot_partition(plt, part: dict[str, Any], path: Path) -> Path:
-    """Stacked bars: examples per client, split by label/task."""
+    """Stacked bars: examples per client, split by label/task; past `MAX_CLIENT_BARS`
+    clients, the distribution of client sizes and of examples per label/task instead (the
+    figure and its cost stay the same whatever the number of clients)."""
     hist = part["histograms"]
+    if len(hist) > MAX_CLIENT_BARS:
+        return _plot_partition_summary(plt, part, path)
     clients = list(range(len(hist)))
     keys = sorted({k for h in hist for k in h}) if hist and isinstance(hist[0], dict) else []
     fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(clients) + 2), 3.8))
@@ -220,6 +248,23 @@ def _plot_partition(plt, part: dict[str, Any], path: Path) -> Path:
     ax.set(xlabel="client", ylabel="examples", title=f"partition ({part.get('key', 'label')})")
     if 0 < len(keys) <= 20:
         ax.legend(fontsize=6, ncol=2, loc="upper right")
+    return _save(fig, path)
+
+
+def _plot_partition_summary(plt, part: dict[str, Any], path: Path) -> Path:
+    hist = part["histograms"]
+    sizes = part.get("sizes") or [sum(h.values()) for h in hist]
+    totals: dict[str, int] = {}
+    for h in hist:
+        for k, v in h.items():
+            totals[k] = totals.get(k, 0) + v
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.hist(sizes, bins=min(50, max(1, len(set(sizes)))))
+    ax1.set(xlabel="examples per client", ylabel="clients", title=f"{len(hist)} clients")
+    keys = sorted(totals, key=lambda k: -totals[k])[:30]
+    ax2.bar(range(len(keys)), [totals[k] for k in keys])
+    ax2.set_xticks(range(len(keys)), keys, rotation=90, fontsize=6)
+    ax2.set(ylabel="examples", title=f"examples per {part.get('key', 'label')}")
     return _save(fig, path)
 
 

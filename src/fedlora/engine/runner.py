@@ -1,16 +1,27 @@
 """The in-process engine: one base model, many simulated clients, any strategy.
 
-`run_experiment(cfg)` loads the model once, builds the federated split and the clients'
-ranks (seeded), builds the strategy from the host's module shapes, then each round samples
-clients (seeded, without replacement), trains each one in turn on the single `LoraHost`
-(peft wrappers cached per rank configuration), aggregates, evaluates the global model on
-schedule and checkpoints. Per round the server holds only the round's updates: nothing grows
-with the number of clients except their small specs (ranks per module).
+`run_experiment(cfg)` sets up once (`setup`: data, split, model, clients' ranks, strategy,
+all seeded), then runs each round as a loop of named steps:
+
+1. `sample_clients`: draw the round's clients (seeded, without replacement);
+2. `train_clients` -> `train_one`: configure each client's payload and train it on the single
+   `LoraHost` (peft wrappers cached per rank configuration), when the aggregation asks for it;
+3. ... and check its update against the payload (`fedlora.contract.check_update`);
+4. `screen`: bound each client's contribution norm (`fedlora.robust`);
+5. `aggregate`: fold the kept updates into the strategy (nothing kept: model unchanged);
+6. `evaluate_global` on schedule; 7. `checkpoint`; 8. `round_row` / `report_round`.
+
+A client that raises, reports a non-finite loss or sends an update failing a check or a bound
+is dropped for the round, with its reason in the round row (``dropped``) and in
+``summary.json``; ``robust.fatal_drops`` makes the first drop stop the run. Per round the
+server holds only the round's updates (streamed when no relative bound needs the whole
+round): nothing grows with the number of clients except their small specs.
 
 Run directory (``cfg.output_dir``): ``config.toml`` (resolved), ``metrics.jsonl`` (one row per
 round with ``kind="round"`` and one per evaluated client set with ``kind="eval"``),
-``summary.json``, ``checkpoint.pt``, ``adapter/`` (the final global delta as a peft adapter)
-and, with ``model.save_merged``, ``merged/``.
+``summary.json``, ``checkpoint.safetensors``, ``adapter/`` (the final global delta as a peft
+adapter) and, with ``model.save_merged``, ``merged/``. A directory that holds a run is never
+overwritten silently (`check_run_dir`).
 
 Keys of rows starting with ``time_`` or ``mem_`` are measurements; everything else is
 deterministic for a configuration, and a resumed run reproduces it exactly.
@@ -18,12 +29,15 @@ deterministic for a configuration, and a resumed run reproduces it exactly.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import os
+import shutil
 import time
 import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -32,8 +46,11 @@ import numpy as np
 import torch
 
 from fedlora.checkpoint import (
+    CHECKPOINT,
+    LEGACY_CHECKPOINT,
     atomic_write_text,
     load_checkpoint,
+    remove_stale_temp,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -50,12 +67,15 @@ from fedlora.config import (
 from fedlora.contract import (
     ClientSpec,
     ClientUpdate,
+    FedLoraError,
     Strategy,
+    check_update,
     payload_nbytes,
     update_nbytes,
 )
 from fedlora.device import precision_name
 from fedlora.engine.tiny import TINY_MODELS, build_tiny
+from fedlora.robust import NormBound, Start, screen_updates, start_of
 
 LOG = logging.getLogger("fedlora.engine")
 EVAL_SETS = ("seen_clients", "unseen_clients", "unseen_tasks")
@@ -134,15 +154,21 @@ def load_base_model(cfg: ExperimentConfig, num_labels: int | None = None, where=
         return model.to(where.device, where.storage), tok
     from fedlora.models import load_model
 
-    return load_model(
-        m.name,
-        m.kind,
-        num_labels,
-        where.storage,
-        device=where.device,
-        quantization=m.quantization,
-        compute_dtype=where.compute,
-    )
+    if m.name.startswith((".", "/", "~")) and not Path(m.name).expanduser().exists():
+        raise ConfigError(f"model.name = {m.name!r}: no such directory")
+    try:
+        return load_model(
+            str(Path(m.name).expanduser()),
+            m.kind,
+            num_labels,
+            where.storage,
+            device=where.device,
+            quantization=m.quantization,
+            compute_dtype=where.compute,
+        )
+    except (OSError, ValueError) as e:  # not a model folder, not a hub id, bad config
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.name = {m.name!r}: cannot load it ({first})") from None
 
 
 def build_host(cfg: ExperimentConfig, model):
@@ -187,17 +213,20 @@ def build_split(cfg: ExperimentConfig, examples):
 
     d = cfg.data
     scheme = "by_task" if d.partition == "natural" else d.partition
-    split = make_federated_split(
-        examples,
-        scheme,
-        d.num_clients,
-        test_fraction=d.test_fraction,
-        held_out_clients=cfg.num_heldout_clients(),
-        held_out_tasks=list(d.heldout_tasks),
-        seed=cfg.seed,
-        alpha=d.dirichlet_alpha,
-        classes_per_client=d.classes_per_client,
-    )
+    try:
+        split = make_federated_split(
+            examples,
+            scheme,
+            d.num_clients,
+            test_fraction=d.test_fraction,
+            held_out_clients=cfg.num_heldout_clients(),
+            held_out_tasks=list(d.heldout_tasks),
+            seed=cfg.seed,
+            alpha=d.dirichlet_alpha,
+            classes_per_client=d.classes_per_client,
+        )
+    except ValueError as e:  # the partitioner's message names the option (num_clients, ...)
+        raise ConfigError(f"data ({d.source}, partition {d.partition!r}): {e}") from None
     if d.max_examples_per_client is not None:
         rng = np.random.default_rng([cfg.seed, 17])
         k = d.max_examples_per_client
@@ -243,8 +272,8 @@ def client_specs(cfg: ExperimentConfig, modules: Sequence[str], shapes, sizes) -
     specs = []
     cache: dict[Any, dict[str, int]] = {}
     for i, t in enumerate(types):
-        if r.homogeneous_rank is not None:
-            ranks = {m: r.homogeneous_rank for m in modules}
+        if r.homogeneous_rank is not None:  # capped like the types' ranks below
+            ranks = {m: min(r.homogeneous_rank, *shapes[m]) for m in modules}
         else:
             key = t if isinstance(t, int) else repr(t)
             if key not in cache:
@@ -312,7 +341,67 @@ def full_ft_nbytes(shapes) -> int:
     return sum(d_out * d_in * 4 for d_out, d_in in shapes.values())
 
 
-# -- the run --------------------------------------------------------------------------------
+# -- the run directory ----------------------------------------------------------------------
+
+#: files whose presence means a directory holds a run (refused without resume or overwrite)
+RUN_FILES = ("metrics.jsonl", "summary.json", CHECKPOINT, LEGACY_CHECKPOINT)
+#: what a run writes there, removed by ``overwrite`` (nothing else in the directory is touched)
+RUN_OUTPUTS = (
+    "config.toml",
+    "partition.json",
+    "spectrum.json",
+    "adapter",
+    "merged",
+    "plots",
+    *RUN_FILES,
+)
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run over one that is there, unless told to resume or overwrite."""
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite: choose one (continue the run, or replace it)")
+    held = [n for n in RUN_FILES if (run_dir / n).exists()]
+    if held and not resume and not overwrite:
+        raise FedLoraError(
+            f"{run_dir} already holds a run ({', '.join(held)}); continue it with "
+            f"`fedlora run --resume {run_dir}`, replace it with --overwrite, or choose another "
+            "--output-dir"
+        )
+
+
+def clear_run_dir(run_dir: Path, log: logging.Logger) -> None:
+    """Remove what an earlier run wrote in `run_dir` (``overwrite``), and nothing else."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        p = run_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        log.info("overwrite: removed %s from %s", ", ".join(removed), run_dir)
+
+
+def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, run_dir: Path) -> None:
+    """The checkpoint in `run_dir` was written by this configuration (`rounds` may grow)."""
+    saved = from_dict(state["config"])
+    changed = diff(saved, cfg, ignore=("output_dir", "threads", "rounds"))
+    if cfg.rounds < int(state["round"]):
+        raise ConfigError(
+            f"rounds = {cfg.rounds}: the checkpoint in {run_dir} is already at round "
+            f"{state['round']}; resume with rounds >= {state['round']} or use a new output_dir"
+        )
+    if changed:
+        raise ConfigError(
+            f"cannot resume {run_dir}: the configuration differs from the checkpointed "
+            f"one in {', '.join(changed)} (checkpointed: "
+            + ", ".join(f"{k} = {_get(saved, k)!r}" for k in changed[:3])
+            + "); use the original values or a new output_dir"
+        )
 
 
 class _Jsonl:
@@ -335,278 +424,423 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# -- setup ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Federation:
+    """What a run builds once (`setup`): the data and its split, the host model, every
+    client's spec, the strategy, the evaluation sets and the per-round options."""
+
+    cfg: ExperimentConfig
+    examples: list[Any]
+    split: Any
+    host: Any
+    tokenizer: Any
+    specs: list[ClientSpec]
+    strategy: Strategy
+    train_cfg: Any
+    where: Placement
+    sets: dict[str, list[int]]
+    bound: NormBound
+    label_to_id: dict[str, int] | None
+    labels: Any
+    full_ft: int
+
+    @property
+    def train_clients(self) -> list[int]:
+        return self.split.training_clients
+
+    def client_data(self, c: int) -> list[Any]:
+        """Client `c`'s training examples (encoded for a classifier)."""
+        from fedlora.data import encode_classification
+
+        ex = [self.examples[i] for i in self.split.train[c]]
+        if self.label_to_id is None:
+            return ex
+        return [
+            encode_classification(self.tokenizer, e, self.label_to_id, self.cfg.train.max_length)
+            for e in ex
+            if e.label is not None
+        ]
+
+
+def setup(cfg: ExperimentConfig) -> Federation:
+    """Load the data, split it, load the model and build clients and strategy (seeded)."""
+    from fedlora.data import label_mapping
+    from fedlora.evaluate import task_labels
+
+    where = placement(cfg)
+
+    examples = load_data(cfg)
+    split = build_split(cfg, examples)
+    classifier = cfg.model.kind == "classifier"
+    label_to_id = label_mapping(examples) if classifier else None
+    model, tokenizer = load_base_model(cfg, len(label_to_id) if label_to_id else None, where)
+    host = build_host(cfg, model)
+    shapes = host.shapes()
+    specs = client_specs(cfg, host.module_names(), shapes, split.train)
+    k = cfg.sampled_per_round()
+    if k > len(split.training_clients):
+        raise ConfigError(
+            f"clients_per_round: {k} sampled per round but only {len(split.training_clients)} "
+            "clients train; lower clients_per_round"
+        )
+    return Federation(
+        cfg=cfg,
+        examples=examples,
+        split=split,
+        host=host,
+        tokenizer=tokenizer,
+        specs=specs,
+        strategy=build_strategy(cfg, shapes, specs),
+        train_cfg=train_config(cfg),
+        where=where,
+        sets=eval_sets(cfg, split),
+        bound=cfg.robust.bound(),
+        label_to_id=label_to_id,
+        labels=task_labels(examples),
+        full_ft=full_ft_nbytes(shapes),
+    )
+
+
+# -- one round, as named steps ----------------------------------------------------------------
+
+
+@dataclass
+class RoundTally:
+    """What a round's steps count: bytes, replies, training time, and per client its loss
+    and contribution norm (kept updates), why it was dropped, or the fraction kept by a clip."""
+
+    down: int = 0
+    up: int = 0
+    replies: int = 0
+    t_train: float = 0.0
+    losses: list[tuple[float, int]] = field(default_factory=list)
+    norms: dict[str, float] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    clipped: dict[str, float] = field(default_factory=dict)
+
+
+def sample_clients(fed: Federation, sampler: np.random.Generator) -> list[int]:
+    """Step 1: the round's clients, drawn without replacement (seeded, checkpointed)."""
+    k = fed.cfg.sampled_per_round()
+    return sorted(int(c) for c in sampler.choice(fed.train_clients, k, replace=False))
+
+
+def _drop(fed: Federation, tally: RoundTally, rnd: int, client: str, reason: str) -> None:
+    tally.dropped[client] = reason
+    LOG.warning("round %d: client %s dropped: %s", rnd, client, reason)
+    if fed.cfg.robust.fatal_drops:
+        raise FedLoraError(f"round {rnd}: client {client} dropped: {reason} (robust.fatal_drops)")
+
+
+def train_one(fed: Federation, rnd: int, c: int, tally: RoundTally, on_update):
+    """Steps 2-3 for client `c`: configure its payload, train it, check its update against
+    the payload (`fedlora.contract.check_update`). Returns (update, start factors)."""
+    from fedlora.client import train_client
+
+    spec = fed.specs[c]
+    payload = fed.strategy.configure(spec, rnd)
+    tally.down += payload_nbytes(payload)
+    update = train_client(
+        fed.host,
+        spec,
+        payload,
+        fed.client_data(c),
+        fed.train_cfg,
+        fed.tokenizer,
+        server_round=rnd,
+    )
+    tally.up += update_nbytes(update, payload.trainable)
+    tally.replies += 1
+    if on_update is not None:
+        replaced = on_update(rnd, spec, update)
+        if isinstance(replaced, ClientUpdate):
+            update = replaced
+    check_update(fed.strategy, rnd, spec, payload, update)
+    return update, start_of(update, payload)
+
+
+def train_clients(
+    fed: Federation, rnd: int, chosen: Sequence[int], tally: RoundTally, on_update, cbar
+) -> Iterator[tuple[ClientUpdate, Start]]:
+    """Steps 2-3 for the round: each chosen client is trained when the aggregation asks for
+    its update (a streaming strategy holds one at a time). A client that raises (a non-finite
+    loss included) or whose update fails a check is dropped for the round, with the reason."""
+    for c in chosen:
+        spec = fed.specs[c]
+        tc = time.perf_counter()
+        try:
+            item = train_one(fed, rnd, c, tally, on_update)
+        except Exception as e:  # noqa: BLE001 - a failing client is dropped, not the run
+            if fed.cfg.robust.fatal_drops and not isinstance(e, FedLoraError):
+                raise
+            LOG.debug("round %d: client %s failed", rnd, spec.client_id, exc_info=True)
+            reason = str(e) if isinstance(e, FedLoraError) else f"{type(e).__name__}: {e}"
+            _drop(fed, tally, rnd, spec.client_id, reason)
+            item = None
+        tally.t_train += time.perf_counter() - tc
+        if cbar is not None:
+            cbar.update(1)
+        if item is not None:
+            yield item
+
+
+def screen(
+    fed: Federation, rnd: int, items: Iterator[tuple[ClientUpdate, Start]], tally: RoundTally
+) -> Iterator[ClientUpdate]:
+    """Step 4: the norm bounds (`fedlora.robust.screen_updates`). A relative bound needs the
+    round's norms, so the round is gathered first; an absolute one screens the stream."""
+    batches = [list(items)] if fed.bound.needs_round else ([item] for item in items)
+    for batch in batches:
+        result = screen_updates(batch, fed.bound)
+        tally.norms.update(result.norms)
+        tally.clipped.update(result.clipped)
+        for client, reason in result.dropped.items():
+            _drop(fed, tally, rnd, client, reason)
+        for u in result.kept:
+            tally.losses.append((float(u.extras.get("train_loss", math.nan)), u.num_examples))
+            yield u
+
+
+def aggregate(fed: Federation, rnd: int, updates: Iterator[ClientUpdate]) -> bool:
+    """Step 5: fold the kept updates into the strategy; with none, leave the global model
+    unchanged. Returns whether anything was aggregated."""
+    first = next(updates, None)
+    if first is None:
+        LOG.warning("round %d: no usable update; the global model is unchanged", rnd)
+        return False
+    fed.strategy.aggregate(rnd, itertools.chain([first], updates))
+    return True
+
+
+def evaluate_global(fed: Federation, rnd: int) -> list[dict[str, Any]]:
+    """Step 6: the global model on every evaluation set, on schedule (and after the last
+    round)."""
+    from fedlora.evaluate import evaluate
+
+    cfg = fed.cfg
+    if rnd % cfg.eval.every != 0 and rnd != cfg.rounds:
+        return []
+    rows = []
+    with fed.host.use_global(fed.strategy.global_delta()) as gmodel:
+        for name, idx in fed.sets.items():
+            te = time.perf_counter()
+            out = evaluate(
+                gmodel,
+                fed.tokenizer,
+                [fed.examples[i] for i in idx],
+                cfg.eval.metrics,
+                batch_size=cfg.eval.batch_size,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                max_length=cfg.train.max_length,
+                kind=cfg.model.kind,
+                labels=fed.labels,
+                label_to_id=fed.label_to_id,
+                per_task=cfg.eval.per_task,
+                precision=cfg.train.precision,
+            )
+            te = time.perf_counter() - te
+            rows.append({"kind": "eval", "round": rnd, "set": name, **out, "time_eval": te})
+    return rows
+
+
+def round_row(
+    fed: Federation,
+    rnd: int,
+    chosen: Sequence[int],
+    tally: RoundTally,
+    aggregated: bool,
+    totals: dict[str, int],
+    times: dict[str, float],
+) -> dict[str, Any]:
+    """The round's metrics row (`kind="round"`)."""
+    totals["bytes_down"] += tally.down
+    totals["bytes_up"] += tally.up
+    totals["participations"] += tally.replies
+    n_total = sum(n for _, n in tally.losses)
+    return {
+        "kind": "round",
+        "round": rnd,
+        "clients": [fed.specs[c].client_id for c in chosen],
+        "replies": tally.replies,
+        "used": len(tally.losses),
+        "aggregated": aggregated,
+        "dropped": dict(tally.dropped),
+        "clipped": dict(tally.clipped),
+        "update_norms": dict(tally.norms),
+        "train_loss": sum(v * n for v, n in tally.losses) / n_total if n_total else None,
+        "bytes_down": tally.down,
+        "bytes_up": tally.up,
+        "bytes_down_total": totals["bytes_down"],
+        "bytes_up_total": totals["bytes_up"],
+        "full_ft_bytes_total": 2 * fed.full_ft * totals["participations"],
+        **times,
+    }
+
+
+def checkpoint(fed: Federation, run_dir: Path, rnd: int, sampler, rows, totals) -> None:
+    """Step 7: everything needed to resume after round `rnd` (`fedlora.checkpoint`)."""
+    save_checkpoint(
+        run_dir,
+        {
+            "round": rnd,
+            "strategy": fed.strategy.state_dict(),
+            "rng": rng_state(sampler=sampler),
+            "rows": rows,
+            "totals": totals,
+            "config": to_dict(fed.cfg),
+        },
+    )
+
+
+def report_round(log, cfg, row: dict[str, Any], eval_rows, bar) -> None:
+    """Step 8: one log line (and the progress bar) for the round."""
+    seen = next((r for r in eval_rows if r["set"] == "seen_clients"), None)
+    loss = row["train_loss"]
+    log.info(
+        "round %d/%d: train loss %s%s, %d of %d clients used%s, up %s down %s, %.1fs",
+        row["round"],
+        cfg.rounds,
+        "-" if loss is None else f"{loss:.4f}",
+        f", eval loss {seen['loss']:.4f}" if seen and "loss" in seen else "",
+        row["used"],
+        len(row["clients"]),
+        "" if row["aggregated"] else " (no usable update: global model unchanged)",
+        _fmt_bytes(row["bytes_up"]),
+        _fmt_bytes(row["bytes_down"]),
+        row["time_round"],
+    )
+    if bar is not None:
+        bar.set_postfix(loss="-" if loss is None else f"{loss:.3f}")
+        bar.update(1)
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log: logging.Logger | None = None,
-    on_update: Callable[[int, ClientSpec, ClientUpdate], None] | None = None,
+    on_update: Callable[[int, ClientSpec, ClientUpdate], ClientUpdate | None] | None = None,
     on_round_end: Callable[[int, RunResult], None] | None = None,
     profile_memory: bool = False,
     save_final: bool = True,
 ) -> RunResult:
     """Run (or with ``resume=True`` continue) the experiment `cfg`; see the module docstring.
 
-    ``on_update(round, spec, update)`` sees every client update before aggregation;
-    ``on_round_end(round, result)`` runs after each round's checkpoint (raise `RunStopped` to
-    stop there). ``profile_memory`` records the peak traced Python allocations of the round's
-    streamed aggregation (clients train inside the stream, one at a time)
-    (``mem_aggregate_peak_bytes``) and the process RSS (``mem_rss_mb``) in each round row.
+    A directory that already holds a run is refused unless ``resume`` or ``overwrite`` (which
+    removes that run's files first). ``on_update(round, spec, update)`` sees every client
+    update before it is checked and aggregated, and may return a replacement (fault
+    injection); ``on_round_end(round, result)`` runs after each round's checkpoint (raise
+    `RunStopped` to stop there). ``profile_memory`` records the peak traced Python
+    allocations of the round's streamed aggregation (clients train inside the stream, one at
+    a time) (``mem_aggregate_peak_bytes``) and the process RSS (``mem_rss_mb``) in each round
+    row.
     """
     log = log or LOG
     validate_config(cfg)
     run_dir = Path(cfg.output_dir)
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    removed = remove_stale_temp(run_dir)
+    if removed:
+        log.info("removed %d temporary file(s) a killed run left in %s", len(removed), run_dir)
     state = load_checkpoint(run_dir) if resume else None
     if resume and state is None:
         log.info("no checkpoint in %s: starting from round 1", run_dir)
     if state is not None:
-        saved = from_dict(state["config"])
-        # `rounds` may grow: resuming a finished run with more rounds extends it
-        changed = diff(saved, cfg, ignore=("output_dir", "threads", "rounds"))
-        if cfg.rounds < int(state["round"]):
-            raise ConfigError(
-                f"rounds = {cfg.rounds}: the checkpoint in {run_dir} is already at round "
-                f"{state['round']}; resume with rounds >= {state['round']} or use a new output_dir"
-            )
-        if changed:
-            raise ConfigError(
-                f"cannot resume {run_dir}: the configuration differs from the checkpointed "
-                f"one in {', '.join(changed)} (checkpointed: "
-                + ", ".join(f"{k} = {_get(saved, k)!r}" for k in changed[:3])
-                + "); use the original values or a new output_dir"
-            )
+        check_resumable(state, cfg, run_dir)
     threads = set_threads(cfg.threads)
     t_setup = time.perf_counter()
-    where = placement(cfg)
-
-    from fedlora.data import encode_classification, label_mapping
-    from fedlora.evaluate import evaluate, task_labels
-
-    examples = load_data(cfg)
-    split = build_split(cfg, examples)
-    classifier = cfg.model.kind == "classifier"
-    label_to_id = label_mapping(examples) if classifier else None
-    labels = task_labels(examples)
-    model, tokenizer = load_base_model(cfg, len(label_to_id) if classifier else None, where)
-    host = build_host(cfg, model)
-    shapes = host.shapes()
-    modules = host.module_names()
-    specs = client_specs(cfg, modules, shapes, split.train)
-    strategy = build_strategy(cfg, shapes, specs)
-    train_clients = split.training_clients
-    k = cfg.sampled_per_round()
-    if k > len(train_clients):
-        raise ConfigError(
-            f"clients_per_round: {k} sampled per round but only {len(train_clients)} clients "
-            "train; lower clients_per_round"
-        )
-    sets = eval_sets(cfg, split)
-    train_cfg = train_config(cfg)
+    fed = setup(cfg)
     sampler = np.random.default_rng([cfg.seed, 7])
-    full_ft = full_ft_nbytes(shapes)
-
     rows: list[dict[str, Any]] = []
     start = 1
     totals = {"bytes_down": 0, "bytes_up": 0, "participations": 0}
     if state is not None:
-        strategy.load_state_dict(state["strategy"])
+        fed.strategy.load_state_dict(state["strategy"])
         set_rng_state(state["rng"], sampler=sampler)
         rows = list(state["rows"])
         totals = dict(state["totals"])
         start = int(state["round"]) + 1
         log.info("resuming %s after round %d", run_dir, state["round"])
+    elif overwrite:
+        clear_run_dir(run_dir, log)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.toml", dumps_toml(cfg))
     metrics = _Jsonl(run_dir / "metrics.jsonl", rows)
-    result = RunResult(run_dir, cfg, rows, {}, strategy, specs)
+    result = RunResult(run_dir, cfg, rows, {}, fed.strategy, fed.specs)
     log.info(
         "%s: %s on %s (%s, %s, %s weights), %d clients (%d train, %d per round), %d modules, "
         "%d threads, setup %.1fs",
         cfg.name,
         cfg.strategy.name,
         cfg.model.name,
-        where.device,
-        precision_name(where.compute),
-        str(where.storage).replace("torch.", ""),
-        len(specs),
-        len(train_clients),
-        k,
-        len(modules),
+        fed.where.device,
+        precision_name(fed.where.compute),
+        str(fed.where.storage).replace("torch.", ""),
+        len(fed.specs),
+        len(fed.train_clients),
+        cfg.sampled_per_round(),
+        len(fed.host.module_names()),
         threads,
         time.perf_counter() - t_setup,
     )
 
-    def client_data(c: int):
-        ex = [examples[i] for i in split.train[c]]
-        if classifier:
-            return [
-                encode_classification(tokenizer, e, label_to_id, cfg.train.max_length)
-                for e in ex
-                if e.label is not None
-            ]
-        return ex
-
     bar = _bar(progress, cfg.rounds, start)
-    for rnd in range(start, cfg.rounds + 1):
-        t0 = time.perf_counter()
-        chosen = sorted(int(c) for c in sampler.choice(train_clients, k, replace=False))
-        tally = {"down": 0, "up": 0, "replies": 0, "t_train": 0.0, "losses": []}
-        cbar = _bar(progress, len(chosen), 1, leave=False, desc=f"round {rnd}", unit="client")
-        stream = _trained_updates(
-            chosen,
-            rnd,
-            strategy,
-            specs,
-            host,
-            client_data,
-            train_cfg,
-            tokenizer,
-            on_update,
-            tally,
-            cbar,
-        )
-        if profile_memory:
-            tracemalloc.start()
-        strategy.aggregate(rnd, stream)
-        mem: dict[str, float] = {}
-        if profile_memory:
-            mem["mem_aggregate_peak_bytes"] = float(tracemalloc.get_traced_memory()[1])
-            tracemalloc.stop()
-        if cbar is not None:
-            cbar.close()
-        t2 = time.perf_counter()
-        t1 = t0 + tally["t_train"]  # aggregation time below excludes the clients' training
-        down, up, replies, losses = tally["down"], tally["up"], tally["replies"], tally["losses"]
-        eval_rows = []
-        if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
-            with host.use_global(strategy.global_delta()) as gmodel:
-                for name, idx in sets.items():
-                    te = time.perf_counter()
-                    out = evaluate(
-                        gmodel,
-                        tokenizer,
-                        [examples[i] for i in idx],
-                        cfg.eval.metrics,
-                        batch_size=cfg.eval.batch_size,
-                        max_new_tokens=cfg.eval.max_new_tokens,
-                        max_length=cfg.train.max_length,
-                        kind=cfg.model.kind,
-                        labels=labels,
-                        label_to_id=label_to_id,
-                        per_task=cfg.eval.per_task,
-                        precision=cfg.train.precision,
-                    )
-                    eval_rows.append(
-                        {
-                            "kind": "eval",
-                            "round": rnd,
-                            "set": name,
-                            **out,
-                            "time_eval": time.perf_counter() - te,
-                        }
-                    )
-        t3 = time.perf_counter()
-        totals["bytes_down"] += down
-        totals["bytes_up"] += up
-        totals["participations"] += replies
-        n_total = sum(n for _, n in losses)
-        row = {
-            "kind": "round",
-            "round": rnd,
-            "clients": [specs[c].client_id for c in chosen],
-            "replies": replies,
-            "train_loss": sum(v * n for v, n in losses) / n_total,
-            "bytes_down": down,
-            "bytes_up": up,
-            "bytes_down_total": totals["bytes_down"],
-            "bytes_up_total": totals["bytes_up"],
-            "full_ft_bytes_total": 2 * full_ft * totals["participations"],
-            "time_train": t1 - t0,
-            "time_aggregate": t2 - t1,
-            "time_eval": t3 - t2,
-            "time_round": t3 - t0,
-            **mem,
-        }
-        if profile_memory:
-            row["mem_rss_mb"] = _rss_mb()
-        for r in (row, *eval_rows):
-            rows.append(r)
-            metrics.append(r)
-        save_checkpoint(
-            run_dir,
-            {
-                "round": rnd,
-                "strategy": strategy.state_dict(),
-                "rng": rng_state(sampler=sampler),
-                "rows": rows,
-                "totals": totals,
-                "config": to_dict(cfg),
-            },
-        )
-        seen = next((r for r in eval_rows if r["set"] == "seen_clients"), None)
-        log.info(
-            "round %d/%d: train loss %.4f%s, %d replies, up %s down %s, %.1fs",
-            rnd,
-            cfg.rounds,
-            row["train_loss"],
-            f", eval loss {seen['loss']:.4f}" if seen and "loss" in seen else "",
-            replies,
-            _fmt_bytes(up),
-            _fmt_bytes(down),
-            row["time_round"],
-        )
-        if bar is not None:
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}")
-            bar.update(1)
-        if on_round_end is not None:
-            try:
+    try:
+        for rnd in range(start, cfg.rounds + 1):
+            t0 = time.perf_counter()
+            chosen = sample_clients(fed, sampler)
+            tally = RoundTally()
+            cbar = _bar(progress, len(chosen), 1, leave=False, desc=f"round {rnd}", unit="client")
+            if profile_memory:
+                tracemalloc.start()
+            stream = train_clients(fed, rnd, chosen, tally, on_update, cbar)
+            aggregated = aggregate(fed, rnd, screen(fed, rnd, stream, tally))
+            mem: dict[str, float] = {}
+            if profile_memory:
+                mem["mem_aggregate_peak_bytes"] = float(tracemalloc.get_traced_memory()[1])
+                tracemalloc.stop()
+                mem["mem_rss_mb"] = _rss_mb()
+            if cbar is not None:
+                cbar.close()
+            t2 = time.perf_counter()
+            eval_rows = evaluate_global(fed, rnd)
+            t3 = time.perf_counter()
+            times = {
+                # aggregation time excludes the clients' training, done inside the stream
+                "time_train": tally.t_train,
+                "time_aggregate": t2 - t0 - tally.t_train,
+                "time_eval": t3 - t2,
+                "time_round": t3 - t0,
+                **mem,
+            }
+            row = round_row(fed, rnd, chosen, tally, aggregated, totals, times)
+            for r in (row, *eval_rows):
+                rows.append(r)
+                metrics.append(r)
+            checkpoint(fed, run_dir, rnd, sampler, rows, totals)
+            report_round(log, cfg, row, eval_rows, bar)
+            if on_round_end is not None:
                 on_round_end(rnd, result)
-            except RunStopped:
-                if bar is not None:
-                    bar.close()
-                raise
-    if bar is not None:
-        bar.close()
-
-    result.summary = _summary(cfg, rows, totals, full_ft, specs, split)
+    finally:
+        if bar is not None:
+            bar.close()
+    result.summary = _summary(cfg, rows, totals, fed.full_ft, fed.specs, fed.split)
     atomic_write_text(run_dir / "summary.json", json.dumps(result.summary, indent=2) + "\n")
     if save_final:
-        delta = strategy.global_delta()
+        delta = fed.strategy.global_delta()
         if any(f.rank > 0 for f in delta.values()):
-            host.save_adapter(delta, run_dir / "adapter", alpha=None)
+            fed.host.save_adapter(delta, run_dir / "adapter", alpha=None)
             if cfg.model.save_merged:
-                host.merge_and_save(delta, run_dir / "merged", tokenizer)
+                fed.host.merge_and_save(delta, run_dir / "merged", fed.tokenizer)
     return result
-
-
-def _trained_updates(
-    chosen, rnd, strategy, specs, host, client_data, train_cfg, tokenizer, on_update, tally, cbar
-):
-    """Train the chosen clients one at a time, as the strategy consumes them: a streaming
-    strategy (flexlora, flora) never holds more than one client's update. Counts bytes, losses
-    and training time into `tally`."""
-    from fedlora.client import train_client
-
-    for c in chosen:
-        tc = time.perf_counter()
-        spec = specs[c]
-        payload = strategy.configure(spec, rnd)
-        tally["down"] += payload_nbytes(payload)
-        update = train_client(
-            host, spec, payload, client_data(c), train_cfg, tokenizer, server_round=rnd
-        )
-        tally["up"] += update_nbytes(update, payload.trainable)
-        if on_update is not None:
-            on_update(rnd, spec, update)
-        loss = float(update.extras.get("train_loss", float("nan")))
-        tally["losses"].append((loss, update.num_examples))
-        tally["replies"] += 1
-        tally["t_train"] += time.perf_counter() - tc
-        if cbar is not None:
-            cbar.set_postfix(loss=f"{loss:.3f}")
-            cbar.update(1)
-        yield update
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -643,6 +877,10 @@ def _summary(cfg, rows, totals, full_ft, specs, split) -> dict[str, Any]:
         "full_ft_bytes": full,
         "comm_ratio_vs_full_ft": lora / full if full else None,
         "final": final,
+        # per round with any: client -> why it was dropped / the fraction of it kept by a clip
+        "dropped": {str(r["round"]): r["dropped"] for r in rounds if r.get("dropped")},
+        "clipped": {str(r["round"]): r["clipped"] for r in rounds if r.get("clipped")},
+        "rounds_without_update": [r["round"] for r in rounds if not r.get("aggregated", True)],
         "time_train": sum(r["time_train"] for r in rounds),
         "time_aggregate": sum(r["time_aggregate"] for r in rounds),
         "time_eval": sum(r["time_eval"] for r in rounds),

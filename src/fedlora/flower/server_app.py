@@ -98,6 +98,7 @@ def build(run_config: Mapping[str, Any]) -> FlowerStrategy:
         sample_seed=cfg.seed,
         client_specs=backend.training_specs(),
         clients_per_round=k,
+        norm_bound=cfg.robust.bound(),
     )
     fs.num_rounds = cfg.rounds
     fs.result_dir = str(run_config.get("result-dir", "") or "") or cfg.output_dir

@@ -7,9 +7,11 @@ Per round:
    then builds one `Payload` per node with ``strategy.configure(spec, round)`` and sends it with
    the resolved spec. A node whose declaration is invalid is logged and skipped.
 2. ``aggregate_train`` decodes each reply and checks it on its own (error reply, undecodable,
-   wrong client, NaN/Inf, wrong shapes or ranks, LoRA-A2 slots) before anything is aggregated;
-   a bad reply is dropped with its reason logged, the rest go to ``strategy.aggregate``. The
-   returned metrics say how many replies were used.
+   then `fedlora.contract.check_update`: wrong client, NaN/Inf, wrong shapes or ranks, LoRA-A2
+   slots), then bounds the contribution norms (`fedlora.robust.screen_updates`, as the
+   in-process engine does) before anything is aggregated; a bad reply is dropped with its
+   reason logged, the rest go to ``strategy.aggregate``. The returned metrics say how many
+   replies were used.
 
 Clients are stateless: every payload carries what the node needs (merge, adapter, seed), so a
 node that missed rounds trains from the current global model.
@@ -17,7 +19,6 @@ node that missed rounds trains from the current global model.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,18 +31,20 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlwrStrategy
 
+from fedlora.config import RobustConfig
 from fedlora.contract import (
     ClientSpec,
     ClientUpdate,
     FedLoraError,
     Payload,
     Strategy,
+    check_update,
     payload_nbytes,
     update_nbytes,
-    validate_updates,
 )
 from fedlora.flower import codec
 from fedlora.flower.nodes import resolve_spec
+from fedlora.robust import NormBound, Start, screen_updates, start_of
 
 HELLO = "query.hello"
 
@@ -79,8 +82,11 @@ class FlowerStrategy(FlwrStrategy):
         sample_seed: int = 0,
         client_specs: Mapping[int, ClientSpec] | None = None,
         clients_per_round: int | None = None,
+        norm_bound: NormBound | None = None,
     ) -> None:
         self.strategy = strategy
+        # the engine's defaults (`fedlora.config.RobustConfig`) unless told otherwise
+        self.norm_bound = norm_bound if norm_bound is not None else RobustConfig().bound()
         self.shapes = {m: (int(s[0]), int(s[1])) for m, s in shapes.items()}
         self.fraction_train = fraction_train
         self.min_nodes = min_nodes
@@ -269,31 +275,7 @@ class FlowerStrategy(FlwrStrategy):
             raise FedLoraError(f"undecodable reply: {e}") from None
         if u.client_id != spec.client_id:
             raise FedLoraError(f"reply claims client {u.client_id!r}, expected {spec.client_id!r}")
-        for k, v in u.extras.items():
-            if isinstance(v, float) and not math.isfinite(v):
-                raise FedLoraError(f"metric {k} is {v}")
-        partial = "slots" in payload.extras or "budget" in payload.extras
-        validate_updates(
-            server_round, [u], shapes=self.shapes, strategy=self.strategy.name, same_modules=False
-        )
-        self.strategy.check_updates(server_round, [u], same_modules=False)
-        sent = payload.adapter if payload.adapter is not None else dict(spec.ranks)
-        if partial:
-            extra = set(u.adapter) - set(sent)
-            if extra:
-                raise FedLoraError(f"uploaded modules it was not sent: {sorted(extra)[:3]}")
-            if self.strategy.name == "lora_a2":
-                from fedlora.strategies.lora_a2 import check_slots
-
-                check_slots(
-                    u,
-                    self.strategy.global_rank,
-                    self.strategy.budgets.get(spec.client_id),
-                    server_round,
-                )
-        elif set(u.adapter) != set(sent):
-            diff = sorted(set(u.adapter) ^ set(sent))
-            raise FedLoraError(f"sent modules {diff[:3]} ... that differ from its payload")
+        check_update(self.strategy, server_round, spec, payload, u, shapes=self.shapes)
         return u
 
     def aggregate_train(
@@ -309,7 +291,7 @@ class FlowerStrategy(FlwrStrategy):
                 else (2, m.metadata.src_node_id, "")
             ),
         )
-        used: list[ClientUpdate] = []
+        checked: list[tuple[ClientUpdate, Start]] = []
         dropped: dict[str, str] = {}
         up_bytes = up_trained = 0
         seen = set()
@@ -333,13 +315,18 @@ class FlowerStrategy(FlwrStrategy):
                     e,
                 )
                 continue
-            used.append(u)
+            checked.append((u, start_of(u, self._sent[node][1])))
             up_bytes += codec.record_nbytes(msg.content)
             up_trained += update_nbytes(u, self._sent[node][1].trainable)
         for node in set(self._sent) - seen:
             who = self._sent[node][0].client_id
             dropped[who] = "no reply (failed or timed out)"
             log(WARNING, "fedlora: round %s: node %s (%s) sent no reply", server_round, node, who)
+        screened = screen_updates(checked, self.norm_bound)
+        for who, reason in screened.dropped.items():
+            dropped[who] = reason
+            log(WARNING, "fedlora: round %s: dropped client %s: %s", server_round, who, reason)
+        used = screened.kept
         error = None
         if used:
             try:
@@ -386,6 +373,8 @@ class FlowerStrategy(FlwrStrategy):
                 "round": server_round,
                 "used": [u.client_id for u in used] if error is None else [],
                 "dropped": dropped,
+                "clipped": screened.clipped,
+                "update_norms": screened.norms,
                 "error": error,
                 "num_examples": total,
                 "metrics": dict(metrics),

@@ -62,16 +62,18 @@ class FFALoRA(Strategy):
             adapter[module] = LoraFactors(A.float(), (self.G[module][:, :r] / s).float(), s)
         return self.expect(client, Payload(None, adapter, frozenset({"B"}), seed=self.seed))
 
+    def check_update(self, server_round: int, update: ClientUpdate) -> None:
+        super().check_update(server_round, update)
+        for module, f in update.adapter.items():
+            A = self.shared_A(module, f.rank).float()
+            if not torch.allclose(f.A, A, rtol=1e-5, atol=1e-7):
+                raise FedLoraError(
+                    f"ffa_lora: round {server_round}, client {update.client_id}, module "
+                    f"{module}: A differs from the shared frozen A (was it trained?)"
+                )
+
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
         updates = self.check_updates(server_round, updates)
-        for u in updates:
-            for module, f in u.adapter.items():
-                A = self.shared_A(module, f.rank).float()
-                if not torch.allclose(f.A, A, rtol=1e-5, atol=1e-7):
-                    raise FedLoraError(
-                        f"ffa_lora: round {server_round}, client {u.client_id}, module {module}: "
-                        "A differs from the shared frozen A (was it trained?)"
-                    )
         weights = self.weights(updates)
         for module in updates[0].adapter:
             G = torch.zeros_like(self.G[module])

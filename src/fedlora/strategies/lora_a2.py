@@ -95,11 +95,13 @@ class LoRAA2(Strategy):
         }
         return Payload(None, adapter, self.trainable(server_round), self.seed, {"budget": budget})
 
+    def check_update(self, server_round: int, update: ClientUpdate) -> None:
+        super().check_update(server_round, update)
+        check_slots(update, self.global_rank, self.budgets.get(update.client_id), server_round)
+
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
         updates = self.check_updates(server_round, updates, same_modules=False)
         trained = "B" if "B" in self.trainable(server_round) else "A"
-        for u in updates:
-            check_slots(u, self.global_rank, self.budgets.get(u.client_id), server_round)
         weights = self.weights(updates)
         for module in self.shapes:
             old = self.B[module] if trained == "B" else self.A[module].T  # slots as columns

@@ -1,0 +1,312 @@
+"""Update-norm defences (`fedlora.robust`, `fedlora.norms.clip_contribution`) against float64
+numpy references, and per-client fault isolation in the in-process engine: every kind of bad
+update, for every strategy, drops its client and the run goes on."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import SHAPES, np_delta
+
+import fedlora.strategies as registry
+from fedlora.config import load_preset
+from fedlora.contract import ClientUpdate, FedLoraError, LoraFactors, Payload
+from fedlora.engine import run_experiment
+from fedlora.norms import clip_contribution, scale_adapter
+from fedlora.robust import NormBound, screen_updates, start_of
+
+# -- the maths, against numpy ------------------------------------------------------------------
+
+
+def _factors(rng, shape, r, scale, zero_b=False):
+    d_out, d_in = shape
+    A = torch.tensor(rng.standard_normal((r, d_in)), dtype=torch.float32)
+    B = torch.zeros(d_out, r) if zero_b else torch.tensor(rng.standard_normal((d_out, r)))
+    return LoraFactors(A, B.float(), scale)
+
+
+def _np_contribution(adapter, start) -> float:
+    sq = 0.0
+    for m, f in adapter.items():
+        d = np_delta(f) - (np_delta(start[m]) if start.get(m) is not None else 0.0)
+        sq += float((d**2).sum())
+    return math.sqrt(sq)
+
+
+@pytest.mark.parametrize("case", ["both_trained", "b_trained", "fresh_start", "pruned_tail"])
+def test_clip_contribution_reaches_the_bound(case):
+    rng = np.random.default_rng(7)
+    start = {m: _factors(rng, s, 4, 2.0, zero_b=case == "fresh_start") for m, s in SHAPES.items()}
+    if case == "pruned_tail":  # a small last slot, the one the client prunes
+        start = {m: LoraFactors(f.A, torch.cat([f.B[:, :3], 0.01 * f.B[:, 3:]], 1), f.scale)
+                 for m, f in start.items()}  # fmt: skip
+    after = {}
+    for m, f0 in start.items():
+        step = _factors(rng, SHAPES[m], 4, 2.0)
+        A = f0.A if case == "b_trained" else f0.A + step.A
+        after[m] = LoraFactors(A, f0.B + step.B, 2.0)
+        if case == "pruned_tail":  # HetLoRA: the client uploads its first 3 slots only
+            after[m] = LoraFactors(after[m].A[:3], after[m].B[:, :3], 2.0)
+    full = _np_contribution(after, start)
+    bound = 0.3 * full
+    clipped, norm, t = clip_contribution(after, start, bound)
+    assert norm == pytest.approx(full, rel=1e-9)
+    assert clipped is not None and 0 < t < 1
+    assert _np_contribution(clipped, start) == pytest.approx(bound, rel=1e-4)
+    assert _np_contribution(clipped, start) <= bound * (1 + 1e-5)
+    for m, f in clipped.items():  # same ranks and scales: the strategy accepts it
+        assert f.A.shape == after[m].A.shape and f.scale == after[m].scale
+    if case in ("b_trained", "fresh_start"):  # linear: exactly t times the contribution
+        for m in after:
+            base = np_delta(start[m])
+            want = base + t * (np_delta(after[m]) - base)
+            np.testing.assert_allclose(np_delta(clipped[m]), want, rtol=1e-5, atol=1e-6)
+    if case == "pruned_tail":  # a bound below the dropped tail's own norm cannot be met
+        tail = _np_contribution({m: LoraFactors(f.A[:3], f.B[:, :3], f.scale)
+                                 for m, f in start.items()}, start)  # fmt: skip
+        assert clip_contribution(after, start, 0.5 * tail)[0] is None
+    # within the bound already: unchanged
+    same, _, t1 = clip_contribution(after, start, 2 * full)
+    assert t1 == 1.0 and all(same[m] is after[m] for m in after)
+
+
+def test_start_of_lora_a2_slots_compares_the_uploaded_slots():
+    rng = np.random.default_rng(1)
+    sent = {m: _factors(rng, s, 6, 1.5) for m, s in SHAPES.items()}
+    slots = {"attn": torch.tensor([1, 4]), "mlp": torch.tensor([0, 2, 5])}
+    up = {}
+    for m, idx in slots.items():
+        f = sent[m]
+        B = f.B[:, idx] + torch.tensor(rng.standard_normal((f.B.shape[0], len(idx)))).float()
+        up[m] = LoraFactors(f.A[idx], B, 1.5)
+    u = ClientUpdate("c", up, 5, {"slots": slots})
+    start = start_of(u, Payload(None, sent))
+    got = screen_updates([(u, start)], NormBound()).norms["c"]
+    # numpy: only the uploaded slots' B moved; the contribution is dB_sel @ A_sel
+    want = math.sqrt(
+        sum(
+            float(
+                (
+                    (
+                        1.5
+                        * (up[m].B.double().numpy() - sent[m].B[:, idx].double().numpy())
+                        @ sent[m].A[idx].double().numpy()
+                    )
+                    ** 2
+                ).sum()
+            )
+            for m, idx in slots.items()
+        )
+    )
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+def _round(rng, n, scaled=None, factor=1e6):
+    items = []
+    for i in range(n):
+        adapter = {m: _factors(rng, s, 2, 1.0) for m, s in SHAPES.items()}
+        if i == scaled:
+            adapter = scale_adapter(adapter, factor)
+        items.append((ClientUpdate(str(i), adapter, 10), {}))
+    return items
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_relative_bound_rejects_a_giant_update_even_in_a_round_of_two(n):
+    items = _round(np.random.default_rng(n), n, scaled=n - 1)
+    out = screen_updates(items, NormBound(max_ratio=10.0))
+    assert [u.client_id for u in out.kept] == [str(i) for i in range(n - 1)]
+    assert list(out.dropped) == [str(n - 1)]
+    assert "robust.max_norm_ratio = 10" in out.dropped[str(n - 1)]
+    for u, start in items:  # the norms are the numpy ones
+        assert out.norms[u.client_id] == pytest.approx(_np_contribution(u.adapter, start), 1e-9)
+
+
+def test_absolute_bound_and_clip_action():
+    items = _round(np.random.default_rng(3), 4)
+    norms = [_np_contribution(u.adapter, s) for u, s in items]
+    limit = sorted(norms)[1] * 1.0001  # two under, two over
+    out = screen_updates(items, NormBound(max_norm=limit, action="clip"))
+    assert len(out.kept) == 4 and not out.dropped
+    assert sorted(out.clipped) == sorted(str(i) for i, n in enumerate(norms) if n > limit)
+    for u in out.kept:
+        assert _np_contribution(u.adapter, {}) <= limit * (1 + 1e-5)
+    rejected = screen_updates(items, NormBound(max_norm=limit))
+    assert len(rejected.kept) == 2 and "robust.max_update_norm" in next(
+        iter(rejected.dropped.values())
+    )
+
+
+def test_no_reference_no_relative_bound():
+    items = _round(np.random.default_rng(4), 1, scaled=0)
+    assert len(screen_updates(items, NormBound(max_ratio=2.0)).kept) == 1
+    with pytest.raises(FedLoraError, match="max_ratio"):
+        NormBound(max_ratio=-1.0)
+
+
+# -- the engine: one bad client is a dropped client ------------------------------------------
+
+
+def _cfg(tmp_path, name, **extra):
+    overrides = {
+        "output_dir": str(tmp_path / name),
+        "rounds": 4,
+        "clients_per_round": 3,
+        "strategy.name": name,
+        "data.num_clients": 5,
+        "data.tasks": ["wn_antonym", "rt_sentiment", "fortune_author", "wn_part_of_speech"],
+        "data.heldout_tasks": [],
+        "data.max_examples_per_client": 8,
+        "train.local_steps": 1,
+        "train.max_length": 40,
+        "eval.every": 100,
+        "eval.metrics": ["loss"],
+        "eval.max_examples": 4,
+        "eval.per_task": False,
+        **extra,
+    }
+    if name in ("fedit", "fedex_lora"):
+        overrides.update({"resources.distribution": "homogeneous", "resources.homogeneous_rank": 2})
+    return load_preset("tiny", overrides)
+
+
+def _corrupt(u: ClientUpdate, kind: str) -> ClientUpdate:
+    m = sorted(u.adapter)[0]
+    f = u.adapter[m]
+    adapter = dict(u.adapter)
+    n, extras = u.num_examples, dict(u.extras)
+    if kind == "nan":
+        B = f.B.clone()
+        B[0, 0] = math.nan
+        adapter[m] = LoraFactors(f.A, B, f.scale)
+    elif kind == "shape":
+        adapter[m] = LoraFactors(torch.zeros(f.rank, f.A.shape[1] + 1), f.B, f.scale)
+    elif kind == "rank":
+        adapter[m] = LoraFactors(
+            torch.cat([f.A, f.A[:1]]), torch.cat([f.B, f.B[:, :1]], 1), f.scale
+        )
+    elif kind == "zero_examples":
+        n = 0
+    elif kind == "loss":
+        extras["train_loss"] = math.inf
+    elif kind == "scaled":
+        adapter = scale_adapter(adapter, 1e6)
+    elif kind == "exception":
+        raise RuntimeError("client crashed")
+    return ClientUpdate(u.client_id, adapter, n, extras)
+
+
+KINDS = ["nan", "shape", "rank", "zero_examples", "loss", "scaled", "exception"]
+REASONS = {
+    "nan": "NaN or Inf",
+    "shape": "shape",
+    "rank": "rank",
+    "zero_examples": "num_examples",
+    "loss": "train_loss is inf",
+    "scaled": "robust.max_norm_ratio",
+    "exception": "RuntimeError: client crashed",
+}
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_bad_update_kind_drops_only_its_client(tmp_path, name):
+    """Rounds 1-3: two of the three clients are bad (7 kinds), round 4 all three are bad."""
+    plan: dict[tuple[int, str], str] = {}
+    pending = iter(KINDS)
+
+    def inject(rnd, spec, update):
+        per_round = plan_round.setdefault(rnd, [])
+        if rnd == 4 or len(per_round) < 2:
+            kind = next(pending, "nan")
+            per_round.append(kind)
+            plan[(rnd, spec.client_id)] = kind
+            return _corrupt(update, kind)
+        return None
+
+    plan_round: dict[int, list[str]] = {}
+    result = run_experiment(_cfg(tmp_path, name), progress=False, on_update=inject)
+    rows = result.round_rows()
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        bad = {c: k for (rnd, c), k in plan.items() if rnd == r["round"]}
+        assert set(r["dropped"]) == set(bad), r["dropped"]
+        for c, kind in bad.items():
+            assert REASONS[kind] in r["dropped"][c], (kind, r["dropped"][c])
+        assert r["used"] == 3 - len(bad)
+        assert r["aggregated"] == (r["used"] > 0)
+        if r["used"]:
+            assert math.isfinite(r["train_loss"])
+    assert set(KINDS) <= set(plan.values())
+    assert result.summary["rounds_without_update"] == [4]
+    assert set(result.summary["dropped"]) == {"1", "2", "3", "4"}
+    for f in result.strategy.global_delta().values():
+        assert torch.isfinite(f.A).all() and torch.isfinite(f.B).all()
+        assert float(f.delta().abs().max()) < 1e3  # nothing of the 1e6-scaled update got in
+
+
+def test_round_without_usable_update_leaves_the_model_unchanged(tmp_path):
+    seen = {}
+
+    def record(rnd, result):
+        seen[rnd] = {m: f.delta() for m, f in result.strategy.global_delta().items()}
+
+    def crash_in_round_3(rnd, spec, update):
+        if rnd == 3:
+            raise RuntimeError("all down")
+
+    run_experiment(
+        _cfg(tmp_path, "flexlora"),
+        progress=False,
+        on_update=crash_in_round_3,
+        on_round_end=record,
+    )
+    assert seen[3].keys() == seen[2].keys()
+    for m in seen[2]:
+        assert torch.equal(seen[3][m], seen[2][m])
+    assert not torch.equal(seen[4][m], seen[3][m])
+
+
+def test_clip_action_keeps_a_giant_update_within_the_bound(tmp_path):
+    def scale_first(rnd, spec, update):
+        return _corrupt(update, "scaled") if spec.client_id == first[rnd] else None
+
+    first: dict[int, str] = {}
+
+    def pick(rnd, spec, update):
+        first.setdefault(rnd, spec.client_id)
+        return scale_first(rnd, spec, update)
+
+    cfg = _cfg(tmp_path, "flora", **{"robust.action": "clip", "robust.max_norm_ratio": 3.0})
+    result = run_experiment(cfg, progress=False, on_update=pick)
+    for r in result.round_rows():
+        c = first[r["round"]]
+        assert c in r["clipped"] and not r["dropped"] and r["used"] == 3
+        others = [n for k, n in r["update_norms"].items() if k != c]
+        assert 0 < r["clipped"][c] < 1e-4  # it kept a tiny fraction of its 1e6-scaled delta
+        assert r["update_norms"][c] > 1e4 * max(others)  # the norm before clipping
+
+
+def test_nan_loss_from_a_huge_learning_rate_drops_clients_not_the_run(tmp_path):
+    cfg = _cfg(tmp_path, "flexlora", **{"train.lr": 1e6, "rounds": 2})
+    result = run_experiment(cfg, progress=False)
+    reasons = [v for r in result.round_rows() for v in r["dropped"].values()]
+    # a diverging client: a non-finite loss in training, or NaN/Inf factors on its way back
+    assert reasons and all(("loss became" in v) or ("NaN or Inf" in v) for v in reasons)
+    assert [r["round"] for r in result.round_rows()] == [1, 2]
+    for f in result.strategy.global_delta().values():
+        assert torch.isfinite(f.B).all()
+
+
+def test_fatal_drops_stop_the_run(tmp_path):
+    cfg = _cfg(tmp_path, "flora", **{"robust.fatal_drops": True})
+    with pytest.raises(FedLoraError, match="robust.fatal_drops"):
+        run_experiment(cfg, progress=False, on_update=lambda r, s, u: _corrupt(u, "nan"))
+    with pytest.raises(RuntimeError, match="client crashed"):  # the real error, traceback kept
+        run_experiment(
+            _cfg(tmp_path / "b", "flora", **{"robust.fatal_drops": True}),
+            progress=False,
+            on_update=lambda r, s, u: _corrupt(u, "exception"),
+        )
