@@ -195,3 +195,26 @@ def test_explicit_device_must_be_the_hosts(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     with pytest.raises(FedLoraError, match=r"client zed: TrainConfig.device = 'cuda'.* on cpu"):
         train_client(host, spec, Payload(None, None), lm_examples(4), TrainConfig(device="cuda"))
+
+
+def test_fp16_trains_through_the_gradient_scaler(monkeypatch):
+    scaled = []
+    original = torch.amp.GradScaler.scale
+
+    def record(self, outputs):
+        scaled.append(self.is_enabled())
+        return original(self, outputs)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", record)
+    data = lm_examples(8)
+    host = llama_host()
+    spec = ClientSpec("c", {m: 4 for m in host.module_names()})
+    cfg = TrainConfig(local_steps=3, lr=1e-2, seed=2)
+    f32 = train_client(host, spec, Payload(None, None), data, cfg)
+    assert scaled and not any(scaled)
+    scaled.clear()
+    cfg16 = TrainConfig(local_steps=3, lr=1e-2, seed=2, precision="fp16")
+    f16 = train_client(host, spec, Payload(None, None), data, cfg16)
+    assert scaled and all(scaled)  # every backward went through an enabled scaler
+    assert f16.extras["first_loss"] == pytest.approx(f32.extras["first_loss"], rel=1e-2)
+    assert f16.extras["last_loss"] == pytest.approx(f32.extras["last_loss"], rel=2e-2)
