@@ -78,6 +78,28 @@ def test_loss_matches_float64_reference(tiny_llama):
     assert one["loss"] == pytest.approx(out["loss"], rel=1e-6)
 
 
+def test_bf16_evaluation_tracks_the_float64_loss_and_generates_with_the_kv_cache(
+    tiny_llama, monkeypatch
+):
+    model, tok = tiny_llama
+    calls = []
+    original = type(model).generate
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("use_cache"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    out = evaluate(
+        model, tok, EXAMPLES, ("loss", "rouge_l"), batch_size=2, max_new_tokens=3,
+        max_length=48, precision="bf16",
+    )  # fmt: skip
+    ref = _reference_loss(model, tok, EXAMPLES, 48)
+    assert out["loss"] == pytest.approx(ref, rel=1e-2)  # bf16 rounding, still close
+    assert out["loss"] != pytest.approx(ref, rel=1e-6)  # ... and bf16 did run
+    assert calls and all(c is True for c in calls)
+
+
 def test_generation_and_constrained_classification(tiny_llama):
     model, tok = tiny_llama
     out = evaluate(
