@@ -94,8 +94,10 @@ def fedlora_variant(host, spec, examples, precision: str):
 
 
 def time_variants(variants: dict, reps: int) -> dict[str, list[float]]:
-    for step in variants.values():  # warm-up
+    for name, step in variants.items():  # warm-up
+        t = time.perf_counter()
         step()
+        print(f"  warm-up {name}: {time.perf_counter() - t:.2f}s", flush=True)
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(reps):
