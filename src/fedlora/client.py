@@ -63,7 +63,8 @@ class TrainConfig:
     of the forward passes, ``"fp32"`` | ``"bf16"`` | ``"fp16"`` | ``"auto"`` (bf16 where the
     device computes it natively, see `fedlora.device`); the LoRA factors and AdamW state stay
     float32. Its default here is ``"fp32"`` (a library call computes exactly what it did
-    before); the experiment configuration's ``train.precision`` defaults to ``"auto"``. ``grad_accum_steps`` micro-batches of ``batch_size`` make one optimizer step.
+    before); the experiment configuration's ``train.precision`` defaults to ``"auto"``.
+    ``grad_accum_steps`` micro-batches of ``batch_size`` make one optimizer step.
     ``lr_scheduler`` (``"constant"`` | ``"linear"`` | ``"cosine"``) after ``warmup_steps``
     runs over one client's local steps of one round (clients are stateless between rounds).
     """
