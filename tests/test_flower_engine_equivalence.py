@@ -89,17 +89,17 @@ def _overrides(strategy: str) -> str:
     return f"{OVERRIDES} {resources} strategy.name={strategy}"
 
 
-def _engine(strategy: str, tmp_path):
-    overrides = parse_overrides(_overrides(strategy))
+def _engine(strategy: str, tmp_path, extra: str = ""):
+    overrides = parse_overrides(f"{_overrides(strategy)} {extra}")
     overrides["output_dir"] = str(tmp_path / "engine")
     cfg = load_config("tiny", overrides)
     return run_experiment(cfg, progress=False, save_final=False)
 
 
-def _flower(strategy: str, tmp_path):
+def _flower(strategy: str, tmp_path, extra: str = ""):
     rc = {
         "experiment": "tiny",
-        "overrides": _overrides(strategy),
+        "overrides": f"{_overrides(strategy)} {extra}",
         "result-dir": str(tmp_path / "flower"),
         "round-timeout": 10,
     }
@@ -137,6 +137,24 @@ def test_engine_and_flower_give_the_same_global_delta(strategy, tmp_path):
     assert backend.LOADS["experiment"] - loads <= 1
     assert sum(kind == "train" for _, kind in grid.sent) == 8
     assert sum(kind == "query.hello" for _, kind in grid.sent) == 4
+
+
+@pytest.mark.parametrize("mode, strategy", [("central", "flexlora"), ("local", "ffa_lora")])
+def test_flower_applies_the_same_privacy_as_the_engine(mode, strategy, tmp_path):
+    """Central DP in the ServerApp's strategy adapter, DP-SGD in the ClientApp: the same global
+    delta (seeded noise) and the same epsilon as the in-process engine."""
+    extra = f"privacy.mode={mode} privacy.clip_norm=0.5 privacy.noise_multiplier=1.0"
+    ref = _engine(strategy, tmp_path, extra)
+    result, delta, _ = _flower(strategy, tmp_path, extra)
+    assert result["privacy"] == ref.summary["privacy"]
+    assert 0 < result["privacy"]["epsilon"] < float("inf")
+    assert [r["metrics"]["epsilon"] for r in result["rounds"]] == [
+        r["epsilon"] for r in ref.round_rows()
+    ]
+    for m, f in ref.strategy.global_delta().items():
+        A, B = delta[m]
+        got, exp = (B.double() @ A.double()), f.delta(torch.float64)
+        assert (got - exp).norm() <= 1e-5 * exp.norm(), m
 
 
 def test_flower_evaluates_the_global_delta_on_nodes(tmp_path):

@@ -246,8 +246,13 @@ def train_client(
     tokenizer: Any = None,
     *,
     server_round: int | None = None,
+    privacy: Any = None,
 ) -> ClientUpdate:
     """Train `spec`'s client locally on `examples` starting from `payload`; see the module doc.
+
+    ``privacy`` (a `fedlora.dp_sgd.LocalDP`): train with sample-level DP-SGD instead (Poisson
+    batches, per-example clipping and noise; ``cfg.grad_clip`` does not apply) and report
+    ``dp_steps``, ``dp_sample_rate`` and ``dp_noise_multiplier`` in the extras.
 
     ``examples``: pre-tokenized dicts (``input_ids`` and ``labels`` with -100 on ignored
     positions for causal LMs; ``input_ids`` and an int ``label``/``labels`` for classifiers),
@@ -273,6 +278,10 @@ def train_client(
     lam = float(het.get("lambda", 0.0)) if het else 0.0
     gamma = float(het.get("gamma", 1.0)) if het else 1.0
     lora = host.lora_weights() if lam > 0 else {}
+    if privacy is not None and lam > 0:
+        raise FedLoraError(
+            f"{who}: HetLoRA's self-pruning penalty is not supported with local DP-SGD"
+        )
 
     def penalty() -> torch.Tensor:
         return sum(self_pruning_penalty(a, b, gamma, s) for a, b, s in lora.values())
@@ -289,20 +298,30 @@ def train_client(
             for micro in steps
         )
         model.train()
+        dp_extras: dict[str, float] = {}
         try:
-            with gradient_checkpointing(model, cfg.gradient_checkpointing, who):
-                losses, penalties = run_steps(
-                    model,
-                    batches,
-                    opt,
-                    params,
-                    amp=Amp(device, resolve_precision(cfg.precision, device)),
-                    grad_clip=cfg.grad_clip,
-                    schedule=lambda s: lr_factor(s, len(steps), cfg.lr_scheduler, cfg.warmup_steps),
-                    penalty=penalty if lora else None,
-                    penalty_weight=lam,
-                    who=who,
+            if privacy is not None:  # DP-SGD runs its own loop (Poisson batches)
+                amp = Amp(device, resolve_precision(cfg.precision, device))
+                losses, dp_extras = _train_dp(
+                    model, opt, data, cfg, gen, privacy, pad_id, seed, amp
                 )
+                penalties = []
+            else:
+                with gradient_checkpointing(model, cfg.gradient_checkpointing, who):
+                    losses, penalties = run_steps(
+                        model,
+                        batches,
+                        opt,
+                        params,
+                        amp=Amp(device, resolve_precision(cfg.precision, device)),
+                        grad_clip=cfg.grad_clip,
+                        schedule=lambda s: lr_factor(
+                            s, len(steps), cfg.lr_scheduler, cfg.warmup_steps
+                        ),
+                        penalty=penalty if lora else None,
+                        penalty_weight=lam,
+                        who=who,
+                    )
         finally:
             model.train(was_training)
             opt.zero_grad(set_to_none=True)
@@ -347,3 +366,35 @@ def _client_side(
         if penalties:
             extras["hetlora_penalty"] = sum(penalties) / len(penalties)
     return adapter, extras
+
+
+def _train_dp(
+    model, opt, data, cfg, gen, privacy, pad_id, seed, amp
+) -> tuple[list[float], dict[str, float]]:
+    """The local steps under DP-SGD (`fedlora.dp_sgd`): each non-empty batch's mean
+    per-example loss, and the accounting extras."""
+    from fedlora.dp_sgd import DPSGD, poisson_batches
+    from fedlora.privacy import local_sample_rate, local_steps
+
+    n = len(data)
+    q = local_sample_rate(n, cfg.batch_size)
+    steps = local_steps(n, cfg.batch_size, cfg.local_steps, cfg.epochs)
+    noise_seed = module_seed(seed, "dp-sgd-noise", 0)
+    losses: list[float] = []
+    with DPSGD(model, opt, privacy, min(cfg.batch_size, n), noise_seed, amp.autocast) as dp:
+        for idx in poisson_batches(n, q, steps, gen):
+            per_example = dp.step([data[i] for i in idx], pad_id)
+            if per_example is None:
+                continue
+            loss = float(per_example.mean())
+            if not math.isfinite(loss):
+                raise FedLoraError(
+                    f"client: loss became {loss} at DP-SGD step {len(losses) + 1}; "
+                    "lower TrainConfig.lr"
+                )
+            losses.append(loss)
+    return losses, {
+        "dp_steps": float(steps),
+        "dp_sample_rate": q,
+        "dp_noise_multiplier": float(privacy.noise_multiplier),
+    }

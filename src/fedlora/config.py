@@ -167,6 +167,19 @@ class RobustConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy (`fedlora.privacy`, docs/privacy.md): client-level on the server
+    ("central") or sample-level DP-SGD on each client ("local")."""
+
+    mode: Literal["none", "central", "local"] = "none"  # central: server-side; local: DP-SGD
+    clip_norm: float = 1.0  # central: bound on a client's update; local: on an example's gradient
+    noise_multiplier: float | None = None  # noise std / clip_norm (or set target_epsilon)
+    target_epsilon: float | None = None  # solve noise_multiplier for this epsilon over the run
+    delta: float | None = None  # none: 1 / (10 n), n = training clients or largest client's data
+    accountant: Literal["rdp", "prv"] = "rdp"  # Opacus's RDP or PRV accountant
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment."""
 
@@ -183,6 +196,7 @@ class ExperimentConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     # -- derived values -------------------------------------------------------------------
 
@@ -725,6 +739,68 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
         "bound)",
     )
     p += _strategy_problems(cfg)
+    p += _privacy_problems(cfg)
+    return p
+
+
+def _privacy_problems(cfg: ExperimentConfig) -> list[str]:
+    v = cfg.privacy
+    if v.mode == "none":
+        return []
+    p = []
+    if not (v.clip_norm > 0 and math.isfinite(v.clip_norm)):
+        p.append(f"privacy.clip_norm = {v.clip_norm}: must be > 0")
+    if (v.noise_multiplier is None) == (v.target_epsilon is None):
+        p.append(
+            f"privacy.mode = {v.mode!r}: set exactly one of privacy.noise_multiplier and "
+            "privacy.target_epsilon"
+        )
+    if v.noise_multiplier is not None and not (
+        v.noise_multiplier >= 0 and math.isfinite(v.noise_multiplier)
+    ):
+        p.append(f"privacy.noise_multiplier = {v.noise_multiplier}: must be >= 0")
+    if v.target_epsilon is not None and not (
+        v.target_epsilon > 0 and math.isfinite(v.target_epsilon)
+    ):
+        p.append(f"privacy.target_epsilon = {v.target_epsilon}: must be > 0")
+    if v.delta is not None and not 0 < v.delta < 1:
+        p.append(f"privacy.delta = {v.delta}: must be in (0, 1)")
+    import fedlora.strategies as registry  # torch only
+
+    s = cfg.strategy
+    if s.name in registry.names():
+        cls = registry.get_class(s.name)
+        if v.mode == "central" and not cls.dp_released:
+            p.append(f"privacy.mode = 'central': strategy {s.name} refuses it: {cls.dp_refusal}")
+        if v.mode == "central" and s.name == "lora_a2" and s.options.get("renormalize"):
+            p.append(
+                "strategy.options.renormalize: lora_a2's per-slot renormalisation is a "
+                "data-dependent denominator; set it to false with privacy.mode = 'central'"
+            )
+        if v.mode == "local":
+            t = cfg.train
+            for key, ok, rule in (
+                (
+                    "grad_accum_steps",
+                    t.grad_accum_steps == 1,
+                    "1 (a DP-SGD step is one Poisson batch)",
+                ),
+                ("gradient_checkpointing", not t.gradient_checkpointing, "false (Opacus hooks)"),
+                ("lr_scheduler", t.lr_scheduler == "constant", "'constant'"),
+                ("warmup_steps", t.warmup_steps == 0, "0"),
+                (
+                    "precision",
+                    t.precision != "fp16",
+                    "not 'fp16' (no gradient scaler under DP-SGD)",
+                ),
+            ):
+                if not ok:
+                    p.append(f"train.{key}: must be {rule} with privacy.mode = 'local'")
+        if v.mode == "local" and s.name == "hetlora" and s.options.get("prune_lambda", 0) > 0:
+            p.append(
+                "strategy.options.prune_lambda: hetlora's self-pruning penalty is not "
+                "supported with privacy.mode = 'local' (set it to 0)"
+            )
     return p
 
 

@@ -162,6 +162,10 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     #: clients may upload fewer slots than configured (HetLoRA's self-pruning)
     rank_may_shrink: ClassVar[bool] = False
+    #: what central DP clips and noises (`fedlora.privacy`): "factors", "B", "trained",
+    #: "delta"; empty: the strategy refuses central DP (`dp_refusal` says why)
+    dp_released: ClassVar[str] = ""
+    dp_refusal: ClassVar[str] = "it does not implement central DP"
 
     def __init__(
         self,
@@ -179,6 +183,11 @@ class Strategy(ABC):
         self.shapes = {m: (int(s[0]), int(s[1])) for m, s in (shapes or {}).items()}
         # ranks handed to each client by `configure`, checked against its update
         self.expected_ranks: dict[str, dict[str, int]] = {}
+        # central DP (`fedlora.privacy.CentralDP`, set by the engine) and, while it is on, the
+        # factors each configured client started from this round (its update is clipped
+        # relative to them)
+        self.privacy: Any = None
+        self.dp_starts: dict[str, Adapter] = {}
 
     @abstractmethod
     def configure(self, client: ClientSpec, server_round: int) -> Payload:
@@ -192,10 +201,18 @@ class Strategy(ABC):
     def global_delta(self) -> Adapter:
         """The global model's delta from the original base weights, factored (scale 1)."""
 
+    def begin_round(self, server_round: int) -> None:
+        """Called by an engine before a round's `configure` calls: forgets per-client records
+        of an earlier round that never reached `aggregate` (central DP's starts)."""
+        self.dp_starts = {}
+
     # -- helpers shared by the strategies -------------------------------------------------
 
     def weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
-        """Normalised aggregation weights of `updates` (sum to 1)."""
+        """Normalised aggregation weights of `updates` (sum to 1; under central DP each is the
+        fixed 1 / clients_per_round)."""
+        if self.privacy is not None:
+            return [self.privacy.weight] * len(updates)
         if self.weighting == "uniform":
             return [1.0 / len(updates)] * len(updates)
         total = sum(u.num_examples for u in updates)
@@ -207,6 +224,10 @@ class Strategy(ABC):
             self.expected_ranks[client.client_id] = {m: f.rank for m, f in payload.adapter.items()}
         else:
             self.expected_ranks[client.client_id] = dict(client.ranks)
+        if self.privacy is not None:
+            from fedlora.privacy import start_of
+
+            self.dp_starts[client.client_id] = start_of(client, payload, self.shapes, self.name)
         return payload
 
     def check_updates(
@@ -244,14 +265,15 @@ class Strategy(ABC):
 
     def raw_weight(self, update: ClientUpdate) -> float:
         """Unnormalised aggregation weight (streaming strategies divide by the sum at the end)."""
-        return 1.0 if self.weighting == "uniform" else float(update.num_examples)
+        return 1.0 if self.weighting == "uniform" or self.privacy else float(update.num_examples)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume this strategy exactly (tensors, counters, options)."""
-        return copy.deepcopy(vars(self))
+        """Everything needed to resume this strategy exactly (tensors, counters, options); not
+        its central DP mechanism (``privacy``), which the engine attaches from the config."""
+        return copy.deepcopy({k: v for k, v in vars(self).items() if k != "privacy"})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        vars(self).update(copy.deepcopy(dict(state)))
+        vars(self).update(copy.deepcopy({k: v for k, v in state.items() if k != "privacy"}))
 
 
 # -- validation ---------------------------------------------------------------------------

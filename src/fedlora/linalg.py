@@ -145,6 +145,16 @@ class LowRankSum:
         self.W.addmm_(G, A)
         self.rank += A.shape[0]
 
+    def add_dense(self, W: Tensor) -> None:
+        """Add a dense (d_out, d_in) matrix (e.g. DP noise): the sum becomes dense."""
+        if tuple(W.shape) != self.shape:
+            raise FedLoraError(f"LowRankSum: dense term {tuple(W.shape)} is not {self.shape}")
+        if self.W is None:
+            self.W = self.dense()
+            self.G, self.H = [], []
+        self.W.add_(W.to(F64))
+        self.rank = max(self.rank, min(self.shape))
+
     def scale_(self, c: float) -> LowRankSum:
         """Multiply the sum by `c` in place (used to normalise weights after streaming)."""
         if self.W is not None:

@@ -141,6 +141,9 @@ def summary_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row["bytes up"] = s.get("bytes_up")
         row["bytes down"] = s.get("bytes_down")
         row["vs full FT"] = s.get("comm_ratio_vs_full_ft")
+        privacy = s.get("privacy") or {}
+        if privacy:  # under DP: the run's (largest client's, in local mode) epsilon at its delta
+            row["epsilon"] = privacy.get("epsilon")
         row["wall s"] = s.get("time_total")
         out.append(row)
     return out

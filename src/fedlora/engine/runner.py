@@ -75,6 +75,8 @@ from fedlora.contract import (
 )
 from fedlora.device import precision_name
 from fedlora.engine.tiny import TINY_MODELS, build_tiny
+from fedlora.privacy import PrivacyLedger, attach_central
+from fedlora.privacy import plan as privacy_plan
 from fedlora.robust import NormBound, Start, screen_updates, start_of
 
 LOG = logging.getLogger("fedlora.engine")
@@ -301,7 +303,10 @@ def client_specs(cfg: ExperimentConfig, modules: Sequence[str], shapes, sizes) -
     return specs
 
 
-def build_strategy(cfg: ExperimentConfig, shapes, specs: Sequence[ClientSpec]) -> Strategy:
+def build_strategy(
+    cfg: ExperimentConfig, shapes, specs: Sequence[ClientSpec], privacy: PrivacyLedger | None = None
+) -> Strategy:
+    """The configured strategy; with a central-mode `privacy` ledger, central DP is on."""
     import fedlora.strategies as registry
 
     options = dict(cfg.strategy.options)
@@ -309,7 +314,44 @@ def build_strategy(cfg: ExperimentConfig, shapes, specs: Sequence[ClientSpec]) -
         options.setdefault("global_rank", max(max(s.ranks.values()) for s in specs))
         options.setdefault("alpha", cfg.model.alpha)
         options.setdefault("rslora", cfg.model.rslora)
-    return registry.get(cfg.strategy.name, seed=cfg.seed, shapes=shapes, **options)
+    strategy = registry.get(cfg.strategy.name, seed=cfg.seed, shapes=shapes, **options)
+    if privacy is not None and privacy.mode == "central":
+        attach_central(strategy, privacy.central_dp(cfg.sampled_per_round(), cfg.seed))
+    return strategy
+
+
+def build_privacy(
+    cfg: ExperimentConfig, specs: Sequence[ClientSpec], train_clients: Sequence[int]
+) -> PrivacyLedger | None:
+    """The run's resolved privacy (`fedlora.privacy.plan`), None when ``privacy.mode`` is
+    "none"; a deterministic function of the configuration, so every engine and node agrees."""
+    v = cfg.privacy
+    if v.mode == "none":
+        return None
+    return privacy_plan(
+        mode=v.mode,
+        clip_norm=v.clip_norm,
+        noise_multiplier=v.noise_multiplier,
+        target_epsilon=v.target_epsilon,
+        delta=v.delta,
+        accountant=v.accountant,
+        rounds=cfg.rounds,
+        clients_per_round=cfg.sampled_per_round(),
+        num_clients=len(train_clients),
+        client_sizes=[specs[c].num_examples or 1 for c in train_clients],
+        batch_size=cfg.train.batch_size,
+        steps=cfg.train.local_steps,
+        epochs=cfg.train.epochs,
+    )
+
+
+def norm_bound(cfg: ExperimentConfig) -> NormBound:
+    """The robustness screen's norm bounds; none under central DP, whose clipping to
+    ``privacy.clip_norm`` bounds every client instead (a bound relative to the round's median
+    would let one client's data decide whether another is dropped, outside the sensitivity)."""
+    if cfg.privacy.mode == "central":
+        return NormBound(None, None, cfg.robust.action)
+    return cfg.robust.bound()
 
 
 def _subset(indices: Sequence[int], k: int, seed: int, salt: int) -> list[int]:
@@ -446,6 +488,12 @@ class Federation:
     label_to_id: dict[str, int] | None
     labels: Any
     full_ft: int
+    ledger: PrivacyLedger | None = None  # the run's privacy accounting (None without DP)
+
+    @property
+    def local_dp(self):
+        """The clients' DP-SGD options in local privacy mode, else None."""
+        return self.ledger.local_dp() if self.ledger and self.ledger.mode == "local" else None
 
     @property
     def train_clients(self) -> list[int]:
@@ -480,6 +528,7 @@ def setup(cfg: ExperimentConfig) -> Federation:
     host = build_host(cfg, model)
     shapes = host.shapes()
     specs = client_specs(cfg, host.module_names(), shapes, split.train)
+    ledger = build_privacy(cfg, specs, split.training_clients)
     k = cfg.sampled_per_round()
     if k > len(split.training_clients):
         raise ConfigError(
@@ -493,14 +542,15 @@ def setup(cfg: ExperimentConfig) -> Federation:
         host=host,
         tokenizer=tokenizer,
         specs=specs,
-        strategy=build_strategy(cfg, shapes, specs),
+        strategy=build_strategy(cfg, shapes, specs, ledger),
         train_cfg=train_config(cfg),
         where=where,
         sets=eval_sets(cfg, split),
-        bound=cfg.robust.bound(),
+        bound=norm_bound(cfg),
         label_to_id=label_to_id,
         labels=task_labels(examples),
         full_ft=full_ft_nbytes(shapes),
+        ledger=ledger,
     )
 
 
@@ -520,6 +570,7 @@ class RoundTally:
     norms: dict[str, float] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
     clipped: dict[str, float] = field(default_factory=dict)
+    trained: list[ClientUpdate] = field(default_factory=list)  # extras of every trained client
 
 
 def sample_clients(fed: Federation, sampler: np.random.Generator) -> list[int]:
@@ -551,7 +602,10 @@ def train_one(fed: Federation, rnd: int, c: int, tally: RoundTally, on_update):
         fed.train_cfg,
         fed.tokenizer,
         server_round=rnd,
+        privacy=fed.local_dp,
     )
+    # what it spent (local DP-SGD's steps), whether or not its update is used
+    tally.trained.append(ClientUpdate(update.client_id, {}, 1, dict(update.extras)))
     tally.up += update_nbytes(update, payload.trainable)
     tally.replies += 1
     if on_update is not None:
@@ -660,6 +714,11 @@ def round_row(
     totals["bytes_up"] += tally.up
     totals["participations"] += tally.replies
     n_total = sum(n for _, n in tally.losses)
+    privacy = {}
+    if fed.ledger is not None:  # central: a round counts when noise was released
+        counts = fed.ledger.mode == "local" or aggregated
+        eps = fed.ledger.record_round(tally.trained) if counts else fed.ledger.epsilon()
+        privacy["epsilon"] = eps
     return {
         "kind": "round",
         "round": rnd,
@@ -676,6 +735,7 @@ def round_row(
         "bytes_down_total": totals["bytes_down"],
         "bytes_up_total": totals["bytes_up"],
         "full_ft_bytes_total": 2 * fed.full_ft * totals["participations"],
+        **privacy,
         **times,
     }
 
@@ -691,6 +751,7 @@ def checkpoint(fed: Federation, run_dir: Path, rnd: int, sampler, rows, totals) 
             "rows": rows,
             "totals": totals,
             "config": to_dict(fed.cfg),
+            "privacy": fed.ledger.state_dict() if fed.ledger is not None else {},
         },
     )
 
@@ -767,6 +828,8 @@ def run_experiment(
         set_rng_state(state["rng"], sampler=sampler)
         rows = list(state["rows"])
         totals = dict(state["totals"])
+        if fed.ledger is not None:
+            fed.ledger.load_state_dict(state.get("privacy", {}))
         start = int(state["round"]) + 1
         log.info("resuming %s after round %d", run_dir, state["round"])
     elif overwrite:
@@ -801,6 +864,7 @@ def run_experiment(
             cbar = _bar(progress, len(chosen), 1, leave=False, desc=f"round {rnd}", unit="client")
             if profile_memory:
                 tracemalloc.start()
+            fed.strategy.begin_round(rnd)
             stream = train_clients(fed, rnd, chosen, tally, on_update, cbar)
             aggregated = aggregate(fed, rnd, screen(fed, rnd, stream, tally))
             mem: dict[str, float] = {}
@@ -833,6 +897,8 @@ def run_experiment(
         if bar is not None:
             bar.close()
     result.summary = _summary(cfg, rows, totals, fed.full_ft, fed.specs, fed.split)
+    if fed.ledger is not None:
+        result.summary["privacy"] = fed.ledger.summary()
     atomic_write_text(run_dir / "summary.json", json.dumps(result.summary, indent=2) + "\n")
     if save_final:
         delta = fed.strategy.global_delta()

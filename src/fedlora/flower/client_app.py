@@ -21,7 +21,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora.flower import codec
-from fedlora.flower.backend import get_backend
+from fedlora.flower.backend import get_backend, is_toy
 from fedlora.flower.nodes import declared_config
 
 app = ClientApp()
@@ -43,8 +43,14 @@ def train_content(
     spec = codec.decode_spec(content.config_records[codec.SPEC])
     config = content.config_records.get("config")
     server_round = int(config.get("server-round", 0)) if config is not None else 0
-    update = get_backend(run_config).train(
-        spec, payload, partition_of(node_config), server_round=server_round
+    backend = get_backend(run_config)
+    kwargs = {}
+    if not is_toy(run_config):  # the experiment's local DP-SGD, if any
+        from fedlora.flower.experiment import experiment_config
+
+        kwargs["privacy"] = backend.local_dp(experiment_config(run_config))
+    update = backend.train(
+        spec, payload, partition_of(node_config), server_round=server_round, **kwargs
     )
     reply = codec.encode_update(update)
     reply[codec.NODE] = declared_config(node_config)  # lets the server see a changed declaration

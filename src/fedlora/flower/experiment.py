@@ -162,9 +162,29 @@ class ExperimentBackend:
             ]
         return ex
 
+    def local_dp(self, cfg: ExperimentConfig):
+        """The DP-SGD options of `cfg`'s local privacy mode (None in other modes), resolved
+        exactly as the in-process engine resolves them (`build_privacy`), cached per setting."""
+        from fedlora.engine.runner import build_privacy
+
+        if cfg.privacy.mode != "local":
+            return None
+        key = repr((cfg.privacy, cfg.rounds, cfg.clients_per_round, cfg.train))
+        cache = self.__dict__.setdefault("_local_dp", {})
+        if key not in cache:
+            ledger = build_privacy(cfg, self.specs, self.split.training_clients)
+            cache[key] = ledger.local_dp() if ledger is not None else None
+        return cache[key]
+
     def train(
-        self, spec: ClientSpec, payload: Payload, partition: int, server_round: int = 0
+        self,
+        spec: ClientSpec,
+        payload: Payload,
+        partition: int,
+        server_round: int = 0,
+        privacy: Any = None,
     ) -> ClientUpdate:
+        """Train the node's client; ``privacy``: its DP-SGD options (`local_dp`)."""
         from fedlora.client import train_client
 
         data = self.client_data(partition)
@@ -177,6 +197,7 @@ class ExperimentBackend:
                 self.train_cfg,
                 self.tokenizer,
                 server_round=server_round,
+                privacy=privacy,
             )
 
     def evaluate(self, delta: Adapter | None, spec: ClientSpec, partition: int):

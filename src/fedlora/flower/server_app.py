@@ -76,13 +76,14 @@ def build(run_config: Mapping[str, Any]) -> FlowerStrategy:
         fs.result_dir = str(run_config.get("result-dir", "") or "")
         fs.experiment = None
         return fs
-    from fedlora.engine.runner import build_strategy
+    from fedlora.engine.runner import build_privacy, build_strategy, norm_bound
     from fedlora.flower.experiment import experiment_config
 
     cfg = experiment_config(run_config)
     backend = get_backend(run_config)  # cached: may be shared with runs of other strategies
     shapes = backend.shapes()
-    strategy = build_strategy(cfg, shapes, backend.specs)
+    ledger = build_privacy(cfg, backend.specs, backend.split.training_clients)
+    strategy = build_strategy(cfg, shapes, backend.specs, ledger)
     k = cfg.sampled_per_round()
     timeout = float(run_config.get("round-timeout", 120))
     rank_types = _ints(run_config.get("rank-types", "")) or list(cfg.resources.ranks or [])
@@ -98,8 +99,9 @@ def build(run_config: Mapping[str, Any]) -> FlowerStrategy:
         sample_seed=cfg.seed,
         client_specs=backend.training_specs(),
         clients_per_round=k,
-        norm_bound=cfg.robust.bound(),
+        norm_bound=norm_bound(cfg),
     )
+    fs.privacy = ledger
     fs.num_rounds = cfg.rounds
     fs.result_dir = str(run_config.get("result-dir", "") or "") or cfg.output_dir
     fs.experiment = cfg
@@ -124,6 +126,8 @@ def write_result(fs: FlowerStrategy, result_dir: str) -> None:
         "evaluate": fs.eval_rounds,
         "global_delta_fro": {m: float(f.delta().norm()) for m, f in delta.items()},
     }
+    if getattr(fs, "privacy", None) is not None:
+        result["privacy"] = fs.privacy.summary()
     with open(os.path.join(result_dir, "result.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     if cfg is not None:

@@ -110,6 +110,8 @@ class FlowerStrategy(FlwrStrategy):
         self.num_rounds: int = 1
         self.result_dir: str = ""
         self.experiment: Any = None
+        # the run's privacy accounting (`fedlora.privacy.PrivacyLedger`), None without DP
+        self.privacy: Any = None
 
     # -- node identity --------------------------------------------------------------------
 
@@ -235,6 +237,7 @@ class FlowerStrategy(FlwrStrategy):
             chosen = self._sample(ready, self.fraction_train, server_round)
         self._sent = {}
         messages = []
+        self.strategy.begin_round(server_round)
         for node in chosen:
             spec = self.specs[node]
             try:
@@ -361,6 +364,8 @@ class FlowerStrategy(FlwrStrategy):
                 "upload-trained-nbytes": up_trained,
             }
         )
+        if self.privacy is not None and error is None:
+            metrics["epsilon"] = self.privacy.record_round(used)
         total = sum(u.num_examples for u in used)
         keys = {k for u in used for k, v in u.extras.items() if isinstance(v, float)}
         for k in sorted(keys):

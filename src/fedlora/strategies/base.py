@@ -99,7 +99,15 @@ def streamed_sums(
     """Per module, ``sum_k p_k scale_k B_k A_k`` over the round's updates, streamed: each
     update is validated, folded into the accumulators and dropped, so memory is bounded by the
     stacked factors (or one dense matrix per module), not by the number of clients. The raw
-    weights are normalised once the stream ends."""
+    weights are normalised once the stream ends.
+
+    Under central DP (``strategy.privacy``) each client's delta is clipped relative to the
+    delta it started from (`fedlora.privacy.delta_update_terms`), weighted by the fixed
+    1 / clients_per_round, configured clients that sent nothing count as their start, and the
+    round's seeded Gaussian noise (dense: every module's sum becomes dense) is added."""
+    dp = strategy.privacy
+    if dp is not None:
+        return _private_sums(strategy, server_round, updates, dense_rank)
     sums: dict[str, LowRankSum] = {}
     total = 0.0
     for u in strategy.iter_checked(server_round, updates):
@@ -109,3 +117,37 @@ def streamed_sums(
             acc = sums.setdefault(module, LowRankSum(f.shape, dense_rank=dense_rank))
             acc.add(f.scaled_B(), f.A, w)
     return {m: acc.scale_(1.0 / total) for m, acc in sums.items()}
+
+
+def _private_sums(strategy, server_round, updates, dense_rank) -> dict[str, LowRankSum]:
+    from fedlora.privacy import delta_update_terms
+
+    dp = strategy.privacy
+    sums: dict[str, LowRankSum] = {}
+    seen: set[str] = set()
+
+    def fold(terms) -> None:
+        for module, parts in terms.items():
+            for G, A, c in parts:
+                shape = (G.shape[0], A.shape[1])
+                acc = sums.setdefault(module, LowRankSum(shape, dense_rank=dense_rank))
+                acc.add(G, A, dp.weight * c)
+
+    for u in strategy.iter_checked(server_round, updates):
+        starts = strategy.dp_starts  # filled by `configure` as the stream trains each client
+        if u.client_id not in starts:
+            raise FedLoraError(
+                f"{strategy.name}: client {u.client_id} sent an update but was not configured "
+                "this round"
+            )
+        seen.add(u.client_id)
+        fold(delta_update_terms(u, starts[u.client_id], dp.clip_norm)[0])
+    starts = strategy.dp_starts
+    for cid in sorted(set(starts) - seen):  # a missing client moves nothing: its start
+        fold({m: [(f.scaled_B(), f.A, 1.0)] for m, f in starts[cid].items()})
+    strategy.dp_starts = {}
+    if dp.noise_multiplier > 0:
+        for module in sorted(sums):
+            acc = sums[module]
+            acc.add_dense(dp.noise(acc.shape, server_round, f"delta/{module}"))
+    return sums

@@ -26,6 +26,12 @@ class FedExLoRA(FedIT):
     """Average A and B; fold the residual of the average into the base."""
 
     name = "fedex_lora"
+    dp_released = ""
+    dp_refusal = (
+        "it broadcasts both the factor averages and the exact average of the clients' "
+        "products (its residual), two releases of every client's data per round with different "
+        "sensitivities; use fedit (factor averages) or flexlora / flora (merged delta)"
+    )
 
     def __init__(self, **options) -> None:
         super().__init__(**options)

@@ -22,6 +22,7 @@ from fedlora.contract import (
     Strategy,
     validate_updates,
 )
+from fedlora.privacy import add_noise_, private_factor_updates
 from fedlora.strategies import register
 from fedlora.strategies.base import factored, homogeneous_ranks, padded_mean, truncate_for
 
@@ -31,6 +32,7 @@ class FedIT(Strategy):
     """Average A and B separately (homogeneous ranks)."""
 
     name = "fedit"
+    dp_released = "factors"
 
     def __init__(self, **options) -> None:
         super().__init__(**options)
@@ -52,9 +54,12 @@ class FedIT(Strategy):
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
         updates = self.check_updates(server_round, updates)
         homogeneous_ranks(updates, self.name, server_round)
+        updates = private_factor_updates(self, updates)
         w = self.weights(updates)
         for module, f in updates[0].adapter.items():
             self.A[module], self.G[module] = padded_mean(updates, w, module, f.rank)
+        add_noise_(self.A, self.privacy, server_round, "A")
+        add_noise_(self.G, self.privacy, server_round, "G")
 
     def global_delta(self) -> Adapter:
         return factored(self.A, self.G)

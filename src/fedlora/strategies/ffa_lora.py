@@ -23,6 +23,7 @@ from fedlora.contract import (
     Strategy,
     init_lora_A,
 )
+from fedlora.privacy import add_noise_, private_factor_updates
 from fedlora.strategies import register
 
 F64 = torch.float64
@@ -33,6 +34,7 @@ class FFALoRA(Strategy):
     """Shared frozen A per module; average scale * B (padded to the largest rank)."""
 
     name = "ffa_lora"
+    dp_released = "B"
 
     def __init__(self, **options) -> None:
         super().__init__(**options)
@@ -74,6 +76,7 @@ class FFALoRA(Strategy):
 
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
         updates = self.check_updates(server_round, updates)
+        updates = private_factor_updates(self, updates, parts="B")
         weights = self.weights(updates)
         for module in updates[0].adapter:
             G = torch.zeros_like(self.G[module])
@@ -81,6 +84,7 @@ class FFALoRA(Strategy):
                 f = u.adapter[module]
                 G[:, : f.rank] += w * f.scaled_B()
             self.G[module] = G
+        add_noise_(self.G, self.privacy, server_round, "G")
 
     def global_delta(self) -> Adapter:
         return {m: LoraFactors(self.A[m].clone(), self.G[m].clone(), 1.0) for m in self.G}

@@ -28,6 +28,7 @@ class FlexLoRA(Strategy):
     """Weighted sum of full deltas -> SVD -> best rank-r factors per client."""
 
     name = "flexlora"
+    dp_released = "delta"
 
     def __init__(self, *, split: str = "B", dense_rank: int | None = None, **options) -> None:
         super().__init__(**options)

@@ -33,6 +33,7 @@ class FLoRA(Strategy):
     """Stack client deltas each round; accumulate them into the global base delta."""
 
     name = "flora"
+    dp_released = "delta"
 
     def __init__(self, *, dense_rank: int | None = None, **options) -> None:
         super().__init__(**options)

@@ -61,6 +61,10 @@ class HetLoRA(ZeroPad):
 
     def aggregation_weights(self, updates: list[ClientUpdate]) -> list[float]:
         base = self.weights(updates)
+        if self.privacy is not None:
+            # the sparsity weights S_k / sum_j S_j depend on every client's data, which the
+            # clipping bound does not cover: central DP averages with the fixed 1 / K
+            return base
         norms = [math.sqrt(sum(delta_sq_norm(f) for f in u.adapter.values())) for u in updates]
         raw = [b * s for b, s in zip(base, norms)]
         total = sum(raw)

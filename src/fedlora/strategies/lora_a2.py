@@ -44,6 +44,7 @@ class LoRAA2(Strategy):
     """Global A/B of rank r_G; alternating freeze; masked, slot-selected uploads."""
 
     name = "lora_a2"
+    dp_released = "trained"
 
     def __init__(
         self,
@@ -99,10 +100,21 @@ class LoRAA2(Strategy):
         super().check_update(server_round, update)
         check_slots(update, self.global_rank, self.budgets.get(update.client_id), server_round)
 
+    def dp_problem(self) -> str | None:
+        """Why central DP cannot run with these options (None: it can)."""
+        if self.renormalize:
+            return (
+                "renormalize = true divides each slot by the share of clients that uploaded it, "
+                "a data-dependent denominator; set strategy.options.renormalize = false"
+            )
+        return None
+
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
         updates = self.check_updates(server_round, updates, same_modules=False)
         trained = "B" if "B" in self.trainable(server_round) else "A"
         weights = self.weights(updates)
+        if self.privacy is not None:  # clip each client's masked factor change to clip_norm
+            weights = [w * self._dp_clip(u, trained) for u, w in zip(updates, weights)]
         for module in self.shapes:
             old = self.B[module] if trained == "B" else self.A[module].T  # slots as columns
             delta = torch.zeros_like(old)
@@ -117,6 +129,8 @@ class LoRAA2(Strategy):
                 mass[idx] += w
             if self.renormalize:
                 delta /= torch.where(mass > 0, mass, torch.ones_like(mass))
+            if self.privacy is not None and self.privacy.noise_multiplier > 0:
+                delta += self.privacy.noise(delta.shape, server_round, f"{trained}/{module}")
             if trained == "B":
                 self.B[module] = old + delta
             else:
@@ -124,6 +138,18 @@ class LoRAA2(Strategy):
 
     def global_delta(self) -> Adapter:
         return {m: LoraFactors(self.A[m].clone(), self.scale * self.B[m], 1.0) for m in self.shapes}
+
+    def _dp_clip(self, u: ClientUpdate, trained: str) -> float:
+        """The clip multiplier of `u`'s change of the trained factor on its uploaded slots."""
+        from fedlora.norms import clip_factor
+
+        sq = 0.0
+        for module, f in u.adapter.items():
+            idx = torch.as_tensor(u.extras["slots"][module])
+            old = self.B[module][:, idx] if trained == "B" else self.A[module][idx]
+            new = f.B.to(F64) if trained == "B" else f.A.to(F64)
+            sq += float(((new - old) ** 2).sum())
+        return clip_factor(sq**0.5, self.privacy.clip_norm)
 
 
 def check_slots(u: ClientUpdate, global_rank: int, budget: int | None, server_round: int) -> None:

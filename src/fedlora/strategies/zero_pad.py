@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from fedlora.contract import Adapter, ClientSpec, ClientUpdate, Payload, Strategy
+from fedlora.privacy import add_noise_, private_factor_updates
 from fedlora.strategies import register
 from fedlora.strategies.base import factored, padded_mean, truncate_for
 
@@ -21,6 +22,7 @@ class ZeroPad(Strategy):
     """Pad to the round's largest rank, average A and B, truncate per client."""
 
     name = "zero_pad"
+    dp_released = "factors"
 
     def __init__(self, **options) -> None:
         super().__init__(**options)
@@ -45,11 +47,13 @@ class ZeroPad(Strategy):
         return self.weights(updates)
 
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
-        updates = self.check_updates(server_round, updates)
+        updates = private_factor_updates(self, self.check_updates(server_round, updates))
         w = self.aggregation_weights(updates)
         for module in updates[0].adapter:
             rank = max(u.adapter[module].rank for u in updates)
             self.A[module], self.G[module] = padded_mean(updates, w, module, rank)
+        add_noise_(self.A, self.privacy, server_round, "A")
+        add_noise_(self.G, self.privacy, server_round, "G")
 
     def global_delta(self) -> Adapter:
         return factored(self.A, self.G)
