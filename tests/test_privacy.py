@@ -191,7 +191,8 @@ def test_central_dp_noise_on_the_aggregate_has_the_mechanism_std(name):
     torch.manual_seed(1)
     _run_round(dp, specs, np.random.default_rng(1), 2)
     quiet = _state(dp)
-    dp.load_state_dict(state)
+    dp.load_state_dict(state)  # the strategy's state, not its DP mechanism: set it again
+    dp.privacy = CentralDP(clip, sigma, len(specs), 9)
     torch.manual_seed(1)
     _run_round(dp, specs, np.random.default_rng(1), 2)
     diff = _state(dp) - quiet

@@ -327,10 +327,12 @@ def train_client(
             opt.zero_grad(set_to_none=True)
 
     adapter, extras = _client_side(payload, before, host.read_adapter(), gamma, penalties)
+    extras.update(dp_extras)
+    nan = float("nan")  # DP-SGD: every Poisson batch may have been empty
     extras.update(
-        train_loss=sum(losses) / len(losses),
-        first_loss=losses[0],
-        last_loss=losses[-1],
+        train_loss=sum(losses) / len(losses) if losses else nan,
+        first_loss=losses[0] if losses else nan,
+        last_loss=losses[-1] if losses else nan,
         steps=float(len(losses)),
         train_seconds=time.perf_counter() - t0,
     )
