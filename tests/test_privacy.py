@@ -319,6 +319,10 @@ def test_noise_multiplier_is_solved_from_the_target_epsilon():
             },
             "prune_lambda",
         ),
+        (
+            {"privacy.mode": "local", "privacy.noise_multiplier": 1.0, "train.grad_accum_steps": 2},
+            "train.grad_accum_steps",
+        ),
     ],
 )
 def test_bad_privacy_configuration_names_the_key(overrides, match):
