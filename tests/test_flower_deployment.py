@@ -138,6 +138,12 @@ def _register(env: dict, pub: Path, deadline_s: float = 30.0) -> int:
         time.sleep(1.0)
 
 
+def _runner(node_port: int) -> list[str]:
+    """`fedlora.flower.node_runner` for a SuperNode started with ``--isolation process``."""
+    return [sys.executable, "-m", "fedlora.flower.node_runner",
+            "--runtime-api-address", f"127.0.0.1:{node_port}", "--insecure"]  # fmt: skip
+
+
 def _stop(procs: list[subprocess.Popen]) -> None:
     for p in reversed(procs):
         try:  # the group of a process this test started (also if its leader has exited: a
@@ -152,7 +158,9 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait(timeout=5)
 
 
-def _run_federation(tmp_path: Path, tls: bool, auth: bool = False) -> dict:
+def _run_federation(
+    tmp_path: Path, tls: bool, auth: bool = False, isolation: str = "subprocess"
+) -> dict:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(tmp_path / "home")}
     (tmp_path / "home").mkdir()
     port = _free_port()
@@ -205,13 +213,16 @@ def _run_federation(tmp_path: Path, tls: bool, auth: bool = False) -> dict:
             nodes.append(("intruder", "partition-id=2 rank=4"))
         for name, node_config in nodes:
             node_auth = ["--auth-supernode-private-key", str(keys / name)] if auth else []
+            node_port = _free_port()
             start(
                 name,
                 [_exe("flower-supernode"), *node_tls, *node_auth,
-                 "--superlink", f"127.0.0.1:{port}",
-                 "--host", "127.0.0.1", "--port", str(_free_port()),
+                 "--superlink", f"127.0.0.1:{port}", "--isolation", isolation,
+                 "--host", "127.0.0.1", "--port", str(node_port),
                  "--node-config", node_config],
             )  # fmt: skip
+            if isolation == "process":  # the node's long-lived ClientApp process
+                start(f"{name}-runner", _runner(node_port))
         run = subprocess.run(
             [_exe("flwr"), "run", str(APP), "test", "--stream",
              "--run-config",
@@ -267,7 +278,7 @@ def _check_intruder_refused(
     return {int(n["node-id"]) for n in listed["nodes"]}
 
 
-def _check(result: dict) -> None:
+def _check(result: dict, builds_per_round: bool = False) -> None:
     assert result["experiment"] == "tiny" and result["strategy"] == "flexlora"
     # node ranks as declared (not the preset's), client ids the engine's ("0", "1")
     nodes = {n["client_id"]: set(n["ranks"].values()) for n in result["nodes"].values()}
@@ -277,21 +288,29 @@ def _check(result: dict) -> None:
         assert r["used"] == ["0", "1"], r
         assert r["metrics"]["replies-used"] == 2 and r["dropped"] == {}
         assert r["metrics"]["train_loss"] > 0
+        # model builds per node in this run (counted in Flower's per-node context.state): a
+        # fresh ClientApp process per message builds it every round; a long-lived one once
+        builds = {c: m["model-builds"] for c, m in r["clients"].items()}
+        assert builds == dict.fromkeys(["0", "1"], r["round"] if builds_per_round else 1), r
     # 14 LoRA modules of the tiny Llama (2 layers x q,k,v,o,gate,up,down), all updated
     fro = result["global_delta_fro"]
     assert len(fro) == 14 and all(v > 0 for v in fro.values())
 
 
-def test_superlink_two_supernodes_insecure(tmp_path):
-    _check(_run_federation(tmp_path, tls=False))
+def test_superlink_two_supernodes_insecure_model_built_once(tmp_path):
+    """``--isolation process`` + `fedlora.flower.node_runner`: each node builds its model once
+    in the run, not once per message."""
+    _check(_run_federation(tmp_path, tls=False, isolation="process"))
 
 
 def test_superlink_two_supernodes_tls(tmp_path):
+    """Default ``--isolation subprocess``: a fresh ClientApp process (and model) per message."""
     pytest.importorskip("cryptography")
-    _check(_run_federation(tmp_path, tls=True))
+    _check(_run_federation(tmp_path, tls=True), builds_per_round=True)
 
 
 def test_superlink_two_supernodes_tls_supernode_auth(tmp_path):
     pytest.importorskip("cryptography")
     result = _run_federation(tmp_path, tls=True, auth=True)
-    _check(result)  # both registered nodes trained in both rounds, the intruder in none
+    # both registered nodes trained in both rounds, the intruder in none
+    _check(result, builds_per_round=True)

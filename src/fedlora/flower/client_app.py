@@ -6,6 +6,12 @@ the experiment of ``fedlora run`` (run config ``experiment`` + ``overrides``), w
 and cached. Training is seeded from (experiment seed, client id, server round), as in the
 in-process engine.
 
+Model builds: ``context.state`` (which Flower keeps per node and run between messages, also
+when every message runs in a fresh ClientApp process) counts how often this node built the
+model in this run; train and evaluate replies carry the count (``model-builds``) and the
+seconds of the last build in `codec.NODE_METRICS`. A SuperNode whose ClientApp process lives
+for the whole run (`fedlora.flower.node_runner`, simulation actors) builds it once.
+
 Stateless: each train message carries the payload (merge, adapter, seed, trainable, extras) and
 the node's resolved `ClientSpec`, so a node that skipped rounds starts from the current global
 model. The handlers are plain functions of records, so they run the same under a SuperNode,
@@ -17,11 +23,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.flower import codec
-from fedlora.flower.backend import get_backend, is_toy
+from fedlora.flower import backend, codec
+from fedlora.flower.backend import get_backend
 from fedlora.flower.nodes import declared_config
 
 app = ClientApp()
@@ -43,14 +49,15 @@ def train_content(
     spec = codec.decode_spec(content.config_records[codec.SPEC])
     config = content.config_records.get("config")
     server_round = int(config.get("server-round", 0)) if config is not None else 0
-    backend = get_backend(run_config)
-    kwargs = {}
-    if not is_toy(run_config):  # the experiment's local DP-SGD, if any
-        from fedlora.flower.experiment import experiment_config
+    node = get_backend(run_config)
+    from fedlora.flower.experiment import experiment_config
 
-        kwargs["privacy"] = backend.local_dp(experiment_config(run_config))
-    update = backend.train(
-        spec, payload, partition_of(node_config), server_round=server_round, **kwargs
+    update = node.train(
+        spec,
+        payload,
+        partition_of(node_config),
+        server_round=server_round,
+        privacy=node.local_dp(experiment_config(run_config)),  # the experiment's local DP-SGD
     )
     reply = codec.encode_update(update)
     reply[codec.NODE] = declared_config(node_config)  # lets the server see a changed declaration
@@ -67,6 +74,28 @@ def evaluate_content(
     return RecordDict({codec.METRICS: MetricRecord({**metrics, "num-examples": int(n)})})
 
 
+BUILDS = "fedlora.builds"  # context.state record: this node's model builds in this run
+
+
+def count_builds(context: Context, new: int) -> int:
+    """Add `new` builds to this node's count for the run (in ``context.state``); the total."""
+    rec = context.state.config_records.get(BUILDS) or ConfigRecord({"model-builds": 0})
+    rec["model-builds"] = int(rec["model-builds"]) + new
+    context.state[BUILDS] = rec
+    return int(rec["model-builds"])
+
+
+def _with_node_metrics(content: RecordDict, context: Context, builds_before: int) -> RecordDict:
+    new = backend.LOADS["experiment"] - builds_before
+    content[codec.NODE_METRICS] = MetricRecord(
+        {
+            "model-builds": count_builds(context, new),
+            "model-load-seconds": float(backend.LOADS["seconds"]) if new else 0.0,
+        }
+    )
+    return content
+
+
 @app.query("hello")
 def hello(msg: Message, context: Context) -> Message:
     return Message(hello_content(context.node_config), reply_to=msg)
@@ -74,12 +103,13 @@ def hello(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return Message(
-        train_content(msg.content, context.node_config, context.run_config), reply_to=msg
-    )
+    before = backend.LOADS["experiment"]
+    content = train_content(msg.content, context.node_config, context.run_config)
+    return Message(_with_node_metrics(content, context, before), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    before = backend.LOADS["experiment"]
     content = evaluate_content(msg.content, context.node_config, context.run_config)
-    return Message(content, reply_to=msg)
+    return Message(_with_node_metrics(content, context, before), reply_to=msg)

@@ -38,6 +38,8 @@ META, MERGE, ADAPTER, EXTRAS, METRICS = (
     "fedlora.metrics",
 )
 SPEC, NODE = "fedlora.spec", "fedlora.node"
+# a reply's node-side counters (model builds of this node in this run, load seconds)
+NODE_METRICS = "fedlora.node-metrics"
 
 _DTYPES = {
     str(d).removeprefix("torch."): d

@@ -17,10 +17,6 @@ Run config (``flower_app/pyproject.toml``, ``[tool.flwr.app.config]``, or
   round: clients used, dropped replies with reasons, metrics), ``global_delta.pt`` (the final
   global delta as scale-1 factors ``{module: (A, B)}``) and ``config.toml`` (the resolved
   experiment) there.
-
-``experiment = "toy"`` runs the synthetic toy task instead (`fedlora.flower.toy`, for smoke
-tests), configured by the keys ``strategy``, ``strategy-options`` (JSON),
-``num-server-rounds``, ``seed``, ``default-rank``, ``alpha``, ``fraction-train``, ``toy-*``.
 """
 
 from __future__ import annotations
@@ -34,8 +30,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-import fedlora.strategies
-from fedlora.flower.backend import get_backend, is_toy
+from fedlora.flower.backend import get_backend
 from fedlora.flower.strategy import FlowerStrategy
 
 app = ServerApp()
@@ -45,37 +40,8 @@ def _ints(text: Any) -> list[int]:
     return [int(x) for x in str(text).replace(" ", "").split(",") if x]
 
 
-def _build_toy(run_config: Mapping[str, Any]) -> FlowerStrategy:
-    shapes = get_backend(run_config).shapes()
-    options = json.loads(str(run_config.get("strategy-options", "") or "{}"))
-    options.setdefault("seed", int(run_config.get("seed", 0)))
-    strategy = fedlora.strategies.get(
-        str(run_config.get("strategy", "flexlora")), shapes=shapes, **options
-    )
-    default_rank = int(run_config.get("default-rank", 0)) or None
-    return FlowerStrategy(
-        strategy,
-        shapes,
-        fraction_train=float(run_config.get("fraction-train", 1.0)),
-        fraction_evaluate=float(run_config.get("fraction-evaluate", 0.0)),
-        min_nodes=int(run_config.get("min-nodes", 1)),
-        rank_types=_ints(run_config.get("rank-types", "")),
-        default_rank=default_rank,
-        default_alpha=float(run_config.get("alpha", 16.0)),
-        hello_timeout=float(run_config.get("round-timeout", 120)),
-        wait_timeout=float(run_config.get("round-timeout", 120)),
-        sample_seed=int(run_config.get("seed", 0)),
-    )
-
-
 def build(run_config: Mapping[str, Any]) -> FlowerStrategy:
     """The `FlowerStrategy` a run config describes (its ``num_rounds`` attribute is set)."""
-    if is_toy(run_config):
-        fs = _build_toy(run_config)
-        fs.num_rounds = int(run_config.get("num-server-rounds", 2))
-        fs.result_dir = str(run_config.get("result-dir", "") or "")
-        fs.experiment = None
-        return fs
     from fedlora.engine.runner import build_privacy, build_strategy, norm_bound
     from fedlora.flower.experiment import experiment_config
 

@@ -103,6 +103,7 @@ class FlowerStrategy(FlwrStrategy):
         self.clients_per_round = clients_per_round
         self.sampler = np.random.default_rng([sample_seed, 7])
         self._sent: dict[int, tuple[ClientSpec, Payload, int]] = {}  # node -> spec, payload, bytes
+        self._messages: dict[int, Message] = {}  # node -> the train message sent to it this round
         self.rounds: list[dict[str, Any]] = []  # one record per train round (for result files)
         self.eval_rounds: list[dict[str, Any]] = []
         # set by `fedlora.flower.server_app.build`: rounds to run, where to write results, the
@@ -176,9 +177,10 @@ class FlowerStrategy(FlwrStrategy):
             for n in node_ids
         ]
         replies = list(grid.send_and_receive(msgs, timeout=self.hello_timeout))
+        sent = {m.metadata.dst_node_id: m for m in msgs}
         answered = set()
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self.reply_node(msg, sent)
             answered.add(node)
             if msg.has_error():
                 self.rejected[node] = f"hello failed: {msg.error.reason}"
@@ -236,6 +238,7 @@ class FlowerStrategy(FlwrStrategy):
         else:
             chosen = self._sample(ready, self.fraction_train, server_round)
         self._sent = {}
+        self._messages = {}
         messages = []
         self.strategy.begin_round(server_round)
         for node in chosen:
@@ -249,9 +252,11 @@ class FlowerStrategy(FlwrStrategy):
             content[codec.SPEC] = codec.encode_spec(spec)
             content["config"] = ConfigRecord({**dict(config), "server-round": server_round})
             self._sent[node] = (spec, payload, codec.record_nbytes(content))
-            messages.append(
-                Message(content, dst_node_id=node, message_type="train", group_id=str(server_round))
+            msg = Message(
+                content, dst_node_id=node, message_type="train", group_id=str(server_round)
             )
+            self._messages[node] = msg
+            messages.append(msg)
         log(
             INFO,
             "fedlora: round %s: training on %d of %d nodes",
@@ -261,9 +266,25 @@ class FlowerStrategy(FlwrStrategy):
         )
         return messages
 
+    def reply_node(self, msg: Message, sent: Mapping[int, Message] | None = None) -> int:
+        """The node a reply answers: the destination of the message it replies to (among
+        `sent`, node -> message; default: this round's train messages).
+
+        Matched by ``reply_to_message_id`` (the Grid gives each sent message its id): an error
+        reply that the SuperLink writes for a node that went offline comes from the SuperLink
+        (``src_node_id`` 1), not from the node. Grids that assign no message ids (tests) fall
+        back to the reply's source node.
+        """
+        to = msg.metadata.reply_to_message_id
+        if to:
+            for node, out in (self._messages if sent is None else sent).items():
+                if out.metadata.message_id == to:
+                    return node
+        return msg.metadata.src_node_id
+
     def check_reply(self, server_round: int, msg: Message) -> ClientUpdate:
         """Decode and check one reply on its own; raise FedLoraError with the reason."""
-        node = msg.metadata.src_node_id
+        node = self.reply_node(msg)
         if node not in self._sent:
             raise FedLoraError(f"reply from node {node}, which was not sent a payload")
         if msg.has_error():
@@ -286,20 +307,18 @@ class FlowerStrategy(FlwrStrategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         # a fixed order (by client id, numeric ids as numbers: the engine's order), whatever
         # order the replies arrived in
-        replies = sorted(
-            replies,
-            key=lambda m: (
-                _natural(self._sent[m.metadata.src_node_id][0].client_id)
-                if m.metadata.src_node_id in self._sent
-                else (2, m.metadata.src_node_id, "")
-            ),
+        by_node = [(self.reply_node(m), m) for m in replies]
+        by_node.sort(
+            key=lambda nm: (
+                _natural(self._sent[nm[0]][0].client_id) if nm[0] in self._sent else (2, nm[0], "")
+            )
         )
         checked: list[tuple[ClientUpdate, Start]] = []
         dropped: dict[str, str] = {}
         up_bytes = up_trained = 0
+        per_client: dict[str, dict[str, float]] = {}
         seen = set()
-        for msg in replies:
-            node = msg.metadata.src_node_id
+        for node, msg in by_node:
             who = self._sent[node][0].client_id if node in self._sent else f"node-{node}"
             if node in seen:
                 dropped[f"{who} (duplicate)"] = "second reply in one round"
@@ -319,6 +338,7 @@ class FlowerStrategy(FlwrStrategy):
                 )
                 continue
             checked.append((u, start_of(u, self._sent[node][1])))
+            per_client[u.client_id] = _client_metrics(u, msg)
             up_bytes += codec.record_nbytes(msg.content)
             up_trained += update_nbytes(u, self._sent[node][1].trainable)
         for node in set(self._sent) - seen:
@@ -353,7 +373,7 @@ class FlowerStrategy(FlwrStrategy):
         metrics = MetricRecord(
             {
                 "replies-sent": len(self._sent),
-                "replies-received": len(replies),
+                "replies-received": len(by_node),
                 "replies-used": n_used,
                 "replies-dropped": len(dropped),
                 "download-bytes": sum(b for _, _, b in self._sent.values()),
@@ -376,6 +396,7 @@ class FlowerStrategy(FlwrStrategy):
         self.rounds.append(
             {
                 "round": server_round,
+                "sent": sorted((s.client_id for s, _, _ in self._sent.values()), key=_natural),
                 "used": [u.client_id for u in used] if error is None else [],
                 "dropped": dropped,
                 "clipped": screened.clipped,
@@ -383,6 +404,7 @@ class FlowerStrategy(FlwrStrategy):
                 "error": error,
                 "num_examples": total,
                 "metrics": dict(metrics),
+                "clients": per_client,
             }
         )
         if error is not None:
@@ -450,6 +472,14 @@ class FlowerStrategy(FlwrStrategy):
             out[k] = sum(n * x for n, x in pairs) / max(1, sum(n for n, _ in pairs))
         self.eval_rounds.append({"round": server_round, "num_examples": total, **dict(out)})
         return out if good else None
+
+
+def _client_metrics(u: ClientUpdate, msg: Message) -> dict[str, float]:
+    """One used reply's float metrics and its node's counters (model builds, load seconds)."""
+    out = {k: v for k, v in u.extras.items() if isinstance(v, float)}
+    node = msg.content.metric_records.get(codec.NODE_METRICS)
+    out.update({k: float(v) for k, v in dict(node or {}).items() if isinstance(v, (int, float))})
+    return out
 
 
 def _natural(client_id: str) -> tuple:
