@@ -1,5 +1,11 @@
 """FlowerStrategy over a fake in-process Grid: equivalence with a plain loop, node identity,
-faults (error replies, NaN, wrong shapes, timeouts, bad declarations)."""
+faults (error replies, NaN, wrong shapes, timeouts, bad declarations, a SuperLink error reply
+for a node that went offline).
+
+The nodes run the real ClientApp handlers on the ``tiny`` experiment (tiny random Llama, the
+engine's `train_client`): there is one client implementation. The reference loop trains the
+same clients with the same backend, outside Flower.
+"""
 
 from __future__ import annotations
 
@@ -15,16 +21,22 @@ from flwr.common import serde  # noqa: E402
 import fedlora.strategies as S  # noqa: E402
 from fedlora.contract import ClientSpec, FedLoraError  # noqa: E402
 from fedlora.flower import client_app, codec  # noqa: E402
+from fedlora.flower.backend import get_backend  # noqa: E402
 from fedlora.flower.nodes import resolve_spec  # noqa: E402
 from fedlora.flower.server_app import build  # noqa: E402
 from fedlora.flower.strategy import FlowerStrategy  # noqa: E402
-from fedlora.flower.toy import ToyTask, toy_shapes  # noqa: E402
 from fedlora.norms import adapter_norm, scale_adapter  # noqa: E402
 from fedlora.robust import NormBound  # noqa: E402
 
-RUN = {"model": "toy", "seed": 0, "toy-layers": 2, "toy-d-model": 16, "toy-d-ff": 24}
-SHAPES = toy_shapes(2, 16, 24)
+# the tiny preset (6 clients), 1 local step: the engine's client on a tiny random Llama
+RUN = {"experiment": "tiny", "overrides": "train.local_steps=1 eval.metrics=loss"}
+SHAPES = get_backend(RUN).shapes()  # 14 modules; the smallest is 16 x 32 (k_proj, v_proj)
 RANKS = [2, 4, 6, 8]  # 4 clients with different ranks
+
+
+def _train(spec, payload, partition, server_round):
+    """The node-side training every test compares against (outside Flower)."""
+    return get_backend(RUN).train(spec, payload, partition, server_round=server_round)
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +59,9 @@ class FakeGrid:
     """A Grid that delivers messages to in-process nodes running fedlora's ClientApp handlers.
 
     ``faults[node_id]`` maps a message type to "error", "timeout", "nan", "shape", "client" or
-    "scaled" (every B times 1e6).
+    "scaled" (every B times 1e6), or "offline" (the error reply a SuperLink writes for a node
+    that stopped sending heartbeats: its source is the SuperLink, node 1). Sent messages get
+    message ids, as a real Grid gives them.
     """
 
     def __init__(self, node_configs, run_config=RUN, faults=None):
@@ -62,11 +76,17 @@ class FakeGrid:
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"
             node = msg.metadata.dst_node_id
             kind = msg.metadata.message_type
             self.sent.append((node, kind))
             fault = self.faults.get(node, {}).get(kind.split(".")[0])
             if fault == "timeout":
+                continue
+            if fault == "offline":
+                reply = Message(Error(code=5, reason="Node Unavailable"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = 1  # SUPERLINK_NODE_ID
+                replies.append(reply)
                 continue
             if fault == "error":
                 replies.append(Message(Error(code=0, reason="client crashed"), reply_to=msg))
@@ -120,10 +140,9 @@ def _strategy(name):
 def _reference(name, rounds=2):
     """The plain in-process loop: configure, train, aggregate."""
     strategy, ranks = _strategy(name)
-    task = ToyTask(SHAPES, 0, 5)
     specs = [ClientSpec(f"partition-{i}", {m: r for m in SHAPES}) for i, r in enumerate(ranks)]
     for rnd in range(1, rounds + 1):
-        updates = [task.train(s, strategy.configure(s, rnd), i) for i, s in enumerate(specs)]
+        updates = [_train(s, strategy.configure(s, rnd), i, rnd) for i, s in enumerate(specs)]
         strategy.aggregate(rnd, updates)
     return strategy.global_delta()
 
@@ -151,27 +170,31 @@ def test_flower_adapter_equals_in_process_loop(name):
     assert sum(kind == "query.hello" for _, kind in grid.sent) == 4
 
 
-@pytest.mark.parametrize("fault", ["error", "timeout", "nan", "shape", "client"])
+@pytest.mark.parametrize("fault", ["error", "timeout", "nan", "shape", "client", "offline"])
 def test_bad_reply_is_dropped_and_round_goes_on(fault):
     strategy = S.get("flexlora", shapes=SHAPES)
     fs = FlowerStrategy(strategy, SHAPES, min_nodes=4)
     grid = FakeGrid(_nodes(), faults={102: {"train": fault}})
     result = fs.start(grid, ArrayRecord(), num_rounds=2, timeout=10)
     for r in fs.rounds:
+        assert r["sent"] == [f"partition-{i}" for i in range(4)]
         assert r["used"] == ["partition-0", "partition-1", "partition-3"]
-        assert list(r["dropped"]) == ["partition-2"]
+        assert list(r["dropped"]) == ["partition-2"]  # matched to the message it answers
         assert r["error"] is None
+        received = 3 if fault == "timeout" else 4
+        assert r["metrics"]["replies-received"] == received
+        if fault == "offline":
+            assert "Node Unavailable" in r["dropped"]["partition-2"]
     assert result.train_metrics_clientapp[1]["replies-used"] == 3
     assert result.train_metrics_clientapp[1]["replies-dropped"] == 1
     # the result equals aggregating the three good clients in-process
     ref = S.get("flexlora", shapes=SHAPES)
-    task = ToyTask(SHAPES, 0, 5)
     specs = [ClientSpec(f"partition-{i}", {m: RANKS[i] for m in SHAPES}) for i in (0, 1, 3)]
     for rnd in (1, 2):
         payloads = [ref.configure(s, rnd) for s in specs]
         ref.configure(ClientSpec("partition-2", {m: RANKS[2] for m in SHAPES}), rnd)
         ref.aggregate(
-            rnd, [task.train(s, p, int(s.client_id[-1])) for s, p in zip(specs, payloads)]
+            rnd, [_train(s, p, int(s.client_id[-1]), rnd) for s, p in zip(specs, payloads)]
         )
     _assert_same(strategy.global_delta(), ref.global_delta())
 
@@ -217,7 +240,7 @@ def test_all_replies_bad_leaves_model_unchanged():
 @pytest.mark.parametrize(
     "declared, message",
     [
-        ({"partition-id": 9, "ranks": "k_proj=4"}, "unknown module 'k_proj'"),
+        ({"partition-id": 9, "ranks": "x_proj=4"}, "unknown module 'x_proj'"),
         ({"partition-id": 9, "rank": 0}, "rank must be >= 1"),
         ({"partition-id": 9, "rank": 17}, "exceeds min(d_out, d_in) = 16"),
         ({"partition-id": 9, "ranks": "up_proj=4"}, "no rank for module"),
@@ -267,16 +290,15 @@ def test_node_that_skipped_rounds_trains_from_current_global():
 def test_server_app_build_and_evaluate_on_nodes():
     rc = {
         **RUN,
-        "strategy": "lora_a2",
-        "strategy-options": '{"global_rank": 4}',
+        "overrides": RUN["overrides"] + " strategy.name=lora_a2 strategy.options.global_rank=4",
         "min-nodes": 2,
         "fraction-evaluate": 1.0,
     }
     fs = build(rc)
     assert fs.strategy.name == "lora_a2" and fs.strategy.global_rank == 4
-    result = fs.start(FakeGrid(_nodes([2, 8])), ArrayRecord(), num_rounds=2, timeout=10)
+    result = fs.start(FakeGrid(_nodes([2, 8]), rc), ArrayRecord(), num_rounds=2, timeout=10)
     ev = result.evaluate_metrics_clientapp
-    assert ev[2]["replies-used"] == 2 and ev[2]["eval_loss"] < ev[1]["eval_loss"] * 1.5
+    assert ev[2]["replies-used"] == 2 and 0 < ev[2]["loss"] < ev[1]["loss"] * 1.5
     assert result.train_metrics_clientapp[1]["upload-bytes"] > 0
 
 
@@ -315,7 +337,8 @@ def test_clients_per_round_draws_as_the_engine():
     fs = FlowerStrategy(
         strategy, SHAPES, min_nodes=12, client_specs=conf, clients_per_round=5, sample_seed=3
     )
-    fs.start(FakeGrid(nodes), ArrayRecord(), num_rounds=3, timeout=10)
+    rc = {**RUN, "overrides": RUN["overrides"] + " data.num_clients=12"}
+    fs.start(FakeGrid(nodes, rc), ArrayRecord(), num_rounds=3, timeout=10)
     engine = np.random.default_rng([3, 7])  # fedlora.engine.runner.run_experiment's sampler
     for r in fs.rounds:
         chosen = sorted(int(c) for c in engine.choice(list(range(12)), 5, replace=False))

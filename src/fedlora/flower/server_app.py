@@ -80,10 +80,10 @@ def write_result(fs: FlowerStrategy, result_dir: str) -> None:
     torch.save(
         {m: (f.A, f.B) for m, f in delta.items()}, os.path.join(result_dir, "global_delta.pt")
     )
-    cfg = getattr(fs, "experiment", None)
+    cfg = fs.experiment
     result = {
         "strategy": fs.strategy.name,
-        "experiment": cfg.name if cfg is not None else "toy",
+        "experiment": cfg.name,
         "nodes": {
             str(n): {"client_id": s.client_id, "ranks": dict(s.ranks)} for n, s in fs.specs.items()
         },
@@ -96,11 +96,10 @@ def write_result(fs: FlowerStrategy, result_dir: str) -> None:
         result["privacy"] = fs.privacy.summary()
     with open(os.path.join(result_dir, "result.json"), "w") as fh:
         json.dump(result, fh, indent=1)
-    if cfg is not None:
-        from fedlora.config import dumps_toml
+    from fedlora.config import dumps_toml
 
-        with open(os.path.join(result_dir, "config.toml"), "w") as fh:
-            fh.write(dumps_toml(cfg))
+    with open(os.path.join(result_dir, "config.toml"), "w") as fh:
+        fh.write(dumps_toml(cfg))
 
 
 @app.main()

@@ -107,7 +107,7 @@ class FlowerStrategy(FlwrStrategy):
         self.rounds: list[dict[str, Any]] = []  # one record per train round (for result files)
         self.eval_rounds: list[dict[str, Any]] = []
         # set by `fedlora.flower.server_app.build`: rounds to run, where to write results, the
-        # experiment configuration (None for the toy task)
+        # experiment configuration
         self.num_rounds: int = 1
         self.result_dir: str = ""
         self.experiment: Any = None
