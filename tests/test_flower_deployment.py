@@ -14,32 +14,19 @@ import datetime
 import ipaddress
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from flower_procs import exe, free_port, stop
 
 pytestmark = pytest.mark.flower
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "flower_app"
-BIN = Path(sys.executable).parent
 OVERRIDES = "rounds=2 clients_per_round=2"  # the tiny preset's 6 clients, 2 of them as nodes
-
-
-def _exe(name: str) -> str:
-    path = BIN / name
-    return str(path) if path.exists() else name
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make_certs(d: Path) -> None:
@@ -124,7 +111,7 @@ def _register(env: dict, pub: Path, deadline_s: float = 30.0) -> int:
     t0 = time.monotonic()
     while True:
         r = subprocess.run(
-            [_exe("flwr"), "supernode", "register", str(pub), "test", "--format", "json"],
+            [exe("flwr"), "supernode", "register", str(pub), "test", "--format", "json"],
             env=env, capture_output=True, text=True, timeout=60, start_new_session=True,
         )  # fmt: skip
         try:  # with --format json, flwr exits 0 also on failure: read "success"
@@ -144,26 +131,12 @@ def _runner(node_port: int) -> list[str]:
             "--runtime-api-address", f"127.0.0.1:{node_port}", "--insecure"]  # fmt: skip
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in reversed(procs):
-        try:  # the group of a process this test started (also if its leader has exited: a
-            os.killpg(p.pid, signal.SIGTERM)  # refused SuperNode's children may be left)
-        except ProcessLookupError:
-            pass
-    for p in reversed(procs):
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=5)
-
-
 def _run_federation(
     tmp_path: Path, tls: bool, auth: bool = False, isolation: str = "subprocess"
 ) -> dict:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(tmp_path / "home")}
     (tmp_path / "home").mkdir()
-    port = _free_port()
+    port = free_port()
     link_args = ["--insecure"]
     node_tls = ["--insecure"]
     conn = "insecure = true"
@@ -202,7 +175,7 @@ def _run_federation(
     try:
         start(
             "superlink",
-            [_exe("flower-superlink"), *link_args, "--disable-runtime-dependency-installation",
+            [exe("flower-superlink"), *link_args, "--disable-runtime-dependency-installation",
              "--host", "127.0.0.1", "--port", str(port)],
         )  # fmt: skip
         nodes = [("supernode0", "partition-id=0 rank=2"), ("supernode1", "partition-id=1 rank=8")]
@@ -213,10 +186,10 @@ def _run_federation(
             nodes.append(("intruder", "partition-id=2 rank=4"))
         for name, node_config in nodes:
             node_auth = ["--auth-supernode-private-key", str(keys / name)] if auth else []
-            node_port = _free_port()
+            node_port = free_port()
             start(
                 name,
-                [_exe("flower-supernode"), *node_tls, *node_auth,
+                [exe("flower-supernode"), *node_tls, *node_auth,
                  "--superlink", f"127.0.0.1:{port}", "--isolation", isolation,
                  "--host", "127.0.0.1", "--port", str(node_port),
                  "--node-config", node_config],
@@ -224,7 +197,7 @@ def _run_federation(
             if isolation == "process":  # the node's long-lived ClientApp process
                 start(f"{name}-runner", _runner(node_port))
         run = subprocess.run(
-            [_exe("flwr"), "run", str(APP), "test", "--stream",
+            [exe("flwr"), "run", str(APP), "test", "--stream",
              "--run-config",
              f'overrides="{OVERRIDES}" result-dir="{result_dir}" round-timeout=60'],
             env=env, capture_output=True, text=True, timeout=200, start_new_session=True,
@@ -244,7 +217,7 @@ def _run_federation(
             print(f"--- {name} ---\n" + (tmp_path / f"{name}.log").read_text()[-3000:])
         raise
     finally:
-        _stop(procs)
+        stop(procs)
         for _, log in logs:
             log.close()
 
@@ -270,7 +243,7 @@ def _check_intruder_refused(
     refused = [ln for ln in link_log.splitlines() if pem.splitlines()[1] in ln]
     assert refused and all("No SuperNode found with the given public key" in ln for ln in refused)
     r = subprocess.run(
-        [_exe("flwr"), "supernode", "list", "test", "--format", "json"],
+        [exe("flwr"), "supernode", "list", "test", "--format", "json"],
         env=env, capture_output=True, text=True, timeout=60, start_new_session=True,
     )  # fmt: skip
     listed = json.loads(r.stdout)
