@@ -14,6 +14,7 @@ import datetime
 import ipaddress
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -287,3 +288,102 @@ def test_superlink_two_supernodes_tls_supernode_auth(tmp_path):
     result = _run_federation(tmp_path, tls=True, auth=True)
     # both registered nodes trained in both rounds, the intruder in none
     _check(result, builds_per_round=True)
+
+
+def _wait_for_line(path: Path, text: str, count: int = 1, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while path.read_text().count(text) < count:
+        assert time.monotonic() < deadline, f"{path.name}: no {text!r}\n" + path.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def test_node_killed_mid_run_fault_report(tmp_path):
+    """Node 1 (SuperNode + its ClientApp process) is killed (SIGKILL) right after it sent its
+    round-1 reply.
+
+    Round 2 is still sent to it (the SuperLink lists a node until its heartbeats are 2 x 30 s
+    late); the SuperLink then answers for it with a "Node Unavailable" error reply, whose
+    source is the SuperLink (node 1), not node 1: the reply must be matched to the message it
+    answers, so client "1" is dropped with that reason. Round 3 goes to the one live node.
+    """
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(tmp_path / "home")}
+    (tmp_path / "home").mkdir()
+    port = free_port()
+    (tmp_path / "home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
+        "insecure = true\n"
+    )
+    result_dir = tmp_path / "result"
+    groups: dict[str, list[subprocess.Popen]] = {}
+    logs = []
+
+    def start(name, cmd, group):
+        log = open(tmp_path / f"{name}.log", "w")
+        logs.append((name, log))
+        p = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        groups.setdefault(group, []).append(p)
+
+    try:
+        start("superlink", [exe("flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                            "--port", str(port)], "link")  # fmt: skip
+        for i, rank in ((0, 2), (1, 8)):
+            node_port = free_port()
+            start(
+                f"supernode{i}",
+                [exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                 "--isolation", "process", "--host", "127.0.0.1", "--port", str(node_port),
+                 "--node-config", f"partition-id={i} rank={rank}"],
+                f"node{i}",
+            )  # fmt: skip
+            start(f"runner{i}", _runner(node_port), f"node{i}")
+        for i in (0, 1):  # both nodes connected before the run (min-nodes=1 below)
+            _wait_for_line(tmp_path / f"supernode{i}.log", "SuperNode ID:")
+        start(
+            "flwr-run",
+            [exe("flwr"), "run", str(APP), "test", "--stream", "--run-config",
+             f'overrides="rounds=3 clients_per_round=2" result-dir="{result_dir}" '
+             "round-timeout=100 min-nodes=1"],
+            "run",
+        )  # fmt: skip
+        # node 1 has sent its round-1 reply to the SuperLink (its second reply, after hello):
+        # it dies (SIGKILL, no goodbye to the SuperLink, which lists it until its heartbeats
+        # are late; a SuperNode stopped with SIGTERM deactivates itself at once, and then the
+        # SuperLink answers "Node Unavailable" also for a reply it already holds)
+        _wait_for_line(tmp_path / "supernode1.log", "Sent successfully", count=2)
+        for p in groups.pop("node1"):
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=15)
+        (run,) = groups["run"]
+        assert run.wait(timeout=400) == 0, (tmp_path / "flwr-run.log").read_text()[-4000:]
+        result = json.loads((result_dir / "result.json").read_text())
+    except BaseException:
+        for name, log in logs:
+            log.flush()
+            print(f"--- {name} ---\n" + (tmp_path / f"{name}.log").read_text()[-3000:])
+        raise
+    finally:
+        stop([p for g in groups.values() for p in g])
+        for _, log in logs:
+            log.close()
+
+    rounds = {r["round"]: r for r in result["rounds"]}
+    assert sorted(rounds) == [1, 2, 3]
+    want = {  # round: (sent, used, replies received)
+        1: (["0", "1"], ["0", "1"], 2),
+        2: (["0", "1"], ["0"], 2),  # node 1's reply: the SuperLink's error reply
+        3: (["0"], ["0"], 1),  # node 1 no longer listed
+    }
+    for n, (sent, used, received) in want.items():
+        r = rounds[n]
+        m = r["metrics"]
+        assert (r["sent"], r["used"], m["replies-received"]) == (sent, used, received), r
+        assert set(r["dropped"]) == set(sent) - set(used), r  # each sent client accounted once
+        assert (m["replies-sent"], m["replies-used"], m["replies-dropped"]) == (
+            len(sent), len(used), len(sent) - len(used)
+        )  # fmt: skip
+        assert r["error"] is None
+    assert "Node Unavailable" in rounds[2]["dropped"]["1"], rounds[2]
+    # node 0 kept its one model for the whole run
+    assert [rounds[n]["clients"]["0"]["model-builds"] for n in (1, 2, 3)] == [1, 1, 1]

@@ -104,6 +104,8 @@ class NodeRunner:
                 heartbeat.stop()
                 client.close()
                 self.tasks += 1
+                kind = message.metadata.message_type if message is not None else "?"
+                LOG.info("fedlora: node runner: task %d (%s) %s", self.tasks, kind, status)
 
     def serve(self, poll_interval: float = 0.2, max_tasks: int | None = None) -> None:
         """Poll the SuperNode for ClientApp tasks and run them until stopped."""
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--poll-interval", type=float, default=0.2, help="seconds between polls")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API call
     certs = Path(args.root_certificates).read_bytes() if args.root_certificates else None
     try:
         NodeRunner(args.runtime_api_address, args.insecure, certs).serve(args.poll_interval)
