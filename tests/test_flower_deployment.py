@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-from flower_procs import exe, free_port, stop
+
+from fedlora.flower.local import exe, free_port, stop
 
 pytestmark = pytest.mark.flower
 

@@ -24,17 +24,15 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
-from flower_procs import exe, free_port, stop
 
 from fedlora.config import load_config
 from fedlora.engine.runner import run_experiment
 from fedlora.flower.experiment import parse_overrides
+from fedlora.flower.local import exe, simulation_superlink, stop
 
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.flower, pytest.mark.simulation]
@@ -51,40 +49,12 @@ def simulation(tmp_path_factory):
     home = tmp / "home"
     home.mkdir()
     shutil.copy(ROOT / "flower_app" / "flwr-home" / "config.toml", home / "config.toml")
-    port, control = free_port(), free_port()
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(control),
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray on 127.0.0.1
-        "RAY_DEDUP_LOGS": "0",
-    }
-    log = open(tmp / "superlink.log", "w")
-    # what `flwr run` would start for address ":local:" (flwr.cli.local_superlink)
-    link = subprocess.Popen(
-        [exe("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-         "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1",
-         "--port", str(port), "--database", str(tmp / "state.db")],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert link.poll() is None and time.monotonic() < deadline, (
-                tmp / "superlink.log"
-            ).read_text()[-3000:]
-            time.sleep(0.5)
-        yield env, tmp
-    finally:
-        stop([link])
-        log.close()
+    with open(tmp / "superlink.log", "w") as log:
+        link, env = simulation_superlink(home, log)
+        try:
+            yield {**env, "RAY_DEDUP_LOGS": "0"}, tmp
+        finally:
+            stop([link])
 
 
 STRATEGIES = ["flexlora", "flora", "lora_a2"]

@@ -104,6 +104,7 @@ class FlowerStrategy(FlwrStrategy):
         self.sampler = np.random.default_rng([sample_seed, 7])
         self._sent: dict[int, tuple[ClientSpec, Payload, int]] = {}  # node -> spec, payload, bytes
         self._messages: dict[int, Message] = {}  # node -> the train message sent to it this round
+        self._round_start = time.perf_counter()
         self.rounds: list[dict[str, Any]] = []  # one record per train round (for result files)
         self.eval_rounds: list[dict[str, Any]] = []
         # set by `fedlora.flower.server_app.build`: rounds to run, where to write results, the
@@ -228,6 +229,7 @@ class FlowerStrategy(FlwrStrategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._round_start = time.perf_counter()
         nodes = self._wait_for_nodes(grid)
         self.hello(
             grid, [n for n in nodes if n not in self.specs and n not in self.rejected], server_round
@@ -405,6 +407,8 @@ class FlowerStrategy(FlwrStrategy):
                 "num_examples": total,
                 "metrics": dict(metrics),
                 "clients": per_client,
+                # wall time from configure (waiting for nodes, hellos) to aggregated
+                "seconds": time.perf_counter() - self._round_start,
             }
         )
         if error is not None:

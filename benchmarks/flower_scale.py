@@ -1,0 +1,180 @@
+"""Many virtual clients: Flower's simulation runtime (Ray) against the in-process engine.
+
+    python benchmarks/flower_scale.py                        # 1,000 clients, 50 per round, 3 rounds
+    python benchmarks/flower_scale.py --clients 200 --per-round 20 --rounds 2
+
+The same experiment (the ``tiny`` preset: tiny random Llama, every built-in task split iid over
+the clients, 4 examples each, 1 local step) runs twice, side by side in one invocation:
+
+* in-process: ``run_experiment`` in a fresh child process; peak memory = that process's max
+  RSS; per-round wall time = the engine's ``time_round``;
+* simulation: ``flwr run flower_app local-simulation --federation-config
+  "num-supernodes=N ..."`` against a local simulation SuperLink started here (127.0.0.1, stopped
+  by PID); one virtual SuperNode per client; peak memory = the largest sum of RSS over the
+  SuperLink's process tree (SuperLink, ``flwr-simulation`` with the ServerApp, Ray's daemons and
+  ClientApp actors), sampled every 0.5 s; per-round wall time = ``result.json``'s ``seconds``
+  (configure to aggregate). Round 1 also asks every node for its declaration once (``hello``:
+  N small messages), which later rounds do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def overrides(clients: int, per_round: int, rounds: int, strategy: str) -> str:
+    return (
+        f"rounds={rounds} clients_per_round={per_round} strategy.name={strategy} "
+        f"data.tasks=none data.heldout_tasks=[] data.partition=iid data.num_clients={clients} "
+        "data.test_fraction=0.1 data.max_examples_per_client=4 train.local_steps=1 "
+        "train.batch_size=2 train.max_length=32 threads=1"
+    )
+
+
+def in_process(text: str, out: str) -> dict:
+    """Child process: ``run_experiment`` on the overrides; per-round times."""
+    from fedlora.config import load_config
+    from fedlora.engine.runner import run_experiment
+    from fedlora.flower.experiment import parse_overrides
+
+    o = parse_overrides(text)
+    o.update({"output_dir": out, "eval.every": "1000000"})
+    for key in ("eval.seen_clients", "eval.unseen_clients", "eval.unseen_tasks"):
+        o[key] = "false"
+    t = time.perf_counter()
+    rows = run_experiment(load_config("tiny", o), progress=False, save_final=False).round_rows()
+    return {
+        "round_s": [r["time_round"] for r in rows],
+        "train_s": [r["time_train"] for r in rows],
+        "total_s": time.perf_counter() - t,
+    }
+
+
+def tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def simulation(text: str, clients: int, cpus: int, tmp: Path) -> dict:
+    from fedlora.flower.local import exe, simulation_superlink, stop
+
+    home = tmp / "home"
+    home.mkdir()
+    shutil.copy(ROOT / "flower_app" / "flwr-home" / "config.toml", home / "config.toml")
+    out = tmp / "sim"
+    with open(tmp / "superlink.log", "w") as log:
+        link, env = simulation_superlink(home, log)
+        peak = [0]
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(0.5):
+                peak[0] = max(peak[0], tree_rss(link.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t = time.perf_counter()
+        try:
+            run = subprocess.run(
+                [exe("flwr"), "run", "flower_app", "local-simulation", "--stream",
+                 "--federation-config",
+                 f"num-supernodes={clients} client-resources-num-cpus={cpus}",
+                 "--run-config", f'overrides="{text}" result-dir="{out}" round-timeout=3600'],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=7200,
+            )  # fmt: skip
+        finally:
+            total = time.perf_counter() - t
+            done.set()
+            sampler.join()
+            stop([link])
+    if run.returncode != 0 or not (out / "result.json").exists():
+        sys.exit((run.stdout + run.stderr)[-4000:])
+    result = json.loads((out / "result.json").read_text())
+    rounds = result["rounds"]
+    return {
+        "round_s": [r["seconds"] for r in rounds],
+        "train_s": [sum(c["train_seconds"] for c in r["clients"].values()) for r in rounds],
+        "used": [len(r["used"]) for r in rounds],
+        "builds": sum(
+            max(r["clients"][c]["model-builds"] for r in rounds if c in r["clients"])
+            for c in {c for r in rounds for c in r["clients"]}
+        ),
+        "peak_mb": peak[0] / 2**20,
+        "total_s": total,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", type=int, default=1000)
+    ap.add_argument("--per-round", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--strategy", default="flexlora")
+    ap.add_argument("--cpus-per-client", type=int, default=1, help="Ray CPUs per actor")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    text = overrides(args.clients, args.per_round, args.rounds, args.strategy)
+    if args.one:  # child process: the in-process engine, a JSON line on stdout
+        with tempfile.TemporaryDirectory() as out:
+            r = in_process(text, out)
+        r["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print("RESULT " + json.dumps(r))
+        return 0
+    cmd = [sys.executable, __file__, "--one", "--clients", str(args.clients)]
+    cmd += ["--per-round", str(args.per_round), "--rounds", str(args.rounds)]
+    cmd += ["--strategy", args.strategy]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    eng = json.loads(line[len("RESULT ") :])
+    eng["total_s"] = time.perf_counter() - t  # with the child's start (imports)
+    with tempfile.TemporaryDirectory() as tmp:
+        sim = simulation(text, args.clients, args.cpus_per_client, Path(tmp))
+    print(
+        f"{args.clients} clients, {args.per_round} per round, {args.rounds} rounds, "
+        f"{args.strategy}, tiny model, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+    )
+    print(f"{'runtime':<12} {'round walls (s)':<26} {'train (s/round)':<22} {'peak RSS':>9} "
+          f"{'total':>8}")  # fmt: skip
+    for name, r in (("in-process", eng), ("simulation", sim)):
+        walls = " ".join(f"{x:.1f}" for x in r["round_s"])
+        train = " ".join(f"{x:.1f}" for x in r["train_s"])
+        print(f"{name:<12} {walls:<26} {train:<22} {r['peak_mb']:>7.0f}MB {r['total_s']:>7.1f}s")
+    later = slice(1, None) if args.rounds > 1 else slice(None)
+    ratio = (sum(sim["round_s"][later]) / len(sim["round_s"][later])) / (
+        sum(eng["round_s"][later]) / len(eng["round_s"][later])
+    )
+    print(f"simulation / in-process, mean wall of rounds after the first: {ratio:.2f}x; "
+          f"peak memory {sim['peak_mb'] / eng['peak_mb']:.2f}x; clients used per round "
+          f"{sim['used']}; model builds in actors {sim['builds']:.0f}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
