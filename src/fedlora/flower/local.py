@@ -67,6 +67,8 @@ def simulation_env(home: Path, port: int, control_port: int) -> dict[str, str]:
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
         "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray's local cluster on 127.0.0.1
+        # a new local Ray cluster per run, never one started with `ray start` on this machine
+        "RAY_ADDRESS": "local",
     }
 
 
