@@ -19,8 +19,12 @@ Per round: the wall time (in-process: the engine's ``time_round``; Flower: ``res
 ``seconds``, from configure to aggregated, as the ServerApp sees it) and the client training
 time on the round's critical path (in-process: the sum of the clients' ``train_seconds``, as
 they train in turn; Flower: the largest ``train_seconds``, as nodes train side by side).
-"outside" = 1 - training / wall: what the runtime adds (model builds, process starts,
-messaging, polling). Also: the model builds per node over the run and the seconds of one build,
+"outside" = 1 - training / wall: what the runtime adds. For Flower it is split into the
+slowest node's ClientApp handler beyond training (decode, model build, encode: the reply's
+``handler-seconds`` - ``train_seconds``), messaging (the ServerApp's send-and-receive time
+beyond that handler: transport, the Grid's and SuperNodes' polling, ClientApp process starts,
+Ray dispatch) and the server (configure incl. waiting for nodes and hellos, checks and
+aggregation). Also: the model builds per node over the run and the seconds of one build,
 and each runtime's total wall time (process starts and the ServerApp's own model load
 included).
 """
@@ -71,9 +75,17 @@ def _flower_rows(result_dir: Path) -> dict:
     rounds = json.loads((result_dir / "result.json").read_text())["rounds"]
     clients = {c for r in rounds for c in r["clients"]}
     loads = [m["model-load-seconds"] for r in rounds for m in r["clients"].values()]
+    slowest = [max(r["clients"].values(), key=lambda m: m["handler-seconds"]) for r in rounds]
     return {
         "walls": [r["seconds"] for r in rounds],
         "train": [max(m["train_seconds"] for m in r["clients"].values()) for r in rounds],
+        # the slowest node's handler beyond its training: decode, model build, encode
+        "node": [m["handler-seconds"] - m["train_seconds"] for m in slowest],
+        # send and receive beyond the slowest node's handler: transport, polling, process starts
+        "messaging": [
+            r["exchange_seconds"] - m["handler-seconds"] for r, m in zip(rounds, slowest)
+        ],
+        "server": [r["configure_seconds"] + r["aggregate_seconds"] for r in rounds],
         "used": [len(r["used"]) for r in rounds],
         "builds": max(  # per node over the run (Flower keeps the count in its node state)
             max(r["clients"][c]["model-builds"] for r in rounds if c in r["clients"])
@@ -197,15 +209,20 @@ def main(argv=None) -> int:
         f"{args.steps} local steps, 1 thread per process; {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.1f}"
     )
-    print("| runtime | wall per round (s) | training per round (s) | outside training | "
-          "model builds per node | total (s) |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| runtime | wall per round (s) | training | outside training | node: build, decode, "
+          "encode | messaging | server: configure, aggregate | model builds per node | "
+          "total (s) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+    def cells(xs):
+        return " / ".join(f"{x:.1f}" for x in xs) if xs else "-"
+
     for name, r in results.items():
-        walls = " / ".join(f"{x:.1f}" for x in r["walls"])
-        train = " / ".join(f"{x:.1f}" for x in r["train"])
         outside = " / ".join(f"{1 - t / w:.0%}" for t, w in zip(r["train"], r["walls"]))
         builds = f"{r['builds']:.0f}" + (f" ({r['load_s']:.1f} s each)" if "load_s" in r else "")
-        print(f"| {name} | {walls} | {train} | {outside} | {builds} | {r['total']:.0f} |")
+        print(f"| {name} | {cells(r['walls'])} | {cells(r['train'])} | {outside} | "
+              f"{cells(r.get('node'))} | {cells(r.get('messaging'))} | {cells(r.get('server'))} "
+              f"| {builds} | {r['total']:.0f} |")  # fmt: skip
     return 0
 
 

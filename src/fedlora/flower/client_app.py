@@ -20,6 +20,7 @@ the simulation engine or a test's fake grid.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,12 +86,16 @@ def count_builds(context: Context, new: int) -> int:
     return int(rec["model-builds"])
 
 
-def _with_node_metrics(content: RecordDict, context: Context, builds_before: int) -> RecordDict:
+def _with_node_metrics(
+    content: RecordDict, context: Context, builds_before: int, started: float
+) -> RecordDict:
     new = backend.LOADS["experiment"] - builds_before
     content[codec.NODE_METRICS] = MetricRecord(
         {
             "model-builds": count_builds(context, new),
             "model-load-seconds": float(backend.LOADS["seconds"]) if new else 0.0,
+            # the handler's wall time: decode, model build (if any), training, encode
+            "handler-seconds": time.perf_counter() - started,
         }
     )
     return content
@@ -103,13 +108,13 @@ def hello(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    before = backend.LOADS["experiment"]
+    started, before = time.perf_counter(), backend.LOADS["experiment"]
     content = train_content(msg.content, context.node_config, context.run_config)
-    return Message(_with_node_metrics(content, context, before), reply_to=msg)
+    return Message(_with_node_metrics(content, context, before, started), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    before = backend.LOADS["experiment"]
+    started, before = time.perf_counter(), backend.LOADS["experiment"]
     content = evaluate_content(msg.content, context.node_config, context.run_config)
-    return Message(_with_node_metrics(content, context, before), reply_to=msg)
+    return Message(_with_node_metrics(content, context, before, started), reply_to=msg)

@@ -104,7 +104,7 @@ class FlowerStrategy(FlwrStrategy):
         self.sampler = np.random.default_rng([sample_seed, 7])
         self._sent: dict[int, tuple[ClientSpec, Payload, int]] = {}  # node -> spec, payload, bytes
         self._messages: dict[int, Message] = {}  # node -> the train message sent to it this round
-        self._round_start = time.perf_counter()
+        self._round_start = self._configured_at = time.perf_counter()
         self.rounds: list[dict[str, Any]] = []  # one record per train round (for result files)
         self.eval_rounds: list[dict[str, Any]] = []
         # set by `fedlora.flower.server_app.build`: rounds to run, where to write results, the
@@ -266,6 +266,7 @@ class FlowerStrategy(FlwrStrategy):
             len(messages),
             len(nodes),
         )
+        self._configured_at = time.perf_counter()
         return messages
 
     def reply_node(self, msg: Message, sent: Mapping[int, Message] | None = None) -> int:
@@ -309,6 +310,7 @@ class FlowerStrategy(FlwrStrategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         # a fixed order (by client id, numeric ids as numbers: the engine's order), whatever
         # order the replies arrived in
+        received_at = time.perf_counter()
         by_node = [(self.reply_node(m), m) for m in replies]
         by_node.sort(
             key=lambda nm: (
@@ -407,8 +409,13 @@ class FlowerStrategy(FlwrStrategy):
                 "num_examples": total,
                 "metrics": dict(metrics),
                 "clients": per_client,
-                # wall time from configure (waiting for nodes, hellos) to aggregated
+                # wall time from configure to aggregated, and its parts: configure (incl.
+                # waiting for nodes and hellos), send and receive (messaging and the nodes'
+                # work), checks and aggregation
                 "seconds": time.perf_counter() - self._round_start,
+                "configure_seconds": self._configured_at - self._round_start,
+                "exchange_seconds": received_at - self._configured_at,
+                "aggregate_seconds": time.perf_counter() - received_at,
             }
         )
         if error is not None:
