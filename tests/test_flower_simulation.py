@@ -62,31 +62,30 @@ STRATEGIES = ["flexlora", "flora", "lora_a2"]
 
 @pytest.fixture(scope="module")
 def simulated(simulation):
-    """The three runs, submitted together (the SuperLink runs them side by side: each run's
-    ``flwr-simulation`` process starts its own Ray): strategy -> (result.json, global delta)."""
+    """The three runs, one after another on the one SuperLink (each run's ``flwr-simulation``
+    starts and stops its own Ray; started side by side, Ray's start-up timed out on a loaded
+    2-core machine): strategy -> (result.json, global delta)."""
     env, tmp = simulation
-    runs = {}
+    done = {}
     for strategy in STRATEGIES:
         out = tmp / strategy
-        runs[strategy] = (out, subprocess.Popen(
+        proc = subprocess.Popen(
             [exe("flwr"), "run", "flower_app", "local-simulation", "--stream", "--run-config",
              f'experiment="tiny" overrides="{OVERRIDES} strategy.name={strategy}" '
              f'result-dir="{out}"'],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
-        ))  # fmt: skip
-    done = {}
-    try:
-        for strategy, (out, proc) in runs.items():
+        )  # fmt: skip
+        try:
             text, _ = proc.communicate(timeout=600)
-            assert proc.returncode == 0 and (out / "result.json").exists(), text[-5000:]
-            assert "(6 simulated SuperNodes)" in text, text[-3000:]
-            done[strategy] = (
-                json.loads((out / "result.json").read_text()),
-                torch.load(out / "global_delta.pt"),
-            )
-    finally:
-        stop([proc for _, proc in runs.values()])
+        finally:
+            stop([proc])
+        assert proc.returncode == 0 and (out / "result.json").exists(), text[-5000:]
+        assert "(6 simulated SuperNodes)" in text, text[-3000:]
+        done[strategy] = (
+            json.loads((out / "result.json").read_text()),
+            torch.load(out / "global_delta.pt"),
+        )
     return done
 
 
