@@ -5,7 +5,8 @@ fedlora run --preset tiny --rounds 5 --strategy flexlora
 fedlora run --config my.toml --set train.lr=1e-3 --set strategy.options.split=sqrt
 fedlora run --resume runs/demo               # continue an interrupted run exactly
 fedlora compare                              # flexlora, flora, hetlora, fedit on the demo
-fedlora report runs/compare/*                # tables and plots from finished runs
+fedlora compare --preset tiny --strategies flexlora,fedit --seeds 0,1 --rounds 2
+fedlora report runs/demo-compare             # tables, CIs, tests and plots from finished runs
 """
 
 from __future__ import annotations
@@ -176,36 +177,53 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seeds(text: str | None, default: int) -> list[int]:
+    if not text:
+        return [default]
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise FedLoraError(f"--seeds {text!r}: expected integers, e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise FedLoraError(f"--seeds {text!r}: give distinct integers, e.g. --seeds 0,1,2")
+    return seeds
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedlora import report
     from fedlora.config import HOMOGENEOUS_ONLY
 
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     base = _load_config(args)  # validates the shared part before any training
-    # --output-dir names the comparison's folder (one sub-folder per strategy)
+    seeds = _seeds(args.seeds, base.seed)
+    # --output-dir names the comparison's folder (one sub-folder per strategy, and per seed)
     given = vars(args).get("cfg:output_dir")
     out = Path(given or f"{base.output_dir}-compare")
     cfgs = []
-    for name in names:
-        extra: dict[str, Any] = {
-            "strategy.name": name,
-            "output_dir": str(out / name),
-            "name": f"{base.name}-{name}",
-        }
-        if name != base.strategy.name:  # the base's options belong to its own strategy
-            extra["strategy.options"] = {}
-        label = name
-        if name in HOMOGENEOUS_ONLY and base.heterogeneous():
-            # the bucket-effect baseline: every client trains the smallest rank
-            extra["resources.distribution"] = "homogeneous"
-            extra["resources.homogeneous_type"] = 1
-            label = f"{name} (homogeneous, type-1 rank)"
-        cfgs.append((_load_config(args, extra), label))
-    LOG.info("comparing %s in %s", ", ".join(names), out)
+    for seed in seeds:
+        where = out if len(seeds) == 1 else out / f"seed{seed}"
+        for name in names:
+            extra: dict[str, Any] = {
+                "strategy.name": name,
+                "output_dir": str(where / name),
+                "name": f"{base.name}-{name}",
+                "seed": seed,
+            }
+            if name != base.strategy.name:  # the base's options belong to its own strategy
+                extra["strategy.options"] = {}
+            label = name
+            if name in HOMOGENEOUS_ONLY and base.heterogeneous():
+                # the bucket-effect baseline: every client trains the smallest rank
+                extra["resources.distribution"] = "homogeneous"
+                extra["resources.homogeneous_type"] = 1
+                label = f"{name} (homogeneous, type-1 rank)"
+            cfgs.append((_load_config(args, extra), label))
+    if args.baseline and args.baseline not in names:
+        raise FedLoraError(f"--baseline {args.baseline!r}: not one of --strategies {names}")
+    LOG.info("comparing %s in %s, seeds %s", ", ".join(names), out, seeds)
     runs = []
     t0 = time.perf_counter()
     for cfg, label in cfgs:
-        print(f"== {label}", flush=True)
+        print(f"== {label}, seed {cfg.seed}", flush=True)
         runs.append(
             _run_one(
                 cfg,
@@ -215,28 +233,73 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 label=label,
             )
         )
-    table = report.format_table(report.summary_rows(runs))
-    (out / "compare.txt").write_text(table + "\n")
-    path = report.plot_compare(runs, out)
-    print("\n" + table)
+    text = _write_comparison(runs, out, args.baseline)
+    print("\n" + text)
     print(
-        f"\n{len(runs)} runs in {time.perf_counter() - t0:.0f} s; table {out / 'compare.txt'}, "
-        f"plot {path}, per-run plots in {out}/<strategy>/plots"
+        f"\n{len(runs)} runs in {time.perf_counter() - t0:.0f} s; {out / 'compare.txt'}, "
+        f"{out / 'compare.json'}, {out / 'compare.png'}, per-run plots in <run>/plots"
     )
     return 0
 
 
+def _write_comparison(runs, out: Path, baseline: str | None) -> str:
+    """compare.json, compare.txt and compare.png of `runs` in `out`; returns the text."""
+    import json
+
+    from fedlora import comparison, report
+
+    result = comparison.compare(runs, baseline)
+    text = comparison.format_compare(result)
+    text += "\n\n" + "\n".join(comparison.significance_summary(result))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "compare.txt").write_text(text + "\n")
+    report.plot_compare(runs, out)
+    return text
+
+
+def _run_dirs(paths: list[str]) -> list[Path]:
+    """Run directories: each path that holds a run, and the runs below each one that does not."""
+    dirs: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "metrics.jsonl").is_file():
+            dirs.append(p)
+        else:
+            found = sorted(m.parent for m in p.glob("**/metrics.jsonl"))
+            if not found:
+                raise FedLoraError(f"{p}: no fedlora run (metrics.jsonl) in or below it")
+            dirs += found
+    return dirs
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    import json
+    import os
+
     from fedlora import report
 
-    runs = [report.load_run(d) for d in args.run_dirs]
+    dirs = _run_dirs(args.run_dirs)
+    runs = [report.load_run(d) for d in dirs]
     for run in runs:
         report.plot_run(run)
-    table = report.format_table(report.summary_rows(runs))
-    print(table)
-    if len(runs) > 1:
-        out = Path(args.output_dir or Path(args.run_dirs[0]).parent)
-        print(f"\ncomparison plot: {report.plot_compare(runs, out)}")
+    if len(runs) == 1:
+        print(report.format_table(report.summary_rows(runs)))
+        return 0
+    if args.output_dir:
+        out = Path(args.output_dir)
+    elif len(args.run_dirs) == 1 and dirs[0] != Path(args.run_dirs[0]):
+        out = Path(args.run_dirs[0])  # a comparison's folder
+    else:
+        out = Path(os.path.commonpath([d.resolve() for d in dirs]))
+    previous = out / "compare.json"
+    baseline = args.baseline
+    if previous.is_file():  # keep the comparison's order (and baseline) when rebuilding it
+        old = json.loads(previous.read_text())
+        order = {label: i for i, label in enumerate(old.get("order", []))}
+        runs.sort(key=lambda r: order.get(r["name"], len(order)))
+        baseline = baseline or old.get("baseline")
+    print(_write_comparison(runs, out, baseline))
+    print(f"\n{out / 'compare.txt'}, {out / 'compare.json'}, {out / 'compare.png'}")
     return 0
 
 
@@ -298,6 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(DEMO_STRATEGIES),
         help=f"comma-separated strategy names (default {','.join(DEMO_STRATEGIES)})",
     )
+    cmp_.add_argument(
+        "--seeds",
+        help="comma-separated seeds, e.g. 0,1,2: every strategy runs once per seed (within a "
+        "seed all share partition, resources, sampling and evaluation examples); default: the "
+        "configuration's seed",
+    )
+    cmp_.add_argument(
+        "--baseline",
+        help="the strategy the others are tested against (default: the homogeneous fedit run "
+        "if compared, else the first strategy)",
+    )
     cmp_.add_argument("--resume", action="store_true", help="resume each run from its checkpoint")
     cmp_.add_argument(
         "--overwrite", action="store_true", help="replace runs already in the output directories"
@@ -306,9 +380,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(cmp_)
     cmp_.set_defaults(func=cmd_compare)
 
-    rep = sub.add_parser("report", help="rebuild tables and plots from finished runs")
-    rep.add_argument("run_dirs", nargs="+", help="run directories")
-    rep.add_argument("--output-dir", help="where the comparison plot goes")
+    rep = sub.add_parser(
+        "report",
+        help="rebuild tables and plots from finished runs",
+        description="Rebuild each run's plots and, for several runs, the comparison "
+        "(compare.txt, compare.json, compare.png) from run directories or a comparison folder.",
+    )
+    rep.add_argument("run_dirs", nargs="+", help="run directories, or folders holding runs")
+    rep.add_argument(
+        "--output-dir",
+        help="where the comparison goes (default: the folder given, or the runs' parent)",
+    )
+    rep.add_argument(
+        "--baseline",
+        help="label or strategy of the baseline (default: the previous comparison's, else "
+        "the homogeneous fedit run, else the first)",
+    )
     common(rep)
     rep.set_defaults(func=cmd_report)
 

@@ -143,6 +143,8 @@ class EvalConfig:
     max_examples: int = 64  # per evaluated client set
     batch_size: int = 8  # evaluation batch size
     max_new_tokens: int = 32  # greedy generation length for Rouge-L
+    max_generations: int | None = None  # Rouge-L on this many generation examples (None: all)
+    bootstrap: int = 1000  # bootstrap resamples of every metric's 95% CI over examples (0: none)
     seen_clients: bool = True  # held-out test split of the clients that train
     unseen_clients: bool = True  # clients held out of training (data.heldout_clients)
     unseen_tasks: bool = True  # tasks held out of training (data.heldout_tasks)
@@ -717,6 +719,12 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
     need(e.max_examples >= 1, f"eval.max_examples = {e.max_examples}: must be >= 1")
     need(e.batch_size >= 1, f"eval.batch_size = {e.batch_size}: must be >= 1")
     need(e.max_new_tokens >= 1, f"eval.max_new_tokens = {e.max_new_tokens}: must be >= 1")
+    if e.max_generations is not None:
+        need(
+            e.max_generations >= 1,
+            f"eval.max_generations = {e.max_generations}: must be >= 1 (none: every example)",
+        )
+    need(e.bootstrap >= 0, f"eval.bootstrap = {e.bootstrap}: must be >= 0 (0: no CIs)")
     for i, name in enumerate(e.metrics):
         if name not in METRICS:
             hint = difflib.get_close_matches(name, METRICS, n=1)

@@ -14,19 +14,27 @@
 
 With ``per_task=True`` the same metrics are also reported per task as ``"{task}/{metric}"``.
 Counts come back as ``n_examples``, ``n_tokens``, ``n_generation``, ``n_classification``.
+
+`evaluate_detailed` also returns the per-example values (`example_columns`: task, summed
+response NLL and token count, Rouge-L, true and predicted label) and, with ``n_boot > 0``, a
+95% bootstrap CI over examples of every metric as ``"{metric}_ci95": [low, high]``. Each metric
+is computed from per-example terms (`metric_terms`) in the form `fedlora.stats` resamples, so
+the point value, its CI and the paired tests of `fedlora compare` share one definition.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fedlora.device import Amp, model_device
+from fedlora.stats import Finish, bootstrap_ci, ratio
 
 METRICS = ("loss", "perplexity", "rouge_l", "accuracy", "f1")
 IGNORE_INDEX = -100
@@ -37,19 +45,22 @@ IGNORE_INDEX = -100
 _SCORER: Any = None
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean Rouge-L F1 (``rouge_score``, stemming on) of predictions against references."""
+def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Rouge-L F1 (``rouge_score``, stemming on) of each prediction against its reference."""
     global _SCORER
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not predictions:
-        return float("nan")
     if _SCORER is None:
         from rouge_score import rouge_scorer
 
         _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [_SCORER.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
-    return float(sum(scores) / len(scores))
+    return [_SCORER.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean Rouge-L F1 (``rouge_score``, stemming on) of predictions against references."""
+    scores = rouge_l_scores(predictions, references)
+    return float(sum(scores) / len(scores)) if scores else float("nan")
 
 
 def accuracy(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
@@ -57,7 +68,7 @@ def accuracy(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
         raise ValueError(f"{len(y_pred)} predictions for {len(y_true)} references")
     if not y_true:
         return float("nan")
-    return sum(t == p for t, p in zip(y_true, y_pred)) / len(y_true)
+    return float(ratio(_accuracy_terms(y_true, y_pred).sum(0)))
 
 
 def macro_f1(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
@@ -65,16 +76,83 @@ def macro_f1(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
     (a class never predicted nor present scores nothing; 0/0 counts as 0, as in sklearn)."""
     if len(y_true) != len(y_pred):
         raise ValueError(f"{len(y_pred)} predictions for {len(y_true)} references")
-    classes = sorted(set(y_true) | set(y_pred), key=str)
-    if not classes:
+    if not y_true:
         return float("nan")
-    total = 0.0
-    for c in classes:
-        tp = sum(t == c and p == c for t, p in zip(y_true, y_pred))
-        fp = sum(t != c and p == c for t, p in zip(y_true, y_pred))
-        fn = sum(t == c and p != c for t, p in zip(y_true, y_pred))
-        total += 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    return total / len(classes)
+    return float(_macro_f1_finish(_f1_terms(y_true, y_pred).sum(0)))
+
+
+# -- per-example terms of each metric (see fedlora.stats) ------------------------------------
+
+
+def _accuracy_terms(y_true: Sequence[Any], y_pred: Sequence[Any]) -> np.ndarray:
+    return np.array([[float(t == p), 1.0] for t, p in zip(y_true, y_pred)]).reshape(-1, 2)
+
+
+def _f1_terms(y_true, y_pred, classes: Sequence[Any] | None = None) -> np.ndarray:
+    """Per example and class c: (tp_c, fp_c, fn_c) indicators, classes in sorted order."""
+    if classes is None:
+        classes = sorted(set(y_true) | set(y_pred), key=str)
+    t = np.array([str(x) for x in y_true], dtype=object)[:, None]
+    p = np.array([str(x) for x in y_pred], dtype=object)[:, None]
+    c = np.array([str(x) for x in classes], dtype=object)[None, :]
+    tp, fp, fn = (t == c) & (p == c), (t != c) & (p == c), (t == c) & (p != c)
+    return np.stack([tp, fp, fn], axis=-1).reshape(len(y_true), -1).astype(np.float64)
+
+
+def _macro_f1_finish(sums: np.ndarray) -> np.ndarray:
+    """Macro-F1 from summed (tp, fp, fn) per class: the mean over classes present (in
+    references or predictions) of 2 tp / (2 tp + fp + fn); NaN when no class is present."""
+    s = sums.reshape(*sums.shape[:-1], -1, 3)
+    tp, fp, fn = s[..., 0], s[..., 1], s[..., 2]
+    den = 2 * tp + fp + fn
+    present = den > 0
+    f1 = np.where(present, 2 * tp / np.where(present, den, 1.0), 0.0)
+    n = present.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, f1.sum(-1) / np.maximum(n, 1), np.nan)
+
+
+def _perplexity_finish(sums: np.ndarray) -> np.ndarray:
+    return np.exp(np.minimum(ratio(sums), 700.0))
+
+
+def metric_terms(
+    columns: Mapping[str, Sequence[Any]],
+    metric: str,
+    rows: Sequence[int] | None = None,
+    classes: Sequence[Any] | None = None,
+) -> tuple[np.ndarray, Finish, list[int]] | None:
+    """``(terms, finish, used)`` of `metric` over the examples `rows` of `columns` (default:
+    all): `finish(terms.sum(0))` is the metric and `used` the examples that enter it (those
+    with a loss, a Rouge-L score or a label). None when no example has the metric.
+
+    ``classes`` fixes the class list of macro-F1 (two methods compared on the same examples
+    must share it); default: the classes in these references and predictions.
+    """
+    idx = list(range(len(columns["task"]))) if rows is None else list(rows)
+    if metric in ("loss", "perplexity"):
+        nll, ntok = columns.get("nll"), columns.get("ntok")
+        used = [i for i in idx if nll is not None and nll[i] is not None and ntok[i]]
+        if not used:
+            return None
+        terms = np.array([[nll[i], ntok[i]] for i in used], dtype=np.float64)
+        return terms, (ratio if metric == "loss" else _perplexity_finish), used
+    if metric == "rouge_l":
+        col = columns.get("rouge_l")
+        used = [i for i in idx if col is not None and col[i] is not None]
+        if not used:
+            return None
+        return np.array([[col[i], 1.0] for i in used], dtype=np.float64), ratio, used
+    if metric in ("accuracy", "f1"):
+        lab, pred = columns.get("label"), columns.get("pred")
+        used = [i for i in idx if lab is not None and lab[i] is not None]
+        if not used:
+            return None
+        t, p = [lab[i] for i in used], [pred[i] for i in used]
+        if metric == "accuracy":
+            return _accuracy_terms(t, p), ratio, used
+        return _f1_terms(t, p, classes), _macro_f1_finish, used
+    raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -159,8 +237,28 @@ def task_labels(examples: Iterable[Any]) -> dict[str, list[str]]:
 # -- evaluation -----------------------------------------------------------------------------
 
 
-@torch.no_grad()
+@dataclass
+class Evaluation:
+    """What `evaluate_detailed` returns: the metrics (as `evaluate`) and the per-example values
+    they come from (`example_columns`)."""
+
+    metrics: dict[str, Any]
+    examples: dict[str, list[Any]] = field(default_factory=dict)
+
+
 def evaluate(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    metrics: Sequence[str] = ("loss",),
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Evaluate `model` on `examples`: the metrics of `evaluate_detailed` (same arguments)."""
+    return evaluate_detailed(model, tokenizer, examples, metrics, **kwargs).metrics
+
+
+@torch.no_grad()
+def evaluate_detailed(
     model: Any,
     tokenizer: Any,
     examples: Sequence[Any],
@@ -174,7 +272,9 @@ def evaluate(
     label_to_id: Mapping[str, int] | None = None,
     per_task: bool = False,
     precision: str = "fp32",
-) -> dict[str, float]:
+    max_generations: int | None = None,
+    n_boot: int = 0,
+) -> Evaluation:
     """Evaluate `model` on `examples` (see the module docstring).
 
     ``labels``: task -> label set for constrained generation (default: the labels present in
@@ -182,7 +282,9 @@ def evaluate(
     (default: `fedlora.data.label_mapping` of `examples`). ``kind`` is detected from the model.
     Batches go to the model's device; forward passes and generation run under the autocast of
     ``precision`` (as in training, `fedlora.device.Amp`); log-probabilities are summed in
-    float64 (autocast leaves float64 alone).
+    float64 (autocast leaves float64 alone). ``max_generations``: greedy generations for
+    Rouge-L, a fixed evenly spread sample of the generation examples (None: all). ``n_boot``:
+    bootstrap resamples of each metric's 95% CI (0: no CIs).
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -198,61 +300,79 @@ def evaluate(
         with amp.autocast():
             rows = _evaluate_rows(
                 model, tokenizer, examples, metrics, kind, batch_size, max_new_tokens,
-                max_length, labels, label_to_id,
+                max_length, labels, label_to_id, max_generations,
             )  # fmt: skip
     finally:
         model.train(was_training)
-    out = _summarise(rows, metrics)
+    columns = example_columns(rows)
+    out = _summarise(columns, None, metrics, n_boot)
     out["n_examples"] = float(len(examples))
     if per_task:
-        by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in rows:
-            by_task[r["task"]].append(r)
+        by_task: dict[str, list[int]] = defaultdict(list)
+        for i, task in enumerate(columns["task"]):
+            by_task[task].append(i)
         for task in sorted(by_task):
-            for k, v in _summarise(by_task[task], metrics).items():
+            for k, v in _summarise(columns, by_task[task], metrics, n_boot).items():
                 if not k.startswith("n_"):
                     out[f"{task}/{k}"] = v
-    return out
+    return Evaluation(out, columns)
 
 
 def _evaluate_rows(model, tokenizer, examples, metrics, kind, batch_size, max_new_tokens,
-                   max_length, labels, label_to_id):  # fmt: skip
+                   max_length, labels, label_to_id, max_generations):  # fmt: skip
     if kind == "classifier":
         return _eval_classifier(model, tokenizer, examples, batch_size, max_length, label_to_id)
     return _eval_causal(
-        model, tokenizer, examples, metrics, batch_size, max_new_tokens, max_length, labels
-    )
+        model, tokenizer, examples, metrics, batch_size, max_new_tokens, max_length, labels,
+        max_generations,
+    )  # fmt: skip
 
 
-def _summarise(rows: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    nll = sum(r.get("nll", 0.0) for r in rows)
-    ntok = sum(r.get("ntok", 0) for r in rows)
-    if ("loss" in metrics or "perplexity" in metrics) and ntok:
-        loss = nll / ntok
-        if "loss" in metrics:
-            out["loss"] = float(loss)
-        if "perplexity" in metrics:
-            out["perplexity"] = float(math.exp(min(loss, 700.0)))
-    out["n_tokens"] = float(ntok)
-    gen = [r for r in rows if "prediction" in r]
-    if "rouge_l" in metrics and gen:
-        out["rouge_l"] = rouge_l([r["prediction"] for r in gen], [r["reference"] for r in gen])
-    cls = [r for r in rows if "predicted_label" in r]
-    if cls:
-        t = [r["true_label"] for r in cls]
-        p = [r["predicted_label"] for r in cls]
-        if "accuracy" in metrics:
-            out["accuracy"] = float(accuracy(t, p))
-        if "f1" in metrics:
-            out["f1"] = float(macro_f1(t, p))
-    out["n_generation"] = float(len(gen))
-    out["n_classification"] = float(len(cls))
+def example_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Per-example values as columns (JSON-ready): ``task``, and where evaluated ``nll`` (summed
+    over response tokens) and ``ntok``, ``rouge_l``, ``label`` and ``pred`` (None where an
+    example has no such value). Columns with no value at all are left out."""
+    keys = {"nll": "nll", "ntok": "ntok", "rouge_l": "rouge_l"}
+    keys.update(label="true_label", pred="predicted_label")
+    out: dict[str, list[Any]] = {"task": [r["task"] for r in rows]}
+    for col, key in keys.items():
+        values = [r.get(key) for r in rows]
+        if any(v is not None for v in values):
+            out[col] = values
     return out
 
 
+def _summarise(columns, rows, metrics: Sequence[str], n_boot: int) -> dict[str, Any]:
+    """The metrics (and with n_boot > 0 their 95% CIs) over the examples `rows` (None: all)."""
+    idx = list(range(len(columns["task"]))) if rows is None else list(rows)
+    out: dict[str, Any] = {}
+    for metric in METRICS:
+        if metric not in metrics:
+            continue
+        got = metric_terms(columns, metric, idx)
+        if got is None:
+            continue
+        terms, finish, _ = got
+        out[metric] = float(finish(terms.sum(0)))
+        if n_boot > 0:
+            out[f"{metric}_ci95"] = list(bootstrap_ci(terms, finish, n_boot=n_boot, seed=0))
+    ntok = columns.get("ntok")
+    out["n_tokens"] = float(sum(ntok[i] or 0 for i in idx)) if ntok else 0.0
+    rouge, label = columns.get("rouge_l"), columns.get("label")
+    out["n_generation"] = float(sum(rouge[i] is not None for i in idx)) if rouge else 0.0
+    out["n_classification"] = float(sum(label[i] is not None for i in idx)) if label else 0.0
+    return out
+
+
+def _spread(items: Sequence[int], k: int | None) -> list[int]:
+    """`k` items evenly spread over `items` (all when k is None or k >= len)."""
+    if k is None or k >= len(items):
+        return list(items)
+    return [items[int(j * len(items) / k)] for j in range(k)]
+
+
 def _eval_causal(model, tokenizer, examples, metrics, batch_size, max_new_tokens, max_length,
-                 labels):  # fmt: skip
+                 labels, max_generations=None):  # fmt: skip
     from fedlora.data.examples import Example
     from fedlora.data.prompts import encode_example
 
@@ -267,7 +387,7 @@ def _eval_causal(model, tokenizer, examples, metrics, batch_size, max_new_tokens
             for j, i in enumerate(idx):
                 rows[i]["nll"] = -float(s[j])
                 rows[i]["ntok"] = int(n[j])
-    gen_idx = [i for i, e in enumerate(examples) if e.label is None]
+    gen_idx = _spread([i for i, e in enumerate(examples) if e.label is None], max_generations)
     if "rouge_l" in metrics and gen_idx:
         max_prompt = max(1, max_length - max_new_tokens)
         prompts = {i: _prompt_ids(tokenizer, examples[i], max_prompt) for i in gen_idx}
@@ -288,6 +408,11 @@ def _eval_causal(model, tokenizer, examples, metrics, batch_size, max_new_tokens
                 text = tokenizer.decode(out[j, ids.shape[1] :], skip_special_tokens=True)
                 rows[i]["prediction"] = text.strip()
                 rows[i]["reference"] = examples[i].output
+        scores = rouge_l_scores(
+            [rows[i]["prediction"] for i in gen_idx], [rows[i]["reference"] for i in gen_idx]
+        )
+        for i, score in zip(gen_idx, scores):
+            rows[i]["rouge_l"] = score
     cls_idx = [i for i, e in enumerate(examples) if e.label is not None]
     if ("accuracy" in metrics or "f1" in metrics) and cls_idx:
         label_sets = dict(labels) if labels is not None else task_labels(examples)

@@ -1,8 +1,9 @@
 """Tables and plots from run directories (what `fedlora run`, `compare` and `report` show).
 
 Everything here reads files a run wrote (``config.toml``, ``metrics.jsonl``,
-``summary.json``, and the ``partition.json`` / ``spectrum.json`` that `write_run_extras`
-adds), so `fedlora report DIR...` rebuilds every table and plot from finished runs.
+``eval_examples.jsonl``, ``summary.json``, and the ``partition.json`` / ``spectrum.json`` that
+`write_run_extras` adds), so `fedlora report DIR...` rebuilds every table and plot from
+finished runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fedlora.config import tomllib
 from fedlora.contract import Adapter, ClientSpec, FedLoraError
 
 HEADLINE = ("rouge_l", "accuracy", "f1")  # the first of these a run has is its "metric"
@@ -26,17 +28,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     metrics = d / "metrics.jsonl"
     if not metrics.is_file():
         raise FileNotFoundError(f"{d}: no metrics.jsonl (is this a fedlora run directory?)")
-    rows = []
-    for n, line in enumerate(_read_text(metrics).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise FedLoraError(
-                f"{metrics}, line {n}: not valid JSON ({e.msg}; a write cut short?); "
-                f"`fedlora run --resume {d}` rewrites it from the last checkpoint"
-            ) from None
+    rows = _read_jsonl(metrics, d)
     out: dict[str, Any] = {"dir": d, "rows": rows, "name": d.name}
     for extra in ("summary", "partition", "spectrum"):
         p = d / f"{extra}.json"
@@ -44,9 +36,28 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
             out[extra] = json.loads(_read_text(p)) if p.is_file() else None
         except json.JSONDecodeError as e:
             raise FedLoraError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    examples = d / "eval_examples.jsonl"
+    out["examples"] = _read_jsonl(examples, d) if examples.is_file() else []
+    config = d / "config.toml"
+    out["config"] = tomllib.loads(_read_text(config)) if config.is_file() else None
     if out["summary"]:
         out["name"] = out["summary"].get("label") or out["summary"].get("strategy") or d.name
     return out
+
+
+def _read_jsonl(path: Path, run_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise FedLoraError(
+                f"{path}, line {n}: not valid JSON ({e.msg}; a write cut short?); "
+                f"`fedlora run --resume {run_dir}` rewrites it from the last checkpoint"
+            ) from None
+    return rows
 
 
 def _read_text(path: Path) -> str:
@@ -190,8 +201,9 @@ def _plt():
 
 
 def plot_run(run: dict[str, Any], out_dir: str | Path | None = None) -> list[Path]:
-    """The run's PNGs: curves (eval loss and metric by round), communication per round,
-    partition histogram and the singular-value spectrum. Returns the written paths."""
+    """The run's PNGs: curves (eval loss and metric by round, 95% CI bands where recorded),
+    communication per round, partition histogram and the singular-value spectrum. Returns the
+    written paths."""
     plt = _plt()
     out = Path(out_dir or run["dir"]) / "plots"
     out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +216,11 @@ def plot_run(run: dict[str, Any], out_dir: str | Path | None = None) -> list[Pat
         for eval_set in ("seen_clients", "unseen_clients", "unseen_tasks"):
             xs, ys = eval_curve(rows, key, eval_set)
             if xs:
-                ax.plot(xs, ys, marker="o", label=eval_set.replace("_", " "))
+                line = ax.plot(xs, ys, marker="o", label=eval_set.replace("_", " "))[0]
+                bx, band = eval_curve(rows, f"{key}_ci95", eval_set)
+                if bx == xs and all(b and b[0] is not None for b in band):
+                    lo, hi = [b[0] for b in band], [b[1] for b in band]
+                    ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set(xlabel="round", ylabel=key, title=f"global model: {key}")
         ax.legend()
     written.append(_save(fig, out / "curves.png"))
@@ -292,22 +308,32 @@ def _plot_spectrum(plt, spec: dict[str, Any], path: Path) -> Path:
 
 
 def plot_compare(runs: Sequence[dict[str, Any]], out_dir: str | Path) -> Path:
-    """All runs' curves together: eval loss and headline metric by round, cumulative bytes."""
+    """All labels' curves together: eval loss, accuracy and Rouge-L by round on seen clients
+    (mean over seeds, band: 95% bootstrap CI over examples within seeds, from
+    ``eval_examples.jsonl``; runs without it are drawn without a band), cumulative bytes."""
+    from fedlora.comparison import curve, group_runs
+
     plt = _plt()
-    metric = next((m for m in (headline_metric(r["rows"]) for r in runs) if m), None)
-    keys = ["loss"] + ([metric] if metric else [])
+    evals = [r for run in runs for r in run["rows"] if r.get("kind") == "eval"]
+    keys = ["loss"] + [m for m in ("accuracy", "rouge_l") if any(m in r for r in evals)]
     fig, axes = plt.subplots(1, len(keys) + 1, figsize=(5 * (len(keys) + 1), 3.8), squeeze=False)
-    for run in runs:
+    for i, (label, group) in enumerate(group_runs(runs).items()):
+        color = f"C{i % 10}"
         for ax, key in zip(axes[0], keys):
-            xs, ys = eval_curve(run["rows"], key)
-            ax.plot(xs, ys, marker="o", label=run["name"])
-            ax.set(xlabel="round", ylabel=key, title=f"seen clients: {key}")
-        rr = [r for r in run["rows"] if r.get("kind") == "round"]
+            xs, ys, lo, hi = curve(group, key)
+            if not xs:  # no per-example values: the first run's curve as recorded
+                xs, ys = eval_curve(group[0]["rows"], key)
+            ax.plot(xs, ys, marker="o", label=label, color=color)
+            if xs and len(lo) == len(xs):
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
+            ax.set(xlabel="round", ylabel=key, title=f"seen clients: {key} (95% CI)")
+        rr = [r for r in group[0]["rows"] if r.get("kind") == "round"]
         axes[0][-1].plot(
             [r["round"] for r in rr],
             [(r["bytes_up_total"] + r["bytes_down_total"]) / 2**20 for r in rr],
             marker="o",
-            label=run["name"],
+            label=label,
+            color=color,
         )
     axes[0][-1].set(xlabel="round", ylabel="MiB", title="cumulative communication")
     for ax in axes[0]:

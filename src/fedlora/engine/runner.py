@@ -19,6 +19,8 @@ round): nothing grows with the number of clients except their small specs.
 
 Run directory (``cfg.output_dir``): ``config.toml`` (resolved), ``metrics.jsonl`` (one row per
 round with ``kind="round"`` and one per evaluated client set with ``kind="eval"``),
+``eval_examples.jsonl`` (per evaluated round and set, the per-example values behind the
+metrics: `fedlora.evaluate.example_columns` plus ``example``, the examples' indices),
 ``summary.json``, ``checkpoint.safetensors``, ``adapter/`` (the final global delta as a peft
 adapter) and, with ``model.save_merged``, ``merged/``. A directory that holds a run is never
 overwritten silently (`check_run_dir`).
@@ -82,6 +84,7 @@ from fedlora.robust import NormBound, Start, screen_updates, start_of
 LOG = logging.getLogger("fedlora.engine")
 EVAL_SETS = ("seen_clients", "unseen_clients", "unseen_tasks")
 MEASURED = ("time_", "mem_")
+EXAMPLES_FILE = "eval_examples.jsonl"
 
 
 @dataclass
@@ -456,6 +459,14 @@ class _Jsonl:
             f.write(json.dumps(row) + "\n")
 
 
+def _rows_before(path: Path, start: int) -> list[dict[str, Any]]:
+    """The rows of a JSONL file from rounds before `start` (a resumed run rewrites the rest)."""
+    if start <= 1 or not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["round"] < start]
+
+
 def _rss_mb() -> float:
     try:
         with open("/proc/self/statm") as f:
@@ -669,10 +680,12 @@ def aggregate(fed: Federation, rnd: int, updates: Iterator[ClientUpdate]) -> boo
     return True
 
 
-def evaluate_global(fed: Federation, rnd: int) -> list[dict[str, Any]]:
+def evaluate_global(
+    fed: Federation, rnd: int, per_example: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """Step 6: the global model on every evaluation set, on schedule (and after the last
-    round)."""
-    from fedlora.evaluate import evaluate
+    round). Each set's per-example values go to `per_example` (a row per set)."""
+    from fedlora.evaluate import evaluate_detailed
 
     cfg = fed.cfg
     if rnd % cfg.eval.every != 0 and rnd != cfg.rounds:
@@ -681,7 +694,7 @@ def evaluate_global(fed: Federation, rnd: int) -> list[dict[str, Any]]:
     with fed.host.use_global(fed.strategy.global_delta()) as gmodel:
         for name, idx in fed.sets.items():
             te = time.perf_counter()
-            out = evaluate(
+            ev = evaluate_detailed(
                 gmodel,
                 fed.tokenizer,
                 [fed.examples[i] for i in idx],
@@ -694,9 +707,13 @@ def evaluate_global(fed: Federation, rnd: int) -> list[dict[str, Any]]:
                 label_to_id=fed.label_to_id,
                 per_task=cfg.eval.per_task,
                 precision=cfg.train.precision,
+                max_generations=cfg.eval.max_generations,
+                n_boot=cfg.eval.bootstrap,
             )
             te = time.perf_counter() - te
-            rows.append({"kind": "eval", "round": rnd, "set": name, **out, "time_eval": te})
+            rows.append({"kind": "eval", "round": rnd, "set": name, **ev.metrics, "time_eval": te})
+            if per_example is not None:
+                per_example.append({"round": rnd, "set": name, "example": idx, **ev.examples})
     return rows
 
 
@@ -837,6 +854,7 @@ def run_experiment(
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.toml", dumps_toml(cfg))
     metrics = _Jsonl(run_dir / "metrics.jsonl", rows)
+    per_example = _Jsonl(run_dir / EXAMPLES_FILE, _rows_before(run_dir / EXAMPLES_FILE, start))
     result = RunResult(run_dir, cfg, rows, {}, fed.strategy, fed.specs)
     log.info(
         "%s: %s on %s (%s, %s, %s weights), %d clients (%d train, %d per round), %d modules, "
@@ -875,7 +893,10 @@ def run_experiment(
             if cbar is not None:
                 cbar.close()
             t2 = time.perf_counter()
-            eval_rows = evaluate_global(fed, rnd)
+            examples_rows: list[dict[str, Any]] = []
+            eval_rows = evaluate_global(fed, rnd, examples_rows)
+            for r in examples_rows:
+                per_example.append(r)
             t3 = time.perf_counter()
             times = {
                 # aggregation time excludes the clients' training, done inside the stream
