@@ -11,7 +11,7 @@ import torch
 
 from fedlora.data import Example, encode_example
 from fedlora.engine.tiny import build_tiny
-from fedlora.evaluate import accuracy, evaluate, macro_f1, rouge_l
+from fedlora.evaluate import accuracy, evaluate, evaluate_detailed, macro_f1, rouge_l
 
 
 def test_rouge_l_identical_and_disjoint():
@@ -155,3 +155,44 @@ def test_unknown_metric_raises(tiny_llama):
     model, tok = tiny_llama
     with pytest.raises(ValueError, match="rouge"):
         evaluate(model, tok, EXAMPLES, ("rouge",))
+
+
+def test_per_example_values_reproduce_every_metric(tiny_llama):
+    model, tok = tiny_llama
+    ev = evaluate_detailed(
+        model, tok, EXAMPLES, ("loss", "rouge_l", "accuracy", "f1"),
+        batch_size=2, max_new_tokens=4, max_length=48, per_task=True, n_boot=200,
+    )  # fmt: skip
+    cols, out = ev.examples, ev.metrics
+    assert cols["task"] == [e.task for e in EXAMPLES]
+    # each example's summed response NLL, against the float64 reference one at a time
+    for i, e in enumerate(EXAMPLES):
+        ref = _reference_loss(model, tok, [e], 48)
+        assert cols["nll"][i] / cols["ntok"][i] == pytest.approx(ref, rel=1e-5)
+    assert out["loss"] == pytest.approx(sum(cols["nll"]) / sum(cols["ntok"]), rel=1e-12)
+    gen = [i for i, e in enumerate(EXAMPLES) if e.label is None]
+    assert [cols["rouge_l"][i] is not None for i in range(5)] == [e.label is None for e in EXAMPLES]
+    assert out["rouge_l"] == pytest.approx(np.mean([cols["rouge_l"][i] for i in gen]))
+    cls = [i for i, e in enumerate(EXAMPLES) if e.label is not None]
+    assert [cols["label"][i] for i in cls] == [EXAMPLES[i].label for i in cls]
+    truth, pred = [cols["label"][i] for i in cls], [cols["pred"][i] for i in cls]
+    assert out["accuracy"] == pytest.approx(accuracy(truth, pred))
+    # every metric, per task too, has a CI that brackets it
+    for key in ("loss", "rouge_l", "accuracy", "f1", "gen/loss", "cls/accuracy"):
+        lo, hi = out[f"{key}_ci95"]
+        assert lo <= out[key] + 1e-12 and out[key] <= hi + 1e-12, key
+    lo, hi = out["loss_ci95"]
+    assert hi > lo  # five different examples: the resampled loss varies
+    assert "loss_ci95" not in evaluate(model, tok, EXAMPLES, ("loss",), max_length=48)
+
+
+def test_rouge_l_on_a_sample_of_the_generation_examples(tiny_llama):
+    model, tok = tiny_llama
+    ev = evaluate_detailed(
+        model, tok, EXAMPLES, ("loss", "rouge_l"), max_new_tokens=4, max_length=48,
+        max_generations=2,
+    )  # fmt: skip
+    scored = [i for i, v in enumerate(ev.examples["rouge_l"]) if v is not None]
+    assert scored == [0, 1]  # evenly spread over the three generation examples
+    assert ev.metrics["n_generation"] == 2
+    assert len([v for v in ev.examples["nll"] if v is not None]) == 5  # loss on all

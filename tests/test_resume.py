@@ -57,11 +57,15 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, name):
     # rows a crash may have written after the checkpoint must not survive the resume
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"kind": "round", "round": 3, "junk": True}) + "\n")
+    with open(tmp_path / "cut" / "eval_examples.jsonl", "a") as f:
+        f.write(json.dumps({"round": 3, "set": "seen_clients", "junk": True}) + "\n")
     torch.manual_seed(999)  # global RNG state must come from the checkpoint, not from here
     resumed = run_experiment(cfg, resume=True, progress=False, save_final=False)
     want = [deterministic(r) for r in full.rows]
     assert [deterministic(r) for r in resumed.rows] == want
     assert _rows(tmp_path / "cut" / "metrics.jsonl") == _rows(tmp_path / "full" / "metrics.jsonl")
+    per_example = "eval_examples.jsonl"
+    assert _rows(tmp_path / "cut" / per_example) == _rows(tmp_path / "full" / per_example)
     assert len([r for r in want if r["kind"] == "round"]) == 4
     a, b = full.strategy.global_delta(), resumed.strategy.global_delta()
     assert a.keys() == b.keys()
