@@ -324,7 +324,10 @@ def plot_compare(runs: Sequence[dict[str, Any]], out_dir: str | Path) -> Path:
             if not xs:  # no per-example values: the first run's curve as recorded
                 xs, ys = eval_curve(group[0]["rows"], key)
             ax.plot(xs, ys, marker="o", label=label, color=color)
-            if xs and len(lo) == len(xs):
+            if len(xs) == 1 and len(lo) == 1:  # one evaluated round: an error bar
+                err = [[ys[0] - lo[0]], [hi[0] - ys[0]]]
+                ax.errorbar(xs, ys, yerr=err, color=color, capsize=4, linestyle="none")
+            elif xs and len(lo) == len(xs):
                 ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
             ax.set(xlabel="round", ylabel=key, title=f"seen clients: {key} (95% CI)")
         rr = [r for r in group[0]["rows"] if r.get("kind") == "round"]
