@@ -225,6 +225,10 @@ def _costs(group: Sequence[dict[str, Any]]) -> dict[str, Any]:
         vals = [(r["summary"] or {}).get(key) for r in group]
         vals = [v for v in vals if v is not None]
         out[name] = float(np.mean(vals)) if vals else None
+    # under differential privacy: the runs' epsilon (the largest, a guarantee for all seeds)
+    eps = [((r["summary"] or {}).get("privacy") or {}).get("epsilon") for r in group]
+    eps = [e for e in eps if e is not None]
+    out["epsilon"] = float(max(eps)) if eps else None
     return out
 
 
@@ -260,7 +264,9 @@ def format_compare(result: dict[str, Any]) -> str:
     """compare.txt: the metrics with 95% CIs and costs, then each run against the baseline."""
     keys = headline_keys(result)
     n_seeds = len(result["seeds"])
-    head = ["run", *(_short(k) for k in keys), "bytes up", "bytes down", "vs full FT", "wall s"]
+    dp = any(result["strategies"][lab].get("epsilon") is not None for lab in result["order"])
+    head = ["run", *(_short(k) for k in keys), "bytes up", "bytes down", "vs full FT"]
+    head += ["epsilon"] * dp + ["wall s"]
     rows = []
     for label in result["order"]:
         e = result["strategies"][label]
@@ -272,8 +278,10 @@ def format_compare(result: dict[str, Any]) -> str:
             _bytes(e["bytes_up"]),
             _bytes(e["bytes_down"]),
             "-" if e["comm_ratio_vs_full_ft"] is None else f"{e['comm_ratio_vs_full_ft']:.2%}",
-            _fmt(e["wall_s"], 1),
         ]
+        if dp:
+            cells.append(_fmt(e.get("epsilon"), 3))
+        cells.append(_fmt(e["wall_s"], 1))
         rows.append(cells)
     lines = [
         f"mean [95% CI] over {n_seeds} seed{'s' if n_seeds > 1 else ''} "
