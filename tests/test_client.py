@@ -12,6 +12,7 @@ from tiny_models import llama_host, tiny_bert
 
 from fedlora.client import TrainConfig, train_client
 from fedlora.contract import BOTH, ClientSpec, FedLoraError, LoraFactors, Payload
+from fedlora.data import collate
 from fedlora.models import LoraHost, default_target_modules
 from fedlora.strategies import get
 from fedlora.strategies.hetlora import self_pruning_penalty
@@ -269,3 +270,87 @@ def test_raw_examples_with_tokenizer():
         Tok(),
     )
     assert u.num_examples == 2 and u.extras["steps"] == 2.0
+
+
+def _clf_data(n: int = 8) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for i in range(n):
+        label = i % 3
+        ids = [1] + torch.randint(10 + 30 * label, 40 + 30 * label, (6,), generator=g).tolist()
+        data.append({"input_ids": ids, "label": label})
+    return data
+
+
+def test_classifier_head_is_trained_federated_and_can_stay_frozen():
+    model = tiny_bert(0, 3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    init = {k: v.clone() for k, v in model.classifier.state_dict().items()}
+    host = LoraHost(model, default_target_modules(model), modules_to_save=["classifier"])
+    spec = ClientSpec("clf", {m: 2 for m in host.module_names()})
+    data = _clf_data()
+    batch = {
+        "input_ids": torch.tensor([d["input_ids"] for d in data]),
+        "labels": torch.tensor([d["label"] for d in data]),
+    }
+    cfg = TrainConfig(local_steps=20, lr=1e-2)
+    u = train_client(host, spec, Payload(None, None), data, cfg)
+    assert set(u.dense) == {"classifier.weight", "classifier.bias"}
+    assert not torch.equal(u.dense["classifier.weight"], init["weight"])  # the head moved
+    delta = {m: LoraFactors(f.A, f.scaled_B(torch.float32), 1.0) for m, f in u.adapter.items()}
+
+    def loss(delta, dense):
+        with torch.no_grad(), host.use_global(delta, dense) as m:
+            return float(m(**batch).loss)
+
+    # the trained head is part of what was learnt: the LoRA delta alone, on the initial
+    # head, does worse
+    assert loss(delta, u.dense) < loss(delta, None)
+    assert loss(delta, u.dense) < loss(None, None)
+    # stateless: a payload without dense tensors starts from the original head again, and one
+    # with them starts from those (the global head)
+    host.prepare(spec, Payload(None, None))
+    assert torch.equal(host.model.classifier.weight, init["weight"])
+    host.prepare(spec, Payload(None, None, dense=u.dense))
+    assert torch.equal(host.model.classifier.weight, u.dense["classifier.weight"])
+    with pytest.raises(FedLoraError, match="client clf: dense tensor 'nope.weight' is not"):
+        host.prepare(spec, Payload(None, None, dense={"nope.weight": torch.zeros(1)}))
+
+    fresh = tiny_bert(0, 3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    frozen = LoraHost(fresh, default_target_modules(fresh))
+    v = train_client(frozen, spec, Payload(None, None), data, cfg)
+    assert v.dense == {}
+    assert torch.equal(frozen.model.classifier.weight, init["weight"])
+
+
+def test_lora_a2_masked_training_picks_slots_from_the_first_gradient_and_trains_only_them():
+    host = llama_host()
+    shapes = host.shapes()
+    strategy = get("lora_a2", shapes=shapes, global_rank=4, seed=1)
+    spec = ClientSpec("a2", {m: 1 for m in shapes})
+    data = lm_examples(4)
+    cfg = TrainConfig(local_steps=3, batch_size=4, lr=1e-2, weight_decay=0.1)
+    p1 = strategy.configure(spec, 1)
+    u1 = train_client(host, spec, p1, data, cfg)
+    strategy.aggregate(1, [u1])
+    payload = strategy.configure(spec, 3)  # B trained, and nonzero after round 1's... A round
+    assert payload.extras["masked_training"] is True
+    # reference importance: ||grad B[:, i]|| * ||A[i]|| * scale on the first batch (the whole
+    # data here; the causal-LM loss is a token mean, so the order does not matter)
+    host.prepare(spec, payload)
+    host.model(**collate(data, 0)).loss.backward()
+    scores = []
+    for m, (a, b, s) in host.lora_weights().items():
+        for i in range(4):
+            score = float(b.grad[:, i].double().norm() * a[i].double().norm() * s)
+            scores.append((score, m, i))
+    top = {(m, i) for _, m, i in sorted(scores, reverse=True)[: payload.extras["budget"]]}
+    u = train_client(host, spec, payload, data, cfg)
+    assert {(m, int(i)) for m, idx in u.extras["slots"].items() for i in idx} == top
+    trained = host.read_adapter()
+    for m, f in payload.adapter.items():
+        chosen = u.extras["slots"].get(m, torch.zeros(0, dtype=torch.long))
+        rest = [i for i in range(4) if i not in set(chosen.tolist())]
+        assert torch.equal(trained[m].B[:, rest], f.B[:, rest])  # untouched, decay included
+        assert torch.equal(trained[m].A, f.A)  # frozen this round
+    moved = [m for m, idx in u.extras["slots"].items() if len(idx)]
+    assert any(not torch.equal(trained[m].B, payload.adapter[m].B) for m in moved)

@@ -18,6 +18,7 @@ from fedlora.contract import (  # noqa: E402
     LoraFactors,
     Payload,
     payload_nbytes,
+    update_nbytes,
 )
 from fedlora.flower import codec  # noqa: E402
 
@@ -70,8 +71,20 @@ def adapters(draw, allow_none=True):
     return out
 
 
+@st.composite
+def dense_tensors(draw):
+    """A dense head: parameter name -> tensor of any float dtype (maybe none at all)."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    out = {}
+    for name in draw(st.lists(st.sampled_from(["classifier.weight", "classifier.bias"]))):
+        shape = tuple(draw(st.lists(st.integers(0, 4), min_size=1, max_size=2)))
+        out[name] = torch.randn(shape, generator=g).to(draw(st.sampled_from(DTYPES)))
+    return out
+
+
 @settings(max_examples=40, deadline=None)
 @given(
+    dense=dense_tensors(),
     merge=adapters(),
     adapter=adapters(),
     trainable=st.sampled_from([frozenset({"A", "B"}), frozenset({"A"}), frozenset({"B"})]),
@@ -79,7 +92,7 @@ def adapters(draw, allow_none=True):
     budget=st.integers(0, 100),
     gamma=st.floats(0.01, 1.0),
 )
-def test_payload_round_trip(merge, adapter, trainable, seed, budget, gamma):
+def test_payload_round_trip(dense, merge, adapter, trainable, seed, budget, gamma):
     extras = {
         "budget": budget,
         "budget_t": torch.tensor(budget),
@@ -90,9 +103,10 @@ def test_payload_round_trip(merge, adapter, trainable, seed, budget, gamma):
         },
         "tuple": (1, "x", None, True),
     }
-    p = Payload(merge, adapter, trainable, seed, extras)
+    p = Payload(merge, adapter, trainable, seed, extras, dense)
     content = codec.encode_payload(p)
     q = codec.decode_payload(_wire(content))
+    _same(p.dense, q.dense)
     _same(p.merge, q.merge)
     _same(p.adapter, q.adapter)
     assert q.trainable == p.trainable and q.seed == p.seed
@@ -101,8 +115,13 @@ def test_payload_round_trip(merge, adapter, trainable, seed, budget, gamma):
 
 
 @settings(max_examples=40, deadline=None)
-@given(adapter=adapters(allow_none=False), n=st.integers(1, 10**9), loss=st.floats(width=64))
-def test_update_round_trip(adapter, n, loss):
+@given(
+    adapter=adapters(allow_none=False),
+    n=st.integers(1, 10**9),
+    loss=st.floats(width=64),
+    dense=dense_tensors(),
+)
+def test_update_round_trip(adapter, n, loss, dense):
     slots = {m: torch.randperm(8)[: f.rank].sort().values for m, f in adapter.items()}
     u = ClientUpdate(
         "client-7",
@@ -114,9 +133,13 @@ def test_update_round_trip(adapter, n, loss):
             "hetlora_tail_norms": {m: 0.25 for m in adapter},
             "steps": 3,
         },
+        dense,
     )
-    v = codec.decode_update(_wire(codec.encode_update(u)))
+    content = codec.encode_update(u)
+    v = codec.decode_update(_wire(content))
     assert v.client_id == u.client_id and v.num_examples == n
+    _same(u.dense, v.dense)
+    assert codec.record_nbytes(content) >= update_nbytes(u)
     _same(u.adapter, v.adapter)
     assert set(v.extras) == set(u.extras)
     for k in u.extras:

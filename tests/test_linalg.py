@@ -85,14 +85,41 @@ def test_low_rank_sum_rejects_mismatched_factors():
         LowRankSum((6, 4)).add(torch.zeros(6, 2), torch.zeros(2, 5))
 
 
-def test_rank_r_factors_pads_ranks_above_the_number_of_triplets():
+def test_rank_r_factors_pads_extra_slots_with_orthonormal_rows_that_can_learn():
     rng = np.random.default_rng()
-    W = rng.standard_normal((5, 3))
+    G, H = ill_conditioned(rng, 5, 10, 3, 0)
+    W = G @ H  # rank 3, d_in = 10
     U, S, Vh = (torch.tensor(x) for x in np.linalg.svd(W, full_matrices=False))
-    f = rank_r_factors(U, S, Vh, 8, scale=0.5, split="sqrt", dtype=torch.float64)
-    assert f.A.shape == (8, 3) and f.B.shape == (5, 8)
-    assert rel(f.delta().numpy(), W) < 1e-12
-    assert f.A[3:].abs().max() == 0 and f.B[:, 3:].abs().max() == 0
+    f = rank_r_factors(U[:, :3], S[:3], Vh[:3], 6, scale=0.5, split="sqrt", dtype=torch.float64)
+    assert f.A.shape == (6, 10) and f.B.shape == (5, 6)
+    assert rel(f.delta().numpy(), W) < 1e-12  # the padding leaves the delta unchanged
+    assert f.B[:, 3:].abs().max() == 0
+    pad = f.A[3:].numpy()
+    V = np.linalg.svd(W)[2][:3]  # numpy's own right singular vectors
+    np.testing.assert_allclose(pad @ pad.T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(pad @ V.T, 0, atol=1e-12)
+    # B's extra columns get a gradient (dL/dB = dL/dW A^T), unlike zero A rows
+    target = rng.standard_normal((5, 10))
+    grad_B = 0.5 * (f.delta().numpy() - target) @ f.A.numpy().T
+    assert np.abs(grad_B[:, 3:]).max() > 1e-3
+    # no room beyond d_in: those slots stay zero
+    W2 = rng.standard_normal((5, 3))
+    U2, S2, V2 = (torch.tensor(x) for x in np.linalg.svd(W2, full_matrices=False))
+    g = rank_r_factors(U2, S2, V2, 5, scale=1.0, dtype=torch.float64)
+    assert rel(g.delta().numpy(), W2) < 1e-12 and g.A[3:].abs().max() == 0
+
+
+def test_gram_r_sees_a_condition_number_that_the_diagonal_of_r_hides():
+    rng = np.random.default_rng()
+    n = 20
+    R_true = np.eye(n) - np.triu(np.ones((n, n)), 1)  # Kahan-like: unit diagonal
+    Q, _ = np.linalg.qr(rng.standard_normal((200, n)))
+    X = Q @ R_true
+    assert np.linalg.cond(X) > 1e6  # numpy's own estimate; diag(R) suggests 1
+    assert gram_r(torch.tensor(X)) is None
+    H = rng.standard_normal((n, 30))
+    U, S, Vh = factored_svd(torch.tensor(X), torch.tensor(H))
+    np.testing.assert_allclose(S.numpy(), np.linalg.svd(X @ H, compute_uv=False)[:n], rtol=1e-9)
 
 
 @pytest.mark.parametrize("cond", [0, 2])  # well-conditioned: the Gram/Cholesky path

@@ -15,7 +15,13 @@ from transformers import (
 )
 
 from fedlora.contract import ClientSpec, FedLoraError, LoraFactors, Payload, init_lora
-from fedlora.models import LoraHost, builtin_model_path, default_target_modules, load_model
+from fedlora.models import (
+    LoraHost,
+    builtin_model_path,
+    default_modules_to_save,
+    default_target_modules,
+    load_model,
+)
 
 LLAMA_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -246,3 +252,37 @@ def test_copy_is_not_needed_per_client():
     m1 = host.prepare(ClientSpec("a", {m: 8 for m in host.module_names()}), Payload(None, None))
     m2 = host.prepare(ClientSpec("b", mixed_ranks(host)), Payload(None, None))
     assert m1 is m2 is host.model
+
+
+def test_default_head_is_saved_and_loads_with_the_adapter_in_plain_peft(tmp_path):
+    from peft import PeftModel
+
+    def bert():
+        return tiny_bert(0, 3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+    model = bert()
+    assert default_modules_to_save(model, "classifier") == ["classifier"]
+    assert default_modules_to_save(tiny_llama(), "causal") == []
+    host = LoraHost(model, default_target_modules(model), modules_to_save=["classifier"])
+    assert host.dense_shapes() == {"classifier.weight": (3, 32), "classifier.bias": (3,)}
+    ranks = {m: 2 for m in host.module_names()}
+    delta = random_adapter(host, ranks, scale=1.0, seed=3)
+    delta = {m: LoraFactors(f.A * 0.2, f.B * 0.2, 1.0) for m, f in delta.items()}
+    g = torch.Generator().manual_seed(1)
+    head = {"classifier.weight": torch.randn(3, 32, generator=g), "classifier.bias": torch.ones(3)}
+    ids = torch.randint(1, 100, (2, 7), generator=g)
+    host.prepare(ClientSpec("c", ranks), Payload(None, None))
+    with torch.no_grad(), host.use_global(delta, head) as m:
+        expected = m(ids).logits
+        # independent reference: the head applied by hand to the pooled output
+        pooled = m.bert(ids).pooler_output.double()
+        ref = pooled @ head["classifier.weight"].double().T + head["classifier.bias"].double()
+    torch.testing.assert_close(expected.double(), ref, rtol=1e-5, atol=1e-5)
+    out = host.save_adapter(delta, tmp_path / "adapter", dense=head)
+    peft_model = PeftModel.from_pretrained(bert(), str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(FedLoraError, match="both in modules_to_save and a LoRA target"):
+        LoraHost(bert(), ["classifier"], modules_to_save=["classifier"])
+    with pytest.raises(FedLoraError, match="modules_to_save entry 'nope' is not a module"):
+        LoraHost(bert(), default_target_modules(bert()), modules_to_save=["nope"])

@@ -313,6 +313,51 @@ def test_hetlora_self_pruning_penalty_and_rule():
     assert pruned_rank(8, 0.75, 1.0, None) == 8
 
 
+def test_hetlora_rank_one_has_no_penalty_and_never_prunes_to_zero():
+    rng = np.random.default_rng()
+    A = torch.tensor(rng.standard_normal((1, 10)), requires_grad=True)
+    B = torch.tensor(rng.standard_normal((6, 1)), requires_grad=True)
+    pen = self_pruning_penalty(A, B, gamma=0.99, scale=2.0)
+    assert float(pen.detach()) == 0.0  # nothing pruning could drop, so nothing to penalise
+    pen.backward()
+    assert A.grad.abs().sum() == 0
+    A3 = torch.tensor(rng.standard_normal((3, 10)))
+    B3 = torch.tensor(rng.standard_normal((6, 3)))
+    ref = np.linalg.norm(B3.numpy()[:, 1:] @ A3.numpy()[1:])  # k = max(1, floor(0.5 * 3)) = 1
+    assert float(self_pruning_penalty(A3, B3, gamma=0.5)) == pytest.approx(ref, rel=1e-9)
+    assert pruned_rank(1, 0.99, 0.0, 1.0) == 1 and pruned_rank(2, 0.3, 0.0, 1.0) == 1
+
+
+def test_hetlora_rejects_a_rank_zero_upload():
+    rng = np.random.default_rng()
+    strat = S.get("hetlora")
+    s = HET[0]
+    strat.configure(s, 1)
+    u = random_update(rng, s, ranks={"attn": 0, "mlp": 3})
+    with pytest.raises(FedLoraError, match="client c0, module attn: rank 0, but it was config"):
+        strat.aggregate(1, [u])
+    assert strat.pruned == {}  # nothing pinned
+
+
+def test_flexlora_pads_ranks_above_the_global_rank_with_fresh_orthonormal_rows():
+    rng = np.random.default_rng()
+    strat = S.get("flexlora")
+    low = spec("low", {"attn": 1, "mlp": 1})
+    strat.configure(low, 1)
+    u = random_update(rng, low)
+    strat.aggregate(1, [u])
+    high = spec("high", {"attn": 4, "mlp": 3})
+    p = strat.configure(high, 2)
+    for m in SHAPES:
+        f = p.adapter[m]
+        assert rel(dense(f), np_exact_sum([u], m)) < 1e-5  # still the global delta
+        A = f.A.double().numpy()
+        assert np.abs(f.B[:, 1:].numpy()).max() == 0
+        np.testing.assert_allclose(A @ A.T, np.eye(f.rank), atol=1e-5)  # rows can learn
+    with pytest.raises(FedLoraError, match="client x: module 'other' is not in the global model"):
+        strat.configure(spec("x", {"attn": 1, "other": 1}), 2)
+
+
 # -- FFA-LoRA ------------------------------------------------------------------------------
 
 
@@ -342,23 +387,35 @@ def test_ffa_lora_freezes_shared_A_and_is_exact_with_heterogeneous_ranks():
 # -- LoRA-A2 -------------------------------------------------------------------------------
 
 
-def test_lora_a2_alternates_and_aggregates_masked_updates():
+def test_lora_a2_alternates_and_aggregates_masked_updates_with_each_clients_alpha():
     rng = np.random.default_rng()
     rG = 6
     for renormalize in (False, True):
-        strat = S.get("lora_a2", shapes=SHAPES, global_rank=rG, alpha=12.0, renormalize=renormalize)
-        budgets = [spec(f"a{i}", {"attn": i + 1, "mlp": 2}) for i in range(3)]
-        for t in (1, 2):
+        strat = S.get("lora_a2", shapes=SHAPES, global_rank=rG, renormalize=renormalize)
+        alphas = [8.0, 16.0, 40.0]
+        budgets = [
+            spec(f"a{i}", {"attn": i + 1, "mlp": 2}, alpha=alphas[i], rslora=i == 2)
+            for i in range(3)
+        ]
+        # float64 reference of the global factors: A (rG, d_in), G = scale * B (d_out, rG)
+        A_ref = {m: strat.A[m].numpy().copy() for m in SHAPES}
+        G_ref = {m: np.zeros((d_out, rG)) for m, (d_out, _) in SHAPES.items()}
+        for t in (1, 2, 3):
             payloads = [strat.configure(s, t) for s in budgets]
-            trained = "B" if t == 1 else "A"
-            assert payloads[0].trainable == {trained}
-            A0 = {m: strat.A[m].numpy().copy() for m in SHAPES}
-            B0 = {m: strat.B[m].numpy().copy() for m in SHAPES}
+            trained = "B" if t % 2 == 1 else "A"
             updates = []
-            for p, s in zip(payloads, budgets):
+            for p, s, a in zip(payloads, budgets, alphas):
+                assert p.trainable == {trained}
                 assert p.extras["budget"] == s.ranks["attn"] + 2
+                scale = a / (np.sqrt(rG) if s.rslora else rG)
+                for m in SHAPES:  # each client holds the global model at its own scale
+                    f = p.adapter[m]
+                    assert f.scale == pytest.approx(scale)
+                    np.testing.assert_allclose(
+                        scale * f.B.double().numpy(), G_ref[m], rtol=1e-5, atol=1e-6
+                    )
                 after = train_from(
-                    p, s.__class__(s.client_id, {m: rG for m in SHAPES}), rng
+                    p, s.__class__(s.client_id, {m: rG for m in SHAPES}, alpha=a), rng
                 ).adapter
                 slots = select_slots(p.adapter, after, p.trainable, p.extras["budget"])
                 assert sum(len(v) for v in slots.values()) == p.extras["budget"]
@@ -373,20 +430,52 @@ def test_lora_a2_alternates_and_aggregates_masked_updates():
             strat.aggregate(t, updates)
             w = np_weights(updates)
             for m in SHAPES:
-                old = B0[m] if trained == "B" else A0[m].T
+                old = G_ref[m] if trained == "B" else A_ref[m].T
                 delta, mass = np.zeros_like(old), np.zeros(rG)
                 for wk, u in zip(w, updates):
                     if m in u.adapter:
                         idx = u.extras["slots"][m].numpy()
                         f = u.adapter[m]
-                        new = f.B.double().numpy() if trained == "B" else f.A.double().numpy().T
+                        new = (
+                            f.scale * f.B.double().numpy()
+                            if trained == "B"
+                            else f.A.double().numpy().T
+                        )
                         delta[:, idx] += wk * (new - old[:, idx])
                         mass[idx] += wk
                 if renormalize:
                     delta /= np.where(mass > 0, mass, 1)
-                A_ref = A0[m] if trained == "B" else (old + delta).T
-                B_ref = old + delta if trained == "B" else B0[m]
-                assert rel(dense(strat.global_delta()[m]), (12.0 / rG) * B_ref @ A_ref) < 1e-6
+                if trained == "B":
+                    G_ref[m] = old + delta
+                else:
+                    A_ref[m] = (old + delta).T
+                assert rel(dense(strat.global_delta()[m]), G_ref[m] @ A_ref[m]) < 1e-6
+
+
+def test_lora_a2_rejects_a_changed_frozen_factor_and_a_never_configured_client():
+    rng = np.random.default_rng()
+    strat = S.get("lora_a2", shapes=SHAPES, global_rank=4)
+    s = spec("a", {"attn": 2, "mlp": 1})
+    p = strat.configure(s, 1)  # B is trained: A must come back as sent
+    after = train_from(p, spec("a", {"attn": 4, "mlp": 4}), rng).adapter
+    slots = select_slots(p.adapter, after, p.trainable, p.extras["budget"])
+    up = masked_upload(after, slots)
+    m = next(iter(up))
+    bent = dict(up)
+    bent[m] = LoraFactors(up[m].A + 1e-3, up[m].B, up[m].scale)
+    with pytest.raises(FedLoraError, match=f"client a, module {m}: the frozen factor A came back"):
+        strat.aggregate(1, [ClientUpdate("a", bent, 5, {"slots": slots})])
+    with pytest.raises(FedLoraError, match="client b: was never configured"):
+        strat.aggregate(1, [ClientUpdate("b", up, 5, {"slots": slots})])
+    strat.aggregate(1, [ClientUpdate("a", up, 5, {"slots": slots})])  # the honest one passes
+    p2 = strat.configure(s, 2)  # A is trained: B must come back as sent
+    after = train_from(p2, spec("a", {"attn": 4, "mlp": 4}), rng).adapter
+    slots = select_slots(p2.adapter, after, p2.trainable, p2.extras["budget"])
+    up = masked_upload(after, slots)
+    m = next(iter(up))
+    up[m] = LoraFactors(up[m].A, up[m].B * 1.01 + 1e-3, up[m].scale)
+    with pytest.raises(FedLoraError, match=f"module {m}: the frozen factor B came back changed"):
+        strat.aggregate(2, [ClientUpdate("a", up, 5, {"slots": slots})])
 
 
 def test_lora_a2_select_slots_matches_importance_reference():
@@ -432,7 +521,9 @@ def make(name):
     return S.get(name, **opts)
 
 
-def round_of(strat, specs, t, rng, zero=False):
+def round_of(strat, specs, t, rng, zero=False, heads=False):
+    """One round of `specs` (stand-in training); with `heads`, each update also carries a
+    random dense classifier head."""
     updates = []
     for s in specs:
         p = strat.configure(s, t)
@@ -454,9 +545,59 @@ def round_of(strat, specs, t, rng, zero=False):
                 m: LoraFactors(torch.zeros_like(f.A) if zA else f.A, torch.zeros_like(f.B), f.scale)
                 for m, f in u.adapter.items()
             }
+        if heads:
+            u.dense = {k: torch.randn(shape) for k, shape in HEAD.items()}
         updates.append(u)
     strat.aggregate(t, updates)
     return updates
+
+
+HEAD = {"classifier.weight": (3, 12), "classifier.bias": (3,)}
+
+
+@pytest.mark.parametrize("weighting", ["num_examples", "uniform"])
+@pytest.mark.parametrize("name", ALL)
+def test_every_strategy_federates_dense_heads_by_weighted_fedavg(name, weighting):
+    rng = np.random.default_rng()
+    opts = {"shapes": SHAPES} if name in ("ffa_lora", "lora_a2") else {}
+    strat = S.get(name, weighting=weighting, **opts)
+    specs = HOMO if name in ("fedit", "fedex_lora") else HET
+    assert strat.configure(specs[0], 1).dense == {}  # round 1: the model's own head
+    for t in (1, 2):
+        updates = round_of(strat, specs[: 4 - t], t, rng, heads=True)
+        w = np_weights(updates, uniform=weighting == "uniform")
+        for k in HEAD:
+            ref = sum(wk * u.dense[k].double().numpy() for wk, u in zip(w, updates))
+            np.testing.assert_allclose(strat.dense[k].numpy(), ref, rtol=1e-12, atol=1e-12)
+            sent = strat.configure(specs[0], t + 1).dense[k]
+            assert sent.dtype == torch.float32
+            np.testing.assert_allclose(sent.double().numpy(), ref, rtol=1e-6, atol=1e-7)
+    resumed = S.get(name, weighting=weighting, **opts)
+    resumed.load_state_dict(strat.state_dict())
+    assert all(torch.equal(resumed.dense[k], strat.dense[k]) for k in HEAD)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bad_dense_heads_are_rejected_naming_client_and_tensor(name):
+    rng = np.random.default_rng()
+    strat = make(name)
+    specs = HOMO[:2]
+    round_of(strat, specs, 1, rng, heads=True)
+    kept = {k: v.clone() for k, v in strat.dense.items()}
+    for bad, match in (
+        ({"classifier.weight": torch.full((3, 12), float("nan"))}, "dense classifier.weight: "),
+        ({"classifier.weight": torch.zeros(4, 12)}, r"dense classifier.weight: shape \(4, 12\)"),
+    ):
+        updates = round_of(make(name), specs, 1, rng, heads=True)  # well-formed, then bent
+        updates[1].dense = {**updates[1].dense, **bad}
+        # round 1 again: LoRA-A2's frozen A is still the one these updates kept
+        with pytest.raises(FedLoraError, match=f"client h1, {match}"):
+            strat.aggregate(1, updates)
+    updates = round_of(make(name), specs, 1, rng, heads=True)
+    del updates[1].dense["classifier.bias"]
+    with pytest.raises(FedLoraError, match="client h1: sent dense tensors"):
+        strat.aggregate(1, updates)
+    assert all(torch.equal(kept[k], strat.dense[k]) for k in HEAD)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -7,7 +7,12 @@ implements the client sides of the strategies:
 * ``payload.trainable``: only the listed factors get gradients; the others are bit-identical
   after training (FFA-LoRA, LoRA-A2).
 * ``payload.extras["budget"]`` (LoRA-A2): the client uploads only its most important slots
-  (`fedlora.strategies.lora_a2.select_slots` / `masked_upload`) with ``extras["slots"]``.
+  (`fedlora.strategies.lora_a2.select_slots` / `masked_upload`) with ``extras["slots"]``. With
+  ``extras["masked_training"]`` it picks them before training, from the first step's
+  gradient, and trains only those slots (`_a2_probe_slots`, `_SlotMask`); otherwise it trains
+  every slot and picks from the whole local change.
+* Dense modules of the host (``modules_to_save``, a classifier head) are trained with A's
+  learning rate and returned in ``ClientUpdate.dense``.
 * ``payload.extras["hetlora"]`` (HetLoRA): ``lambda * self_pruning_penalty`` per module is added
   to the loss; at the end each module's rank is pruned to ``floor(gamma r)`` when its tail norm
   fell below the previous one, and ``extras["hetlora_tail_norms"]`` is returned.
@@ -218,17 +223,19 @@ def _client_device(host: LoraHost, cfg: TrainConfig, who: str) -> torch.device:
 
 
 def _optimizer(host: LoraHost, cfg: TrainConfig, who: str, payload: Payload):
-    """AdamW over the active adapter's trainable factors (B at ``lr * b_lr_multiplier``)."""
+    """AdamW over the active adapter's trainable factors (B at ``lr * b_lr_multiplier``) and
+    the dense modules (a classifier head, at ``lr``)."""
     a_params, b_params = host.trainable_parameters()
     if not a_params and not b_params:
         raise FedLoraError(f"{who}: nothing to train (trainable={sorted(payload.trainable)})")
+    dense = host.dense_parameters()
     groups = []
-    if a_params:
-        groups.append({"params": a_params, "lr": cfg.lr})
+    if a_params or dense:
+        groups.append({"params": a_params + dense, "lr": cfg.lr})
     if b_params:
         groups.append({"params": b_params, "lr": cfg.lr * cfg.b_lr_multiplier})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return opt, a_params + b_params
+    return opt, a_params + b_params + dense
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -297,11 +304,21 @@ def train_client(
             [_to(collate([data[i] for i in idx], pad_id), device) for idx in micro]
             for micro in steps
         )
+        amp = Amp(device, resolve_precision(cfg.precision, device))
         model.train()
+        slots = mask = None
+        if budget is not None and payload.extras.get("masked_training"):
+            first = [_to(collate([data[i] for i in idx], pad_id), device) for idx in steps[0]]
+            slots = _a2_probe_slots(host, model, first, amp, payload, int(budget))
+            mask = _SlotMask(host, slots, payload.trainable, opt)
         dp_extras: dict[str, float] = {}
         try:
+            if privacy is not None and host.dense_parameters():
+                raise FedLoraError(
+                    f"{who}: DP-SGD covers the LoRA factors only, not dense modules (a "
+                    "classifier head); set model.modules_to_save = [] to run it"
+                )
             if privacy is not None:  # DP-SGD runs its own loop (Poisson batches)
-                amp = Amp(device, resolve_precision(cfg.precision, device))
                 losses, dp_extras = _train_dp(
                     model, opt, data, cfg, gen, privacy, pad_id, seed, amp
                 )
@@ -313,7 +330,7 @@ def train_client(
                         batches,
                         opt,
                         params,
-                        amp=Amp(device, resolve_precision(cfg.precision, device)),
+                        amp=amp,
                         grad_clip=cfg.grad_clip,
                         schedule=lambda s: lr_factor(
                             s, len(steps), cfg.lr_scheduler, cfg.warmup_steps
@@ -323,10 +340,12 @@ def train_client(
                         who=who,
                     )
         finally:
+            if mask is not None:
+                mask.remove()
             model.train(was_training)
             opt.zero_grad(set_to_none=True)
 
-    adapter, extras = _client_side(payload, before, host.read_adapter(), gamma, penalties)
+    adapter, extras = _client_side(payload, before, host.read_adapter(), gamma, penalties, slots)
     extras.update(dp_extras)
     nan = float("nan")  # DP-SGD: every Poisson batch may have been empty
     extras.update(
@@ -336,20 +355,27 @@ def train_client(
         steps=float(len(losses)),
         train_seconds=time.perf_counter() - t0,
     )
-    return ClientUpdate(spec.client_id, adapter, len(data), extras)
+    return ClientUpdate(spec.client_id, adapter, len(data), extras, host.read_dense())
 
 
 def _client_side(
-    payload: Payload, before: Any, after: dict[str, LoraFactors], gamma: float, penalties
+    payload: Payload,
+    before: Any,
+    after: dict[str, LoraFactors],
+    gamma: float,
+    penalties,
+    slots: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, LoraFactors], dict[str, Any]]:
     """The strategies' client-side post-processing of the trained adapter: LoRA-A2's slot
-    selection (``extras["budget"]``), HetLoRA's self-pruning (``extras["hetlora"]``)."""
+    selection (``extras["budget"]``; `slots` when they were picked before training),
+    HetLoRA's self-pruning (``extras["hetlora"]``)."""
     budget = payload.extras.get("budget")
     het = payload.extras.get("hetlora")
     adapter = after
     extras: dict[str, Any] = {}
     if budget is not None:
-        slots = select_slots(before, after, payload.trainable, int(budget))
+        if slots is None:  # trained every slot: pick from the whole local change
+            slots = select_slots(before, after, payload.trainable, int(budget))
         adapter = masked_upload(after, slots)
         extras["slots"] = slots
     if het:
@@ -400,3 +426,60 @@ def _train_dp(
         "dp_sample_rate": q,
         "dp_noise_multiplier": float(privacy.noise_multiplier),
     }
+
+
+# -- LoRA-A2 masked training ------------------------------------------------------------------
+
+
+def _a2_probe_slots(
+    host: LoraHost, model: torch.nn.Module, micro: list, amp: Amp, payload: Payload, budget: int
+) -> dict[str, torch.Tensor]:
+    """LoRA-A2's slots picked before training: `select_slots` on the first-order change of one
+    gradient step on the first step's micro-batches (dB = -grad B, or dA = -grad A), so the
+    importance ``||dB[:, i] A[i, :]||`` is the paper's, measured on the client's own data."""
+    weights = host.lora_weights()
+    for p in model.parameters():
+        p.grad = None
+    for batch in micro:
+        with amp.autocast():
+            loss = model(**batch).loss
+        (loss / len(micro)).backward()
+    before, after = {}, {}
+    with torch.no_grad():
+        for m, (a, b, s) in weights.items():
+            A, B = a.detach().float().cpu(), b.detach().float().cpu()
+            dA = -a.grad.float().cpu() if a.grad is not None else torch.zeros_like(A)
+            dB = -b.grad.float().cpu() if b.grad is not None else torch.zeros_like(B)
+            before[m] = LoraFactors(A, B, s)
+            after[m] = LoraFactors(A + dA, B + dB, s)
+    for p in model.parameters():
+        p.grad = None
+    return select_slots(before, after, payload.trainable, budget)
+
+
+class _SlotMask:
+    """Keeps every unselected LoRA-A2 slot of the trained factor fixed: a gradient hook zeroes
+    its gradient (so clipping and Adam never see it) and an optimizer post-step hook restores
+    its value (weight decay would move it)."""
+
+    def __init__(self, host: LoraHost, slots, trainable, opt: torch.optim.Optimizer) -> None:
+        self.items = []
+        self.handles = []
+        for m, (a, b, _s) in host.lora_weights().items():
+            p, dim = (b, 1) if "B" in trainable else (a, 0)
+            keep = torch.zeros(p.shape[dim], dtype=torch.bool, device=p.device)
+            if m in slots:
+                keep[slots[m].to(p.device)] = True
+            frozen = (~keep).view((1, -1) if dim == 1 else (-1, 1)).expand_as(p)
+            self.items.append((p, frozen, p.detach().clone()))
+            self.handles.append(p.register_hook(lambda g, f=frozen: g.masked_fill(f, 0.0)))
+        self.handles.append(opt.register_step_post_hook(lambda *_: self.restore()))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, frozen, orig in self.items:
+                p.copy_(torch.where(frozen, orig, p))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

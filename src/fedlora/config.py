@@ -62,6 +62,8 @@ class ModelConfig:
     name: str = "smollm2"  # "smollm2" | "minilm" | "tiny-llama" | "tiny-bert" | path | hub id
     kind: Literal["causal", "classifier"] = "causal"
     target_modules: list[str] | None = None  # None: the model's default attention/MLP modules
+    # trained in full, FedAvg'd beside LoRA (peft's modules_to_save), e.g. ["classifier"]
+    modules_to_save: list[str] | None = None  # None: a classifier's head; []: frozen head
     alpha: float = 16.0  # LoRA alpha: scale = alpha / rank (alpha / sqrt(rank) with rslora)
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank)
     dropout: float = 0.0  # LoRA dropout during local training
@@ -581,6 +583,11 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
     need(0 <= m.dropout < 1, f"model.dropout = {m.dropout}: must be in [0, 1)")
     if m.target_modules is not None:
         need(len(m.target_modules) > 0, "model.target_modules: empty; leave it out for defaults")
+    if m.modules_to_save is not None:
+        need(
+            all(isinstance(x, str) and x for x in m.modules_to_save),
+            f"model.modules_to_save = {m.modules_to_save!r}: must be module names",
+        )
     if m.name == "tiny-bert" or m.name == "minilm":
         need(m.kind == "classifier", f"model.kind: {m.name} is an encoder; set kind = 'classifier'")
     if m.name in ("tiny-llama", "smollm2"):

@@ -12,6 +12,10 @@ Conventions
 * An `Adapter` maps module names (e.g. ``"model.layers.0.self_attn.q_proj"``) to factors.
 * Strategies aggregate effective deltas, never raw factors of different scales, so clients
   with different ranks and alphas combine correctly.
+* ``dense`` (on `Payload` and `ClientUpdate`) maps parameter names (``"classifier.weight"``)
+  to full tensors: small modules trained in full beside LoRA (a classifier head; peft's
+  ``modules_to_save``). Every strategy averages them by weighted FedAvg
+  (`Strategy.aggregate_dense`) next to its own LoRA rule.
 """
 
 from __future__ import annotations
@@ -118,14 +122,16 @@ class ClientUpdate:
     """What a client returns after local training.
 
     ``adapter`` holds the client's trained factors (for LoRA-A2 only the selected slots, with
-    their indices in ``extras["slots"]``); ``extras`` carries method-specific tensors and the
-    training metrics (floats).
+    their indices in ``extras["slots"]``); ``dense`` the full tensors it trained beside LoRA
+    (a classifier head), parameter name -> tensor; ``extras`` carries method-specific tensors
+    and the training metrics (floats).
     """
 
     client_id: str
     adapter: Adapter
     num_examples: int
     extras: dict[str, Any] = field(default_factory=dict)
+    dense: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -139,6 +145,9 @@ class Payload:
     * ``trainable``: which of A and B the client trains this round.
     * ``extras``: client-side instructions of a method (LoRA-A2's slot budget, HetLoRA's
       pruning options).
+    * ``dense``: the global values of the full trainable tensors (a classifier head),
+      parameter name -> tensor; a name that is missing means "the base model's own value"
+      (the first round, before any client trained it).
     """
 
     merge: Adapter | None
@@ -146,6 +155,7 @@ class Payload:
     trainable: Trainable = BOTH
     seed: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    dense: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Strategy(ABC):
@@ -188,6 +198,9 @@ class Strategy(ABC):
         # relative to them)
         self.privacy: Any = None
         self.dp_starts: dict[str, Adapter] = {}
+        # global dense tensors (classifier head), float64, FedAvg of the clients' (see
+        # `aggregate_dense`); empty until a client sends some
+        self.dense: dict[str, Tensor] = {}
 
     @abstractmethod
     def configure(self, client: ClientSpec, server_round: int) -> Payload:
@@ -219,7 +232,8 @@ class Strategy(ABC):
         return [u.num_examples / total for u in updates]
 
     def expect(self, client: ClientSpec, payload: Payload) -> Payload:
-        """Remember the ranks `payload` hands `client`, so its update can be checked."""
+        """Remember the ranks `payload` hands `client`, so its update can be checked, and give
+        the payload the global dense tensors (`with_dense`)."""
         if payload.adapter is not None:
             self.expected_ranks[client.client_id] = {m: f.rank for m, f in payload.adapter.items()}
         else:
@@ -228,7 +242,37 @@ class Strategy(ABC):
             from fedlora.privacy import start_of
 
             self.dp_starts[client.client_id] = start_of(client, payload, self.shapes, self.name)
+        return self.with_dense(payload)
+
+    def with_dense(self, payload: Payload) -> Payload:
+        """`payload` carrying float32 copies of the global dense tensors (a classifier head)."""
+        payload.dense = {k: v.to(torch.float32).clone() for k, v in self.dense.items()}
         return payload
+
+    def aggregate_dense(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
+        """Weighted FedAvg of the updates' dense tensors into ``self.dense`` (float64), with
+        the ``weighting`` option's weights (data sizes or uniform, never a method's own LoRA
+        weights). Every strategy calls it beside its LoRA rule, after its own checks; a
+        streaming strategy uses `dense_mean` and `commit_dense` inside its one pass."""
+        acc = self.dense_mean(server_round)
+        for u in updates:
+            acc.add(u, self.raw_weight(u))
+        self.commit_dense(acc)
+
+    def dense_mean(self, server_round: int) -> DenseMean:
+        """An empty accumulator for the round's dense tensors, checked against the global."""
+        return DenseMean(f"{self.name}: round {server_round}", self.dense)
+
+    def commit_dense(self, acc: DenseMean) -> None:
+        """Make the accumulated mean the global dense tensors (unchanged if none were sent)."""
+        mean = acc.mean()
+        if mean is not None and self.privacy is not None:
+            raise FedLoraError(
+                f"{self.name}: central DP covers the LoRA deltas only, not dense tensors (a "
+                "classifier head); set model.modules_to_save = [] to run it"
+            )
+        if mean is not None:
+            self.dense = mean
 
     def check_updates(
         self, server_round: int, updates: Iterable[ClientUpdate], *, same_modules: bool = True
@@ -252,16 +296,28 @@ class Strategy(ABC):
         `FedLoraError` naming the client. By default: the client trained the ranks it was
         configured with. Subclasses extend it (FFA-LoRA's frozen A, LoRA-A2's slots), so that
         `check_update` (the module function) can drop one bad client before aggregation."""
+        self.check_dense(server_round, update)
         expected = self.expected_ranks.get(update.client_id, {})
         for module, f in update.adapter.items():
             if module not in expected or f.rank == expected[module]:
                 continue
-            if not (self.rank_may_shrink and f.rank < expected[module]):
+            if not (self.rank_may_shrink and 1 <= f.rank < expected[module]):
                 raise FedLoraError(
                     f"{self.name}: round {server_round}, client {update.client_id}, module "
                     f"{module}: rank {f.rank}, but it was configured with rank "
                     f"{expected[module]}"
                 )
+
+    def check_dense(self, server_round: int, update: ClientUpdate) -> None:
+        """The update's dense tensors (a classifier head): finite, and the global ones' names
+        and shapes once there are global ones (`DenseMean` checks them across clients)."""
+        DenseMean(f"{self.name}: round {server_round}", self.dense).add(update, 1.0)
+        if self.dense and update.dense and set(update.dense) != set(self.dense):
+            diff = sorted(set(update.dense) ^ set(self.dense))
+            raise FedLoraError(
+                f"{self.name}: round {server_round}, client {update.client_id}: dense tensors "
+                f"differ from the global ones in {diff[:3]}"
+            )
 
     def raw_weight(self, update: ClientUpdate) -> float:
         """Unnormalised aggregation weight (streaming strategies divide by the sum at the end)."""
@@ -274,6 +330,53 @@ class Strategy(ABC):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         vars(self).update(copy.deepcopy({k: v for k, v in state.items() if k != "privacy"}))
+
+
+class DenseMean:
+    """Streaming weighted mean of the updates' dense tensors (float64).
+
+    Every update must send the same names with the same shapes (those of `reference`, the
+    global tensors, when it has them), finite values; errors name `where`, the client and the
+    tensor. Updates with no dense tensors at all are allowed only if none has any.
+    """
+
+    def __init__(self, where: str, reference: Mapping[str, Tensor] | None = None) -> None:
+        self.where = where
+        self.shapes = {k: tuple(v.shape) for k, v in (reference or {}).items()}
+        self.sums: dict[str, Tensor] = {}
+        self.first: str | None = None
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, update: ClientUpdate, weight: float) -> None:
+        who = f"{self.where}, client {update.client_id}"
+        dense = dict(update.dense or {})
+        if self.count and set(dense) != set(self.sums):
+            diff = sorted(set(dense) ^ set(self.sums))
+            raise FedLoraError(
+                f"{who}: sent dense tensors {sorted(dense)[:3]} but client {self.first} sent "
+                f"{sorted(self.sums)[:3]} (differ in {diff[:3]})"
+            )
+        for name, t in dense.items():
+            if not isinstance(t, Tensor):
+                raise FedLoraError(f"{who}, dense {name}: expected a tensor, got {type(t)}")
+            shape = self.shapes.setdefault(name, tuple(t.shape))
+            if tuple(t.shape) != shape:
+                raise FedLoraError(f"{who}, dense {name}: shape {tuple(t.shape)}, expected {shape}")
+            if not torch.isfinite(t).all():
+                raise FedLoraError(f"{who}, dense {name}: contains NaN or Inf")
+            acc = self.sums.setdefault(name, torch.zeros(shape, dtype=torch.float64))
+            acc.add_(t.detach().to(torch.float64), alpha=float(weight))
+        if self.first is None:
+            self.first = update.client_id
+        self.total += float(weight)
+        self.count += 1
+
+    def mean(self) -> dict[str, Tensor] | None:
+        """The weighted mean, or None when no update carried dense tensors."""
+        if not self.sums or self.total <= 0:
+            return None
+        return {k: v / self.total for k, v in self.sums.items()}
 
 
 # -- validation ---------------------------------------------------------------------------
@@ -466,15 +569,21 @@ def _nbytes(x: Any) -> int:
 
 
 def payload_nbytes(payload: Payload) -> int:
-    """Bytes a client downloads: merge and adapter factors plus tensors in extras."""
-    return _nbytes(payload.merge or {}) + _nbytes(payload.adapter or {}) + _nbytes(payload.extras)
+    """Bytes a client downloads: merge and adapter factors, dense tensors and tensors in
+    extras."""
+    return (
+        _nbytes(payload.merge or {})
+        + _nbytes(payload.adapter or {})
+        + _nbytes(payload.dense or {})
+        + _nbytes(payload.extras)
+    )
 
 
 def update_nbytes(update: ClientUpdate, trainable: Trainable = BOTH) -> int:
     """Bytes a client uploads: only the factors it trained (the server holds the frozen ones),
-    plus tensors in extras (LoRA-A2's slot indices)."""
+    plus its dense tensors and tensors in extras (LoRA-A2's slot indices)."""
     n = sum(
         (_nbytes(f.A) if "A" in trainable else 0) + (_nbytes(f.B) if "B" in trainable else 0)
         for f in update.adapter.values()
     )
-    return n + _nbytes(update.extras)
+    return n + _nbytes(update.dense or {}) + _nbytes(update.extras)

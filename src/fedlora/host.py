@@ -4,8 +4,10 @@
 base weights (`fedlora.base_weights.BaseWeights`), activates a peft adapter with the payload's
 per-module ranks (`fedlora.adapter_cache.AdapterCache`: one cached adapter per rank
 configuration, no model copy per client), loads the factors and freezes per
-``payload.trainable``. ``use_global(delta)`` evaluates the original base plus a delta;
-``save_adapter`` / ``merge_and_save`` export a delta for plain peft / transformers.
+``payload.trainable``. ``use_global(delta, dense)`` evaluates the original base plus a delta;
+``save_adapter`` / ``merge_and_save`` export a delta for plain peft / transformers. Modules in
+``modules_to_save`` (a classifier's head) are trained in full and exchanged as ``dense``
+tensors (`fedlora.dense_modules`).
 
 The host computes on the device its model lives on (`fedlora.models.load_model` puts it there);
 factors enter and leave (`read_adapter`) as CPU float32, so strategies never see a device.
@@ -37,6 +39,7 @@ from fedlora.contract import (
     check_factors,
     init_lora,
 )
+from fedlora.dense_modules import DenseModules
 
 
 class LoraHost:
@@ -48,6 +51,8 @@ class LoraHost:
     ``max_adapters``: how many peft adapters (rank configurations) stay cached.
     ``merge_mode``: how merges reach the base weights, ``"fold"`` or ``"branch"`` (default: fold
     for float32 weights, branch otherwise; see `fedlora.base_weights`).
+    ``modules_to_save``: module paths (or suffixes) trained in full and federated as dense
+    tensors; they must not overlap the LoRA targets.
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class LoraHost:
         alpha: float = 16.0,
         max_adapters: int = 8,
         merge_mode: str | None = None,
+        modules_to_save: Iterable[str] = (),
     ) -> None:
         from peft import PeftModel
 
@@ -77,6 +83,7 @@ class LoraHost:
             p.requires_grad_(False)
         self.base = BaseWeights(self._base, merge_mode)
         self.adapters = AdapterCache(model, lora_dropout=lora_dropout, max_adapters=max_adapters)
+        self.dense = DenseModules(model, modules_to_save, self._base)
 
     @staticmethod
     def _resolve(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
@@ -133,6 +140,18 @@ class LoraHost:
     def lora_weights(self) -> dict[str, tuple[nn.Parameter, nn.Parameter, float]]:
         """module -> (A param, B param, scale) of the active adapter (live, differentiable)."""
         return self.adapters.weights()
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """The fully trained parameters (``modules_to_save``), trainable after `prepare`."""
+        return self.dense.parameters()
+
+    def dense_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Parameter name -> shape of the fully trained parameters."""
+        return self.dense.shapes()
+
+    def read_dense(self) -> dict[str, torch.Tensor]:
+        """CPU float32 copies of the fully trained parameters' current values."""
+        return self.dense.read()
 
     # -- validation --------------------------------------------------------------------------
 
@@ -191,6 +210,8 @@ class LoraHost:
         self.base.apply(dict(payload.merge or {}))
         self.adapters.activate({m: f.rank for m, f in factors.items()})
         self.adapters.load(factors, payload.trainable)
+        self.dense.load(payload.dense, f"client {spec.client_id}")
+        self.dense.train()
         return self.model
 
     def read_adapter(self) -> Adapter:
@@ -206,15 +227,20 @@ class LoraHost:
             self._check_module(m, f, what, "delta")
 
     @contextlib.contextmanager
-    def use_global(self, delta: Adapter | None) -> Iterator[nn.Module]:
-        """Context: original base + `delta`, LoRA disabled, eval mode.
+    def use_global(
+        self, delta: Adapter | None, dense: dict[str, torch.Tensor] | None = None
+    ) -> Iterator[nn.Module]:
+        """Context: original base + `delta`, the global `dense` tensors (a name it lacks: the
+        original value), LoRA disabled, eval mode.
 
-        Restores the prepared client state (its merge, training mode) on exit.
+        Restores the prepared client state (its merge, dense values, training mode) on exit.
         """
         delta = dict(delta or {})
         self._check_delta(delta, "global model")
         was_training = self.model.training
         client_merge = self.base.merge
+        client_dense = self.dense.read()
+        self.dense.load(dense, "global model")
         self.base.apply(delta)
         try:
             self.model.eval()
@@ -222,17 +248,24 @@ class LoraHost:
                 yield self.model
         finally:
             self.base.apply(client_merge)
+            self.dense.load(client_dense, "global model")
             self.model.train(was_training)
 
     def save_adapter(
-        self, delta: Adapter, out_dir: str | os.PathLike, alpha: float | None = None
+        self,
+        delta: Adapter,
+        out_dir: str | os.PathLike,
+        alpha: float | None = None,
+        dense: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         """Write `delta` (factored, per-module ranks) as a peft adapter directory.
 
         Loadable with ``peft.PeftModel.from_pretrained(base_model, out_dir)``. With ``alpha``
         None each module's alpha equals its rank (rslora: sqrt(rank)), so peft's scale is 1 and
         the factors are stored unchanged; otherwise B is divided by peft's scale alpha/r.
-        Rank-0 modules are left out.
+        Rank-0 modules are left out. The ``modules_to_save`` parameters (`dense`, else their
+        original values) are saved as peft saves ``modules_to_save``, so plain peft loads the
+        trained head with the adapter.
         """
         from peft import LoraConfig
         from safetensors.torch import save_file
@@ -250,6 +283,8 @@ class LoraHost:
             b = f.B.to(torch.float64) * (f.scale / peft_scale)
             tensors[f"base_model.model.{m}.lora_A.weight"] = f.A.to(torch.float32).contiguous()
             tensors[f"base_model.model.{m}.lora_B.weight"] = b.to(torch.float32).contiguous()
+        for k, v in self.dense.completed(dense, "save_adapter").items():
+            tensors[f"base_model.model.{k}"] = v.contiguous()
         r0 = next(iter(ranks.values()))
         config = LoraConfig(
             r=r0,
@@ -260,6 +295,7 @@ class LoraHost:
             use_rslora=self.rslora,
             lora_dropout=0.0,
             bias="none",
+            modules_to_save=self.dense.modules() or None,
             base_model_name_or_path=getattr(self.model, "name_or_path", None) or None,
         )
         out = Path(out_dir)
@@ -269,17 +305,22 @@ class LoraHost:
         return out
 
     def merge_and_save(
-        self, delta: Adapter, out_dir: str | os.PathLike, tokenizer: Any = None
+        self,
+        delta: Adapter,
+        out_dir: str | os.PathLike,
+        tokenizer: Any = None,
+        dense: dict[str, torch.Tensor] | None = None,
     ) -> Path:
-        """Write the merged model (original base + `delta`) as a plain transformers model, in
-        the base weights' dtype (a quantized base is refused: save the adapter instead)."""
+        """Write the merged model (original base + `delta`, the `dense` tensors set) as a plain
+        transformers model, in the base weights' dtype (a quantized base is refused: save the
+        adapter instead)."""
         if any(is_quantized(lin) for lin in self._base.values()):
             raise FedLoraError(
                 "model.save_merged: the base model is quantized (model.quantization); merge the "
                 "saved adapter/ into the full-precision model instead"
             )
         out = Path(out_dir)
-        with self.use_global(delta) as model:
+        with self.use_global(delta, dense) as model:
             state = {}
             for k, v in model.state_dict().items():
                 if ".lora_" in k:

@@ -28,18 +28,21 @@ def gram_r(X: Tensor, max_cond: float = 1e4) -> Tensor | None:
     None when X is too ill-conditioned for the Gram matrix to be accurate.
 
     One BLAS-3 product instead of a Householder factorisation (several times faster on 2
-    cores). Its error grows like eps * cond(X)^2, so it is used only while the condition
-    estimate from R's diagonal stays below `max_cond` (error below ~1e-8 in float64);
-    rank-deficient or ill-conditioned stacks (e.g. clients that all started from the same
-    global factors) return None and take the Householder path.
+    cores). Its error grows like eps * cond(X)^2, so it is used only while cond(X) stays below
+    `max_cond` (error below ~1e-8 in float64); rank-deficient or ill-conditioned stacks (e.g.
+    clients that all started from the same global factors) return None and take the
+    Householder path. cond(X) = cond(R) is taken from R's singular values (an R x R problem,
+    as cheap as the Cholesky itself): the ratio of R's diagonal entries is no bound on it and
+    can underestimate it by many orders of magnitude (a Kahan-like R has a unit diagonal and
+    an exponentially large condition number).
     """
     if X.shape[1] == 0 or X.shape[0] < X.shape[1]:
         return None
     R, info = torch.linalg.cholesky_ex(X.T @ X, upper=True)
-    if info != 0:
+    if info != 0 or not torch.isfinite(R).all():
         return None
-    d = R.diagonal().abs()
-    if d.min() <= 0 or d.max() / d.min() > max_cond:
+    s = torch.linalg.svdvals(R)
+    if s[-1] <= 0 or s[0] / s[-1] > max_cond:
         return None
     return R
 
@@ -201,11 +204,15 @@ def rank_r_factors(
     *,
     split: str = "B",
     dtype: torch.dtype = torch.float32,
+    pad_seed: int = 0,
 ) -> LoraFactors:
     """Best rank-r LoRA factors ``scale * B @ A = U_r S_r Vh_r`` (Eckart-Young).
 
     ``split="B"`` puts the singular values into B (FlexLoRA's released code); ``"sqrt"``
-    splits sqrt(S) between A and B. Ranks above the number of triplets are zero-padded.
+    splits sqrt(S) between A and B. Ranks above the number of triplets k get B = 0 and A rows
+    that are orthonormal to the k right singular vectors and to each other (`orthonormal_rows`,
+    seeded by `pad_seed`): the delta is unchanged, yet those slots learn (A = B = 0 would have
+    zero gradient for ever). Only slots beyond d_in, where no such row exists, stay zero.
     """
     if split not in ("B", "sqrt"):
         raise FedLoraError(f"split must be 'B' or 'sqrt', got {split!r}")
@@ -216,7 +223,23 @@ def rank_r_factors(
     B = torch.zeros(U.shape[0], r, dtype=F64)
     A[:k] = a_sv[:, None] * Vh[:k].to(F64)
     B[:, :k] = U[:, :k].to(F64) * b_sv / scale
+    extra = min(r, Vh.shape[1]) - k
+    if extra > 0:
+        A[k : k + extra] = orthonormal_rows(Vh[:k].to(F64), extra, pad_seed)
     return LoraFactors(A.to(dtype), B.to(dtype), scale)
+
+
+def orthonormal_rows(V: Tensor, n: int, seed: int) -> Tensor:
+    """`n` orthonormal rows (n, d), orthogonal to the orthonormal rows of V (k, d), from a
+    seeded Gaussian draw (k + n <= d)."""
+    d = V.shape[1]
+    if V.shape[0] + n > d:
+        raise FedLoraError(f"orthonormal_rows: {V.shape[0]} + {n} rows exceed dimension {d}")
+    X = torch.randn(d, n, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    for _ in range(2):  # project twice: one Gram-Schmidt pass loses orthogonality
+        X = X - V.T @ (V @ X)
+    Q, _ = torch.linalg.qr(X)
+    return Q.T.contiguous()
 
 
 def stack(factors: list[LoraFactors], weights: list[float]) -> LoraFactors:

@@ -9,16 +9,17 @@
 * `LoraHost` (defined in `fedlora.host`, re-exported here): ONE base model hosting every
   client's heterogeneous LoRA adapter in turn.
 
-Classifier heads (sequence classification)
-------------------------------------------
-The head (``classifier`` / ``score``) is *not* trained by default: it stays frozen at a seeded,
-deterministic initialisation (`load_model` seeds every newly initialised weight), so every
-client and the server hold the identical head without sending it, and the LoRA adapters of the
-encoder learn features for that fixed random projection. A head trained locally but not
-federated would make clients' models diverge silently, and a full-rank head is outside the
-contract (which carries LoRA factors only). To federate the head, list its module (e.g.
-``"classifier"``) in ``target_modules`` and in the clients' ranks: it then gets a LoRA delta
-that is aggregated by the strategy like any other module.
+Classifier heads and other fully trained modules (peft's ``modules_to_save``)
+--------------------------------------------------------------------------------
+``LoraHost(..., modules_to_save=[...])`` trains the listed modules in full beside LoRA, as peft
+does for sequence classification (`fedlora.dense_modules`): their parameters travel as
+``dense`` tensors in `Payload` / `ClientUpdate`, and every strategy averages them by weighted
+FedAvg. `default_modules_to_save` gives a classifier's head (``classifier`` / ``score``), which
+the engine uses by default. A fresh head starts from a seeded, deterministic initialisation
+(`load_model` seeds every newly initialised weight), so every client and the server begin from
+the identical head. With ``modules_to_save=[]`` the head stays frozen at that initialisation
+and the encoder's LoRA adapters learn features for a fixed random projection (fedlora's
+earlier behaviour).
 """
 
 from __future__ import annotations
@@ -243,6 +244,14 @@ def quantization_config(
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
+
+
+def default_modules_to_save(model: nn.Module, kind: str) -> list[str]:
+    """The modules a `kind` model trains in full by default: its classification head
+    (top-level ``classifier`` or ``score``) for ``"classifier"``, nothing for ``"causal"``."""
+    if kind != "classifier":
+        return []
+    return [n for n, _ in model.named_children() if n in HEAD_NAMES and n != "lm_head"]
 
 
 def default_target_modules(model: nn.Module) -> list[str]:

@@ -186,6 +186,7 @@ def build_host(cfg: ExperimentConfig, model):
         lora_dropout=cfg.model.dropout,
         rslora=cfg.model.rslora,
         alpha=cfg.model.alpha,
+        modules_to_save=modules_to_save(cfg, model),
     )
 
 
@@ -306,6 +307,15 @@ def client_specs(cfg: ExperimentConfig, modules: Sequence[str], shapes, sizes) -
     return specs
 
 
+def modules_to_save(cfg: ExperimentConfig, model) -> list[str]:
+    """``model.modules_to_save``, or by default the head of a classifier (nothing for causal)."""
+    from fedlora.models import default_modules_to_save
+
+    if cfg.model.modules_to_save is not None:
+        return list(cfg.model.modules_to_save)
+    return default_modules_to_save(model, cfg.model.kind)
+
+
 def build_strategy(
     cfg: ExperimentConfig, shapes, specs: Sequence[ClientSpec], privacy: PrivacyLedger | None = None
 ) -> Strategy:
@@ -315,8 +325,6 @@ def build_strategy(
     options = dict(cfg.strategy.options)
     if cfg.strategy.name == "lora_a2":
         options.setdefault("global_rank", max(max(s.ranks.values()) for s in specs))
-        options.setdefault("alpha", cfg.model.alpha)
-        options.setdefault("rslora", cfg.model.rslora)
     strategy = registry.get(cfg.strategy.name, seed=cfg.seed, shapes=shapes, **options)
     if privacy is not None and privacy.mode == "central":
         attach_central(strategy, privacy.central_dp(cfg.sampled_per_round(), cfg.seed))
@@ -691,7 +699,7 @@ def evaluate_global(
     if rnd % cfg.eval.every != 0 and rnd != cfg.rounds:
         return []
     rows = []
-    with fed.host.use_global(fed.strategy.global_delta()) as gmodel:
+    with fed.host.use_global(fed.strategy.global_delta(), fed.strategy.dense) as gmodel:
         for name, idx in fed.sets.items():
             te = time.perf_counter()
             ev = evaluate_detailed(
@@ -924,9 +932,10 @@ def run_experiment(
     if save_final:
         delta = fed.strategy.global_delta()
         if any(f.rank > 0 for f in delta.values()):
-            fed.host.save_adapter(delta, run_dir / "adapter", alpha=None)
+            dense = fed.strategy.dense
+            fed.host.save_adapter(delta, run_dir / "adapter", alpha=None, dense=dense)
             if cfg.model.save_merged:
-                fed.host.merge_and_save(delta, run_dir / "merged", fed.tokenizer)
+                fed.host.merge_and_save(delta, run_dir / "merged", fed.tokenizer, dense)
     return result
 
 

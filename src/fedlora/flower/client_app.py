@@ -68,10 +68,13 @@ def train_content(
 def evaluate_content(
     content: RecordDict, node_config: Mapping[str, Any], run_config: Mapping[str, Any]
 ) -> RecordDict:
-    """Evaluate the global delta (sent as ``merge``) on this node's local data."""
+    """Evaluate the global delta (sent as ``merge``, with the global ``dense`` tensors) on this
+    node's local data."""
     payload = codec.decode_payload(content)
     spec = codec.decode_spec(content.config_records[codec.SPEC])
-    metrics, n = get_backend(run_config).evaluate(payload.merge, spec, partition_of(node_config))
+    metrics, n = get_backend(run_config).evaluate(
+        payload.merge, spec, partition_of(node_config), payload.dense
+    )
     return RecordDict({codec.METRICS: MetricRecord({**metrics, "num-examples": int(n)})})
 
 

@@ -8,6 +8,8 @@ Layout of one message's `RecordDict` (keys prefixed ``fedlora.``):
 * ``fedlora.merge`` / ``fedlora.adapter`` (`ArrayRecord`): ``A/<module>`` and ``B/<module>``
   per module, in their own dtype and shape (rank-0 factors are (0, d_in) / (d_out, 0) arrays).
   bfloat16, which numpy lacks, travels bit-for-bit as int16 and is viewed back.
+* ``fedlora.dense`` (`ArrayRecord`): the dense tensors (a classifier head) by parameter name,
+  their names and dtypes in the meta JSON's ``"dense"``.
 * ``fedlora.extras`` (`ArrayRecord`): tensors found anywhere in ``extras`` (LoRA-A2's slot
   indices, budgets sent as tensors, ...), by number.
 * ``fedlora.metrics`` (`MetricRecord`, updates only): the update's top-level float extras
@@ -30,12 +32,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedlora.contract import Adapter, ClientSpec, ClientUpdate, FedLoraError, LoraFactors, Payload
 
-META, MERGE, ADAPTER, EXTRAS, METRICS = (
+META, MERGE, ADAPTER, EXTRAS, METRICS, DENSE = (
     "fedlora.meta",
     "fedlora.merge",
     "fedlora.adapter",
     "fedlora.extras",
     "fedlora.metrics",
+    "fedlora.dense",
 )
 SPEC, NODE = "fedlora.spec", "fedlora.node"
 # a reply's node-side counters (model builds of this node in this run, load seconds)
@@ -116,6 +119,19 @@ def _decode_adapter(meta: dict | None, record: ArrayRecord | None) -> Adapter | 
     return out
 
 
+def _encode_dense(dense: Mapping[str, torch.Tensor], record: ArrayRecord) -> dict:
+    names = list(dense)
+    return {"names": names, "dtypes": [_put(record, name, dense[name]) for name in names]}
+
+
+def _decode_dense(meta: dict | None, record: ArrayRecord | None) -> dict[str, torch.Tensor]:
+    if not meta or not meta["names"]:
+        return {}
+    if record is None:
+        raise CodecError("dense arrays are missing")
+    return {name: _get(record, name, dt) for name, dt in zip(meta["names"], meta["dtypes"])}
+
+
 # -- extras: JSON structure with tensor references ------------------------------------------
 
 
@@ -182,13 +198,14 @@ def _meta(content: RecordDict, kind: str) -> dict:
 
 def encode_payload(payload: Payload) -> RecordDict:
     """The `RecordDict` of a `Payload` (decoded exactly by `decode_payload`)."""
-    merge, adapter, extras = ArrayRecord(), ArrayRecord(), ArrayRecord()
+    merge, adapter, extras, dense = ArrayRecord(), ArrayRecord(), ArrayRecord(), ArrayRecord()
     meta = {
         "kind": "payload",
         "trainable": sorted(payload.trainable),
         "seed": int(payload.seed),
         "merge": _encode_adapter(payload.merge, merge),
         "adapter": _encode_adapter(payload.adapter, adapter),
+        "dense": _encode_dense(payload.dense or {}, dense),
         "extras": _encode_value(payload.extras, extras, ""),
     }
     return RecordDict(
@@ -196,6 +213,7 @@ def encode_payload(payload: Payload) -> RecordDict:
             META: ConfigRecord({"json": _dumps(meta)}),
             MERGE: merge,
             ADAPTER: adapter,
+            DENSE: dense,
             EXTRAS: extras,
         }
     )
@@ -210,6 +228,7 @@ def decode_payload(content: RecordDict) -> Payload:
         trainable=frozenset(meta["trainable"]),
         seed=int(meta["seed"]),
         extras=_decode_value(meta["extras"], arrays.get(EXTRAS)),
+        dense=_decode_dense(meta.get("dense"), arrays.get(DENSE)),
     )
 
 
@@ -219,7 +238,7 @@ def _is_metric(v: Any) -> bool:
 
 def encode_update(update: ClientUpdate) -> RecordDict:
     """The `RecordDict` of a `ClientUpdate`; float extras also go to a `MetricRecord`."""
-    adapter, extras = ArrayRecord(), ArrayRecord()
+    adapter, extras, dense = ArrayRecord(), ArrayRecord(), ArrayRecord()
     metrics = {k: v for k, v in update.extras.items() if _is_metric(v)}
     rest = {k: v for k, v in update.extras.items() if k not in metrics}
     meta = {
@@ -227,6 +246,7 @@ def encode_update(update: ClientUpdate) -> RecordDict:
         "client_id": update.client_id,
         "num_examples": update.num_examples,
         "adapter": _encode_adapter(update.adapter, adapter),
+        "dense": _encode_dense(update.dense or {}, dense),
         "extras": _encode_value(rest, extras, ""),
         "metrics": list(metrics),
     }
@@ -237,6 +257,7 @@ def encode_update(update: ClientUpdate) -> RecordDict:
         {
             META: ConfigRecord({"json": _dumps(meta)}),
             ADAPTER: adapter,
+            DENSE: dense,
             EXTRAS: extras,
             METRICS: mr,
         }
@@ -258,6 +279,7 @@ def decode_update(content: RecordDict) -> ClientUpdate:
         adapter=_decode_adapter(meta["adapter"], arrays.get(ADAPTER)) or {},
         num_examples=meta["num_examples"],
         extras=extras,
+        dense=_decode_dense(meta.get("dense"), arrays.get(DENSE)),
     )
 
 

@@ -200,8 +200,11 @@ class ExperimentBackend:
                 privacy=privacy,
             )
 
-    def evaluate(self, delta: Adapter | None, spec: ClientSpec, partition: int):
-        """The global delta on the client's held-out test examples (``cfg.eval`` settings)."""
+    def evaluate(
+        self, delta: Adapter | None, spec: ClientSpec, partition: int, dense: dict | None = None
+    ):
+        """The global delta (and dense tensors: a classifier head) on the client's held-out
+        test examples (``cfg.eval`` settings)."""
         from fedlora.evaluate import evaluate, task_labels
 
         c = self._client(partition)
@@ -209,7 +212,7 @@ class ExperimentBackend:
         data = [self.examples[i] for i in self.split.test[c]][: e.max_examples]
         if not data:
             return {}, 0
-        with self.lock, self.host.use_global(delta or {}) as model:
+        with self.lock, self.host.use_global(delta or {}, dense) as model:
             out = evaluate(
                 model,
                 self.tokenizer,

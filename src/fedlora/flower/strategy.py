@@ -439,7 +439,8 @@ class FlowerStrategy(FlwrStrategy):
             return []
         nodes = [n for n in sorted(grid.get_node_ids()) if n in self.specs]
         chosen = self._sample(nodes, self.fraction_evaluate, server_round + 7919)
-        content = codec.encode_payload(Payload(delta or None, None))
+        # the global dense tensors (a classifier head) travel with the delta
+        content = codec.encode_payload(self.strategy.with_dense(Payload(delta or None, None)))
         out = []
         for node in chosen:
             c = RecordDict(dict(content))

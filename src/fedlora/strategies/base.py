@@ -99,7 +99,8 @@ def streamed_sums(
     """Per module, ``sum_k p_k scale_k B_k A_k`` over the round's updates, streamed: each
     update is validated, folded into the accumulators and dropped, so memory is bounded by the
     stacked factors (or one dense matrix per module), not by the number of clients. The raw
-    weights are normalised once the stream ends.
+    weights are normalised once the stream ends. The updates' dense tensors (a classifier
+    head) are averaged in the same pass and become the strategy's global ones at the end.
 
     Under central DP (``strategy.privacy``) each client's delta is clipped relative to the
     delta it started from (`fedlora.privacy.delta_update_terms`), weighted by the fixed
@@ -110,12 +111,15 @@ def streamed_sums(
         return _private_sums(strategy, server_round, updates, dense_rank)
     sums: dict[str, LowRankSum] = {}
     total = 0.0
+    dense = strategy.dense_mean(server_round)
     for u in strategy.iter_checked(server_round, updates):
         w = strategy.raw_weight(u)
         total += w
+        dense.add(u, w)
         for module, f in u.adapter.items():
             acc = sums.setdefault(module, LowRankSum(f.shape, dense_rank=dense_rank))
             acc.add(f.scaled_B(), f.A, w)
+    strategy.commit_dense(dense)
     return {m: acc.scale_(1.0 / total) for m, acc in sums.items()}
 
 

@@ -45,6 +45,7 @@ class FedExLoRA(FedIT):
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
         updates = self.check_updates(server_round, updates)
         homogeneous_ranks(updates, self.name, server_round)
+        self.aggregate_dense(server_round, updates)
         w = self.weights(updates)
         for module, f in updates[0].adapter.items():
             A, G = padded_mean(updates, w, module, f.rank)

@@ -54,6 +54,7 @@ class FedIT(Strategy):
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
         updates = self.check_updates(server_round, updates)
         homogeneous_ranks(updates, self.name, server_round)
+        self.aggregate_dense(server_round, updates)
         updates = private_factor_updates(self, updates)
         w = self.weights(updates)
         for module, f in updates[0].adapter.items():

@@ -76,6 +76,7 @@ class FFALoRA(Strategy):
 
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
         updates = self.check_updates(server_round, updates)
+        self.aggregate_dense(server_round, updates)
         updates = private_factor_updates(self, updates, parts="B")
         weights = self.weights(updates)
         for module in updates[0].adapter:

@@ -10,14 +10,24 @@ W_g is the global model's delta (it replaces the previous one each round). The S
 from the stacked factors (`fedlora.linalg`), never by a dense d_out x d_in SVD unless the
 summed rank makes the dense path cheaper. ``split="sqrt"`` puts sqrt(S) in both factors
 instead of all of S into B (the authors' code does the latter). Unlike the released code,
-every client really gets its own rank.
+every client really gets its own rank. A client whose rank exceeds the global delta's rank
+gets fresh A rows orthonormal to the singular vectors (B = 0) in the extra slots, so they
+train (zero A and B would get no gradient).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fedlora.contract import Adapter, ClientSpec, ClientUpdate, Payload, Strategy
+from fedlora.contract import (
+    Adapter,
+    ClientSpec,
+    ClientUpdate,
+    FedLoraError,
+    Payload,
+    Strategy,
+    module_seed,
+)
 from fedlora.linalg import LowRankSum, rank_r_factors
 from fedlora.strategies import register
 from fedlora.strategies.base import streamed_sums
@@ -52,8 +62,17 @@ class FlexLoRA(Strategy):
             return self.expect(client, Payload(None, None, seed=self.seed))
         adapter = {}
         for module, r in client.ranks.items():
+            if module not in self.sums:
+                raise FedLoraError(
+                    f"flexlora: client {client.client_id}: module {module!r} is not in the "
+                    f"global model ({sorted(self.sums)[:3]} ...)"
+                )
             U, S, Vh = self._triplets(module, r)
-            adapter[module] = rank_r_factors(U, S, Vh, r, client.scale(module), split=self.split)
+            # slots beyond the global delta's rank get fresh orthonormal A rows (B = 0)
+            pad_seed = module_seed(self.seed, f"flexlora-pad/{module}", server_round)
+            adapter[module] = rank_r_factors(
+                U, S, Vh, r, client.scale(module), split=self.split, pad_seed=pad_seed
+            )
         return self.expect(client, Payload(None, adapter, seed=self.seed))
 
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:

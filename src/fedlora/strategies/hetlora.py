@@ -10,10 +10,10 @@ EMNLP 2024, sec. 3.2-3.3.
   formula.
 * Distribution: a client of rank r receives the first r slots (truncation).
 * Self-pruning (sec. 3.2, client side): the local loss adds
-  ``lambda * ||B[:, floor(gamma r):] A[floor(gamma r):, :]||_F`` (`self_pruning_penalty`); if
+  ``lambda * ||B[:, k:] A[k:, :]||_F``, k = max(1, floor(gamma r)) (`self_pruning_penalty`); if
   that tail norm fell below the one the client reported last time, the client drops the tail
-  and uploads rank ``floor(gamma r)`` (`pruned_rank`). The server remembers each client's
-  pruned rank per module and never hands it more slots again.
+  and uploads rank k (`pruned_rank`); a rank-0 upload is rejected. The server remembers each
+  client's pruned rank per module and never hands it more slots again.
 """
 
 from __future__ import annotations
@@ -90,12 +90,19 @@ def delta_sq_norm(f: LoraFactors) -> float:
     return float(f.scale**2 * ((B.T @ B) * (A @ A.T)).sum())
 
 
-def self_pruning_penalty(A: Tensor, B: Tensor, gamma: float, scale: float = 1.0) -> Tensor:
-    """``||scale * B[:, k:] A[k:, :]||_F`` with k = floor(gamma r): differentiable in A and B.
+def kept_rank(rank: int, gamma: float) -> int:
+    """The rank pruning would keep: ``max(1, floor(gamma r))`` (a client never drops to 0)."""
+    return max(1, math.floor(gamma * rank))
 
-    Computed from the factors (trace of small Gram products) without forming d_out x d_in.
+
+def self_pruning_penalty(A: Tensor, B: Tensor, gamma: float, scale: float = 1.0) -> Tensor:
+    """``||scale * B[:, k:] A[k:, :]||_F`` with k = `kept_rank`: differentiable in A and B.
+
+    The tail is what pruning would drop, so it is empty (penalty 0) when pruning cannot lower
+    the rank (r = 1): the penalty never shrinks slots that can never be pruned. Computed from
+    the factors (trace of small Gram products) without forming d_out x d_in.
     """
-    k = math.floor(gamma * A.shape[0])
+    k = kept_rank(A.shape[0], gamma)
     a, b = A[k:], B[:, k:]
     if a.shape[0] == 0:
         return A.sum() * 0.0
@@ -107,5 +114,5 @@ def self_pruning_penalty(A: Tensor, B: Tensor, gamma: float, scale: float = 1.0)
 def pruned_rank(rank: int, gamma: float, tail_norm: float, prev_tail_norm: float | None) -> int:
     """The rank a client keeps: floor(gamma r) when its tail norm decreased since last time."""
     if prev_tail_norm is not None and tail_norm < prev_tail_norm:
-        return max(1, math.floor(gamma * rank))
+        return kept_rank(rank, gamma)
     return rank

@@ -1,23 +1,36 @@
 """LoRA-A2: alternating freeze of A and B, adaptive per-client rank selection.
 
 Koo et al., "Towards Robust and Efficient Federated Low-Rank Adaptation with Heterogeneous
-Clients" (LoRA-A2), 2024, sec. 4:
+Clients" (LoRA-A2), ACL 2025, sec. 4:
 
 * Every client holds the global A and B of rank r_G. On odd rounds A is frozen and B trained,
   on even rounds the reverse (``freeze_a_on="odd"``; ``"even"`` swaps), so one factor moves
   per round and averaging it is exact: ``sum_k p_k dB_k A = (sum_k p_k dB_k) A``.
 * A client with budget r_k (``sum`` of its per-module ranks, each capped at r_G) ranks every
   slot i of every module by its importance ``||dB[:, i] A[i, :]||_F`` (or
-  ``||B[:, i] dA[i, :]||_F`` when A is trained) and uploads only its top slots across all modules
-  (`select_slots`), with their indices in ``extras["slots"]``.
+  ``||B[:, i] dA[i, :]||_F`` when A is trained), keeps its top slots across all modules
+  (`select_slots`) and uploads only those, with their indices in ``extras["slots"]``.
+* ``masked_training=True`` (default, the paper's eq. 3): the client selects its slots *before*
+  local training, from the first-order change of its first batch (dB = -grad, `select_slots`
+  on the gradient), and trains only those slots; the others stay bit-identical.
+  ``masked_training=False`` trains all r_G slots and masks only the upload (fedlora's earlier
+  behaviour): the selection then sees the whole local change, but the uploaded slots were
+  trained jointly with slots the server never receives.
 * The server aggregates the masked updates with data-size weights over all the round's
   clients, unselected slots contributing zero:
   ``B[:, i] += sum_k p_k m_{k,i} (B_k[:, i] - B[:, i])``; with ``renormalize=True`` each slot's
   weights are renormalised over the clients that uploaded it.
+
+Server factors are kept as (A, G) with G = scale * B, so each client gets its own LoRA scale
+from its spec (``alpha_k / r_G``, or ``alpha_k / sqrt(r_G)`` with rsLoRA): B_k = G / scale_k,
+and its trained B_k enters the average as scale_k * B_k. The factor a client was told to keep
+frozen must come back unchanged, and only a client configured this run (whose budget the
+server knows) may upload.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -50,10 +63,9 @@ class LoRAA2(Strategy):
         self,
         *,
         global_rank: int = 8,
-        alpha: float = 16.0,
-        rslora: bool = False,
         freeze_a_on: str = "odd",
         renormalize: bool = False,
+        masked_training: bool = True,
         **options,
     ) -> None:
         super().__init__(**options)
@@ -64,17 +76,18 @@ class LoRAA2(Strategy):
         if freeze_a_on not in ("odd", "even"):
             raise FedLoraError(f"lora_a2: freeze_a_on must be 'odd' or 'even', got {freeze_a_on!r}")
         self.global_rank = global_rank
-        self.scale = alpha / (global_rank**0.5 if rslora else global_rank)
         self.freeze_a_on = freeze_a_on
         self.renormalize = renormalize
+        self.masked_training = bool(masked_training)
         self.A = {
             m: init_lora_A(self.seed, m, global_rank, d_in, dtype=F64)
             for m, (_, d_in) in self.shapes.items()
         }
-        self.B = {
+        self.G = {  # scale * B: effective, so clients with different alphas combine
             m: torch.zeros(d_out, global_rank, dtype=F64) for m, (d_out, _) in self.shapes.items()
         }
         self.budgets: dict[str, int] = {}
+        self.scales: dict[str, dict[str, float]] = {}  # client -> module -> its LoRA scale
 
     def trainable(self, server_round: int) -> Trainable:
         odd = server_round % 2 == 1
@@ -89,16 +102,28 @@ class LoRAA2(Strategy):
             )
         return sum(min(r, self.global_rank) for r in client.ranks.values())
 
+    def client_scale(self, client: ClientSpec, module: str) -> float:
+        """The client's LoRA scale on the rank-r_G adapter: its alpha over r_G (or sqrt)."""
+        r = self.global_rank
+        return client.alpha_of(module) / (math.sqrt(r) if client.rslora else r)
+
     def configure(self, client: ClientSpec, server_round: int) -> Payload:
         self.budgets[client.client_id] = budget = self.budget(client)
+        scales = {m: self.client_scale(client, m) for m in self.shapes}
+        self.scales[client.client_id] = scales
         adapter = {
-            m: LoraFactors(self.A[m].float(), self.B[m].float(), self.scale) for m in self.shapes
+            m: LoraFactors(self.A[m].float(), (self.G[m] / scales[m]).float(), scales[m])
+            for m in self.shapes
         }
-        return Payload(None, adapter, self.trainable(server_round), self.seed, {"budget": budget})
+        extras = {"budget": budget, "masked_training": self.masked_training}
+        payload = Payload(None, adapter, self.trainable(server_round), self.seed, extras)
+        return self.with_dense(payload)
 
     def check_update(self, server_round: int, update: ClientUpdate) -> None:
         super().check_update(server_round, update)
         check_slots(update, self.global_rank, self.budgets.get(update.client_id), server_round)
+        trained = "B" if "B" in self.trainable(server_round) else "A"
+        self.check_frozen(update, trained, server_round)
 
     def dp_problem(self) -> str | None:
         """Why central DP cannot run with these options (None: it can)."""
@@ -112,11 +137,12 @@ class LoRAA2(Strategy):
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
         updates = self.check_updates(server_round, updates, same_modules=False)
         trained = "B" if "B" in self.trainable(server_round) else "A"
+        self.aggregate_dense(server_round, updates)
         weights = self.weights(updates)
         if self.privacy is not None:  # clip each client's masked factor change to clip_norm
             weights = [w * self._dp_clip(u, trained) for u, w in zip(updates, weights)]
         for module in self.shapes:
-            old = self.B[module] if trained == "B" else self.A[module].T  # slots as columns
+            old = self.G[module] if trained == "B" else self.A[module].T  # slots as columns
             delta = torch.zeros_like(old)
             mass = torch.zeros(self.global_rank, dtype=F64)
             for u, w in zip(updates, weights):
@@ -124,7 +150,7 @@ class LoRAA2(Strategy):
                     continue
                 idx = u.extras["slots"][module]
                 f = u.adapter[module]
-                new = f.B.to(F64) if trained == "B" else f.A.to(F64).T
+                new = f.scaled_B() if trained == "B" else f.A.to(F64).T
                 delta[:, idx] += w * (new - old[:, idx])
                 mass[idx] += w
             if self.renormalize:
@@ -132,12 +158,30 @@ class LoRAA2(Strategy):
             if self.privacy is not None and self.privacy.noise_multiplier > 0:
                 delta += self.privacy.noise(delta.shape, server_round, f"{trained}/{module}")
             if trained == "B":
-                self.B[module] = old + delta
+                self.G[module] = old + delta
             else:
                 self.A[module] = (old + delta).T.contiguous()
 
+    def check_frozen(self, u: ClientUpdate, trained: str, server_round: int) -> None:
+        """Raise unless the upload kept the factor it was told to freeze, at the scale it was
+        configured with (a changed frozen factor would make the exact average wrong)."""
+        scales = self.scales[u.client_id]
+        for module, f in u.adapter.items():
+            who = f"lora_a2: round {server_round}, client {u.client_id}, module {module}"
+            if not math.isclose(f.scale, scales[module], rel_tol=1e-9):
+                raise FedLoraError(
+                    f"{who}: scale {f.scale}, but it was configured with {scales[module]}"
+                )
+            idx = torch.as_tensor(u.extras["slots"][module])
+            if trained == "B":
+                sent, back, name = self.A[module][idx].float(), f.A, "A"
+            else:
+                sent, back, name = (self.G[module][:, idx] / scales[module]).float(), f.B, "B"
+            if not torch.allclose(back, sent, rtol=1e-5, atol=1e-7):
+                raise FedLoraError(f"{who}: the frozen factor {name} came back changed")
+
     def global_delta(self) -> Adapter:
-        return {m: LoraFactors(self.A[m].clone(), self.scale * self.B[m], 1.0) for m in self.shapes}
+        return {m: LoraFactors(self.A[m].clone(), self.G[m].clone(), 1.0) for m in self.shapes}
 
     def _dp_clip(self, u: ClientUpdate, trained: str) -> float:
         """The clip multiplier of `u`'s change of the trained factor on its uploaded slots."""
@@ -176,7 +220,9 @@ def check_slots(u: ClientUpdate, global_rank: int, budget: int | None, server_ro
                 f"{who}, module {module}: slot indices must be unique in [0, {global_rank})"
             )
         total += idx.numel()
-    if budget is not None and total > budget:
+    if budget is None:
+        raise FedLoraError(f"{who}: was never configured, so it has no budget to upload against")
+    if total > budget:
         raise FedLoraError(f"{who}: uploaded {total} slots, over its budget of {budget}")
 
 

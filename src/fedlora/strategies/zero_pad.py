@@ -47,7 +47,9 @@ class ZeroPad(Strategy):
         return self.weights(updates)
 
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
-        updates = private_factor_updates(self, self.check_updates(server_round, updates))
+        updates = self.check_updates(server_round, updates)
+        self.aggregate_dense(server_round, updates)
+        updates = private_factor_updates(self, updates)
         w = self.aggregation_weights(updates)
         for module in updates[0].adapter:
             rank = max(u.adapter[module].rank for u in updates)
