@@ -12,9 +12,15 @@ from fedlora.data import load_builtin
 from fedlora.engine import run_experiment
 
 STAND_IN = {"smollm2": "tiny-llama"}  # too slow for CI; minilm (22M) runs for real
+PRESETS = [
+    pytest.param(n, marks=pytest.mark.real_model)
+    if load_preset(n).model.name not in STAND_IN and load_preset(n).model.name == "minilm"
+    else n
+    for n in preset_names()
+]
 
 
-@pytest.mark.parametrize("name", preset_names())
+@pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_runs_one_short_round_as_shipped(tmp_path, name):
     shipped = load_preset(name)
     cfg = load_preset(
