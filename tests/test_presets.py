@@ -13,9 +13,7 @@ from fedlora.engine import run_experiment
 
 STAND_IN = {"smollm2": "tiny-llama"}  # too slow for CI; minilm (22M) runs for real
 PRESETS = [
-    pytest.param(n, marks=pytest.mark.real_model)
-    if load_preset(n).model.name not in STAND_IN and load_preset(n).model.name == "minilm"
-    else n
+    pytest.param(n, marks=pytest.mark.real_model) if load_preset(n).model.name == "minilm" else n
     for n in preset_names()
 ]
 
