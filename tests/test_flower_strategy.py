@@ -207,7 +207,11 @@ def test_a_1e6_scaled_reply_is_rejected(name):
     fs.start(grid, ArrayRecord(), num_rounds=2, timeout=10)
     for r in fs.rounds:
         assert list(r["dropped"]) == ["partition-2"]
-        assert "robust.max_norm_ratio" in r["dropped"]["partition-2"]
+        reason = r["dropped"]["partition-2"]
+        # LoRA-A2 may first see the scaled frozen factor: dropped either way
+        assert "robust.max_norm_ratio" in reason or (
+            name == "lora_a2" and "frozen factor" in reason
+        )
         assert r["used"] == ["partition-0", "partition-1", "partition-3"]
     # nothing of it reached the global model: as large as the honest clients' deltas
     assert adapter_norm(strategy.global_delta()) < 1e3
