@@ -123,7 +123,7 @@ def _run_round(strategy, specs, rng, rnd, send_start=False):
             adapter = {}
             for m, f in start.items():
                 A = f.A.float() + (0.1 * torch.randn_like(f.A.float()) if "A" in p.trainable else 0)
-                B = f.B.float() + 0.1 * torch.randn_like(f.B.float())
+                B = f.B.float() + (0.1 * torch.randn_like(f.B.float()) if "B" in p.trainable else 0)
                 adapter[m] = LoraFactors(A, B, f.scale)
         extras = {}
         if "budget" in p.extras:

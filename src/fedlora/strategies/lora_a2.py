@@ -156,7 +156,15 @@ class LoRAA2(Strategy):
             if self.renormalize:
                 delta /= torch.where(mass > 0, mass, torch.ones_like(mass))
             if self.privacy is not None and self.privacy.noise_multiplier > 0:
-                delta += self.privacy.noise(delta.shape, server_round, f"{trained}/{module}")
+                # clipping bounds B's change in the clients' units; G = scale * B, so the
+                # noise scales with the largest client scale (1 for A)
+                unit = (
+                    max(self.scales[u.client_id][module] for u in updates)
+                    if trained == "B"
+                    else 1.0
+                )
+                noise = self.privacy.noise(delta.shape, server_round, f"{trained}/{module}")
+                delta += unit * noise
             if trained == "B":
                 self.G[module] = old + delta
             else:
@@ -190,7 +198,8 @@ class LoRAA2(Strategy):
         sq = 0.0
         for module, f in u.adapter.items():
             idx = torch.as_tensor(u.extras["slots"][module])
-            old = self.B[module][:, idx] if trained == "B" else self.A[module][idx]
+            scale = f.scale  # B in the client's own units, as it trained it
+            old = self.G[module][:, idx] / scale if trained == "B" else self.A[module][idx]
             new = f.B.to(F64) if trained == "B" else f.A.to(F64)
             sq += float(((new - old) ** 2).sum())
         return clip_factor(sq**0.5, self.privacy.clip_norm)
