@@ -65,7 +65,7 @@ class Study:
     title: str
     cells: list[Cell]
     render: Callable[[Study, Path, dict[str, Any]], str]  # markdown of the results section
-    before: Callable[[Cell, Path], None] | None = None  # runs before a cell's compare
+    before: Callable[[Cell, Path, int | None], None] | None = None  # before a cell's compare
 
 
 def _toml(value: Any) -> str:
@@ -243,7 +243,7 @@ def run_dir(out: Path, cell: Cell, strategy: str, seed: int) -> Path:
     return (base / f"seed{seed}" if len(cell.seeds) > 1 else base) / strategy
 
 
-def compare_command(cell: Cell, out: Path) -> list[str]:
+def compare_command(cell: Cell, out: Path, threads: int | None = None) -> list[str]:
     cmd = [
         sys.executable, "-m", "fedlora.cli", "compare", "-q", "--resume",
         "--preset", cell.preset,
@@ -254,6 +254,8 @@ def compare_command(cell: Cell, out: Path) -> list[str]:
     ]  # fmt: skip
     for key, value in cell.overrides.items():
         cmd += ["--set", f"{key}={value}"]
+    if threads is not None:  # not part of a run's configuration: resuming ignores it
+        cmd += ["--set", f"threads={threads}"]
     return cmd
 
 
@@ -267,13 +269,15 @@ def _cpu_self() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_cell(study: Study, cell: Cell, out: Path, force: bool, dry_run: bool) -> dict | None:
+def run_cell(
+    study: Study, cell: Cell, out: Path, force: bool, dry_run: bool, threads: int | None
+) -> dict | None:
     """Run one cell (resuming), unless its compare.json exists; returns its timing."""
     done = cell_dir(out, cell) / "compare.json"
     if done.is_file() and not force:
         print(f"[{study.name}/{cell.key}] finished earlier ({done}); --force reruns it")
         return None
-    cmd = compare_command(cell, out)
+    cmd = compare_command(cell, out, threads)
     print(f"[{study.name}/{cell.key}] " + " ".join(cmd[1:]), flush=True)
     if dry_run:
         return None
@@ -285,13 +289,14 @@ def run_cell(study: Study, cell: Cell, out: Path, force: bool, dry_run: bool) ->
                 shutil.copytree(src, dst)  # resumed by compare: checked against its config
     t0, c0, s0 = time.perf_counter(), _cpu_children(), _cpu_self()
     if study.before is not None:
-        study.before(cell, out)
+        study.before(cell, out, threads)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return {
         "wall_s": time.perf_counter() - t0,
         "cpu_s": _cpu_children() - c0 + _cpu_self() - s0,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "load_avg": os.getloadavg(),
+        "threads": threads or os.cpu_count(),
     }
 
 
@@ -299,11 +304,11 @@ def _cell(study: Study, key: str) -> Cell:
     return next(c for c in study.cells if c.key == key)
 
 
-def run_study(study: Study, out: Path, force: bool, dry_run: bool) -> None:
+def run_study(study: Study, out: Path, force: bool, dry_run: bool, threads: int | None) -> None:
     timing_path = out / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     for cell in study.cells:
-        t = run_cell(study, cell, out, force, dry_run)
+        t = run_cell(study, cell, out, force, dry_run, threads)
         if t is not None:
             timing[cell.key] = t
             out.mkdir(parents=True, exist_ok=True)
@@ -316,7 +321,7 @@ def run_study(study: Study, out: Path, force: bool, dry_run: bool) -> None:
 NOISE_FILE = "aggregation_noise.jsonl"
 
 
-def fedit_noise_run(cell: Cell, out: Path) -> None:
+def fedit_noise_run(cell: Cell, out: Path, threads: int | None) -> None:
     """Train the cell's fedit runs here (the configuration `fedlora compare` would build), and
     record per round and module `aggregation_noise` of the round's updates; compare then
     resumes them as finished."""
@@ -339,6 +344,8 @@ def fedit_noise_run(cell: Cell, out: Path) -> None:
         }
         if base.strategy.name != "fedit":
             extra["strategy.options"] = {}
+        if threads is not None:
+            extra["threads"] = threads
         cfg = load_config(cell.preset, {**cell.overrides, **extra})
         probe = NoiseProbe(aggregation_noise)
         shutil.rmtree(where, ignore_errors=True)  # a partial run: its noise rows are lost
@@ -437,11 +444,13 @@ def timing_line(out: Path, cells: Sequence[Cell]) -> str:
     wall = sum(t["wall_s"] for t in got)
     cpu = sum(t["cpu_s"] for t in got)
     loads = [t["load_avg"][0] for t in got]
+    threads = sorted({t.get("threads", 0) for t in got})
     return (
-        f"Wall time {wall / 60:.1f} min for {len(got)} of {len(cells)} cells "
-        f"({cpu / 60:.1f} CPU-minutes, i.e. about {cpu / 120:.1f} min on 2 idle cores; "
-        f"1-min load average at the end of the cells {min(loads):.1f}-{max(loads):.1f}, "
-        f"finished {max(t['finished'] for t in got)})."
+        f"Wall time {wall / 60:.1f} min for {len(got)} of {len(cells)} cells, "
+        f"{cpu / 60:.1f} CPU-minutes (torch threads per run: "
+        f"{', '.join(map(str, threads))}; the machine was shared, 1-minute load average "
+        f"{min(loads):.1f}-{max(loads):.1f} at the end of the cells; finished "
+        f"{max(t['finished'] for t in got)})."
     )
 
 
@@ -961,6 +970,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rerun finished cells")
     ap.add_argument("--tables-only", action="store_true", help="only rebuild tables and figures")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per run (default: all cores; 1 wastes less on a shared machine)",
+    )
     args = ap.parse_args(argv)
     toy = args.scale == "toy"
     root = args.out or ROOT / ("runs/fidelity-toy" if toy else "runs/fidelity")
@@ -973,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
         study = STUDIES[name](args.scale)
         out = root / name
         if not args.tables_only:
-            run_study(study, out, args.force, args.dry_run)
+            run_study(study, out, args.force, args.dry_run, args.threads)
         if not args.dry_run:
             write_section(study, out, doc, fig_dir)
     return 0
