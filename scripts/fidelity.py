@@ -291,10 +291,19 @@ def run_cell(
             dst = run_dir(out, cell, strategy, seed)
             if (src / "summary.json").is_file() and not dst.exists():
                 shutil.copytree(src, dst)  # resumed by compare: checked against its config
+    lock = cell_dir(out, cell) / ".running"
+    if _held(lock):
+        print(f"[{study.name}/{cell.key}] another process runs it ({lock}); skipped")
+        return None
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(str(os.getpid()))
     t0, c0, s0 = time.perf_counter(), _cpu_children(), _cpu_self()
-    if study.before is not None:
-        study.before(cell, out, threads)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    try:
+        if study.before is not None:
+            study.before(cell, out, threads)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    finally:
+        lock.unlink(missing_ok=True)
     return {
         "wall_s": time.perf_counter() - t0,
         "cpu_s": _cpu_children() - c0 + _cpu_self() - s0,
@@ -302,6 +311,18 @@ def run_cell(
         "load_avg": os.getloadavg(),
         "threads": threads or os.cpu_count(),
     }
+
+
+def _held(lock: Path) -> bool:
+    """Whether a live process (other than this one) holds the cell's lock file."""
+    try:
+        pid = int(lock.read_text())
+        if pid == os.getpid():
+            return False
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _cell(study: Study, key: str) -> Cell:
