@@ -186,7 +186,7 @@ def flexlora_study(scale: str) -> Study:
             Cell(
                 key=dist,
                 preset="flexlora_paper",
-                strategies=["flexlora", "hetlora", "fedit"],
+                strategies=["flexlora", "fedit", "hetlora"],  # the baseline before HetLoRA
                 baseline="fedit",
                 seeds=[0],
                 overrides={**common, "resources.distribution": dist},
