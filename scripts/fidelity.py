@@ -409,8 +409,58 @@ class NoiseProbe:
 
 
 def load_compare(out: Path, cell: Cell) -> dict[str, Any] | None:
+    """The cell's compare.json; for a cell stopped before its last run, the comparison of its
+    finished runs (``partial`` lists the runs missing), written by `fedlora report` to
+    ``<cell>/partial/``; None when fewer than the baseline and one other run finished."""
     p = cell_dir(out, cell) / "compare.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    if p.is_file():
+        result = json.loads(p.read_text())
+        if result.get("strategies"):
+            return result
+    finished = {
+        (st, k)
+        for st in cell.strategies
+        for k in cell.seeds
+        if (run_dir(out, cell, st, k) / "summary.json").is_file()
+    }
+    base_seeds = [k for k in cell.seeds if (cell.baseline, k) in finished]
+    # the seeds and strategies to compare: every strategy kept has all the kept seeds, so
+    # the paired tests cover the same seeds; prefer more strategies, then more seeds
+    best: tuple[list[str], list[int]] = ([], [])
+    for seeds in [base_seeds, *([k] for k in base_seeds)]:
+        if not seeds:
+            continue
+        strategies = [st for st in cell.strategies if all((st, k) in finished for k in seeds)]
+        if (len(strategies), len(seeds)) > (len(best[0]), len(best[1])):
+            best = (strategies, seeds)
+    full, seeds = best
+    if len(full) < 2:
+        return None
+    done = [(st, k, run_dir(out, cell, st, k)) for st in full for k in seeds]
+    missing = [(st, k, None) for st in cell.strategies for k in cell.seeds
+               if (st, k) not in {(a, b) for a, b, _ in done}]  # fmt: skip
+    target = cell_dir(out, cell) / "partial"
+    dirs = [str(d) for _, _, d in done]
+    cmd = [sys.executable, "-m", "fedlora.cli", "report", "-q", *dirs,
+           "--output-dir", str(target), "--baseline", cell.baseline]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    result = json.loads((target / "compare.json").read_text())
+    result["partial"] = [f"{st} seed {k}" for st, k, _ in missing]
+    return result
+
+
+def partial_note(results: dict[str, dict[str, Any] | None]) -> str:
+    """A line naming the runs that had not finished when the tables were made."""
+    notes = [f"{key}: {', '.join(r['partial'])}" for key, r in results.items()
+             if r and r.get("partial")]  # fmt: skip
+    missing = [key for key, r in results.items() if r is None]
+    parts = []
+    if notes:
+        parts.append("runs not finished in time, left out: " + "; ".join(notes))
+    if missing:
+        parts.append("cells with no comparison (not run, or too few runs finished): "
+                     + ", ".join(missing))  # fmt: skip
+    return ("**Incomplete.** " + ". ".join(parts) + ".") if parts else ""
 
 
 def metric(result: dict[str, Any], label: str, key: str) -> dict[str, Any] | None:
@@ -460,7 +510,7 @@ def rerun_drop(runs_a: list[Path], runs_b: list[Path], key: str) -> dict[str, An
     runs = []
     for tag, dirs in (("a", runs_a), ("b", runs_b)):
         for d in dirs:
-            if not (d / "metrics.jsonl").is_file():
+            if not (d / "summary.json").is_file():  # not finished
                 return None
             run = report.load_run(d)
             run["name"] = tag
@@ -473,15 +523,28 @@ def timing_line(out: Path, cells: Sequence[Cell]) -> str:
     p = out / "timing.json"
     timing = json.loads(p.read_text()) if p.is_file() else {}
     got = [timing[c.key] for c in cells if c.key in timing]
+    runs = [
+        json.loads((run_dir(out, c, s, k) / "summary.json").read_text())
+        for c in cells
+        for s in c.strategies
+        for k in c.seeds
+        if (run_dir(out, c, s, k) / "summary.json").is_file()
+    ]
+    total = len({(c.key, s, k) for c in cells for s in c.strategies for k in c.seeds})
+    rounds = sum(r.get("time_total", 0.0) for r in runs)
+    line = (
+        f"{len(runs)} of {total} runs finished; their rounds (training, aggregation, "
+        f"evaluation; model loading and plots excluded) took {rounds / 60:.1f} min of wall time"
+    )
     if not got:
-        return "Wall time: not recorded (the runs were made before timing was kept)."
+        return line + "."
     wall = sum(t["wall_s"] for t in got)
     cpu = sum(t["cpu_s"] for t in got)
     loads = [t["load_avg"][0] for t in got]
     threads = sorted({t.get("threads", 0) for t in got})
     return (
-        f"Wall time {wall / 60:.1f} min for {len(got)} of {len(cells)} cells, "
-        f"{cpu / 60:.1f} CPU-minutes (torch threads per run: "
+        f"{line}. Cells run to the end: {len(got)} of {len(cells)}, {wall / 60:.1f} min of wall "
+        f"time, {cpu / 60:.1f} CPU-minutes (torch threads per run: "
         f"{', '.join(map(str, threads))}; the machine was shared, 1-minute load average "
         f"{min(loads):.1f}-{max(loads):.1f} at the end of the cells; finished "
         f"{max(t['finished'] for t in got)})."
@@ -569,6 +632,8 @@ def render_lora_a2(study: Study, out: Path, ctx: dict[str, Any]) -> str:
         lines.append(_a2_significance(results, alpha, ranks, key))
         lines.append("")
     lines.append(_a2_claims(study, out, results, alphas, ranks, key))
+    lines.append("")
+    lines.append(partial_note(results))
     lines.append("")
     path = _plot_lora_a2(results, alphas, ranks, key, ctx)
     if path:
@@ -761,6 +826,8 @@ def render_flexlora(study: Study, out: Path, ctx: dict[str, Any]) -> str:
         lines.append("")
     lines.append(_flex_claims(study, results))
     lines.append("")
+    lines.append(partial_note(results))
+    lines.append("")
     path = _plot_bars(study, results, methods, names, keys, "flexlora_unseen.png", ctx)
     if path:
         lines.append(f"![unseen-task loss and Rouge-L by distribution]({rel(path, ctx)})")
@@ -890,8 +957,9 @@ def render_flora(study: Study, out: Path, ctx: dict[str, Any]) -> str:
         lines.append("")
     keys = [("seen_clients/loss", "loss", 1, 3), ("seen_clients/rouge_l", "Rouge-L %", 100, 1)]
     names = {"flora": "FLoRA", "zero_pad": "zero-padding", "fedit": "FedIT"}
+    results = {c.key: load_compare(out, c) for c in study.cells}
     for cell in study.cells:
-        res = load_compare(out, cell)
+        res = results[cell.key]
         head = ["method"] + [t for _, t, _, _ in keys] + [f"{t} − {names[cell.baseline]} (p)"
                                                           for _, t, _, _ in keys]  # fmt: skip
         rows = []
@@ -907,7 +975,9 @@ def render_flora(study: Study, out: Path, ctx: dict[str, Any]) -> str:
         lines.append("")
         lines.append(md_table(head, rows))
         lines.append("")
-    lines.append(_flora_claims(study, out))
+    lines.append(_flora_claims(results))
+    lines.append("")
+    lines.append(partial_note(results))
     lines.append("")
     lines.append(f"Setting: {setting_line(homo)}. Seeds {', '.join(map(str, homo.seeds))}.")
     lines.append("")
@@ -921,10 +991,10 @@ def _ranks_text(cell: Cell) -> str:
     return "the preset's ranks 4 / 8 / 16 / 32 spread uniformly over clients"
 
 
-def _flora_claims(study: Study, out: Path) -> str:
+def _flora_claims(results: dict[str, dict[str, Any] | None]) -> str:
     rows = []
     for cell, other in (("homogeneous", "fedit"), ("heterogeneous", "zero_pad")):
-        res = load_compare(out, _cell(study, cell))
+        res = results.get(cell)
         if not res:
             continue
         for key, lower in (("seen_clients/loss", True), ("seen_clients/rouge_l", False)):
