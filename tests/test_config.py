@@ -188,3 +188,30 @@ def test_validation_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_every_optional_key_defaults_to_none():
+    # apply_overrides and the run's config.toml leave None values out; that is lossless only
+    # while no optional key has another default (else `--key none` would silently revert)
+    import dataclasses
+    import typing
+
+    from fedlora.config import ExperimentConfig
+
+    def walk(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                yield from walk(tp, f"{prefix}{f.name}.")
+            elif type(None) in typing.get_args(tp):
+                yield f"{prefix}{f.name}", f.default
+
+    bad = [k for k, d in walk(ExperimentConfig) if d is not None]
+    assert not bad, f"optional keys with a non-None default: {bad}"
+
+
+def test_grad_clip_none_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="train.grad_clip"):
+        C.override(C.load_preset("tiny"), "train.grad_clip", "none")
+    assert C.override(C.load_preset("tiny"), "train.grad_clip", "0").train.grad_clip == 0

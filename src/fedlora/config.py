@@ -126,7 +126,7 @@ class TrainSection:
     lr: float = 3e-4  # AdamW learning rate
     b_lr_multiplier: float = 1.0  # B's learning rate = lr * this (LoRA+ / LoRA-A2 style)
     weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float | None = 1.0  # clip the gradient norm (None: no clipping)
+    grad_clip: float = 1.0  # clip the gradient norm at this value (0: no clipping)
     max_length: int = 128  # tokens per example (the prompt is truncated first)
     device: str = "auto"  # "auto" (cuda, else mps, else cpu) | "cpu" | "cuda" | "cuda:N" | "mps"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast; auto: bf16 if native
@@ -539,6 +539,8 @@ def apply_overrides(
 
 
 def _drop_none(d: Any) -> Any:
+    # lossless: every optional key defaults to None (tests/test_config.py checks this), so an
+    # explicit none and an absent key mean the same
     if isinstance(d, dict):
         return {k: _drop_none(v) for k, v in d.items() if v is not None}
     return d
@@ -701,8 +703,7 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
     if t.epochs is not None:
         need(t.epochs >= 1, f"train.epochs = {t.epochs}: must be >= 1 (or none: local_steps)")
     need(t.b_lr_multiplier > 0, f"train.b_lr_multiplier = {t.b_lr_multiplier}: must be > 0")
-    if t.grad_clip is not None:
-        need(t.grad_clip >= 0, f"train.grad_clip = {t.grad_clip}: must be >= 0 (or none)")
+    need(t.grad_clip >= 0, f"train.grad_clip = {t.grad_clip}: must be >= 0 (0: no clipping)")
     need(
         bool(DEVICE_PATTERN.match(t.device)),
         f"train.device = {t.device!r}: choose 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
