@@ -844,36 +844,41 @@ def render_flexlora(study: Study, out: Path, ctx: dict[str, Any]) -> str:
 def _flex_claims(study, results) -> str:
     rows = []
     for key, lower in (("unseen_tasks/loss", True), ("unseen_tasks/rouge_l", False)):
-        wins, sig, between = 0, 0, 0
-        n = 0
+        wins = sig = worse = between = n = n_het = 0
         for cell in study.cells:
             res = results.get(cell.key)
             if not res:
                 continue
             f = metric(res, label_of(res, "flexlora") or "flexlora", key)
             h = metric(res, label_of(res, "hetlora") or "hetlora", key)
-            if not f or f.get("diff") is None or not h or h.get("diff") is None:
+            if not f or f.get("diff") is None:
                 continue
             n += 1
-            better = f["diff"] < 0 if lower else f["diff"] > 0
-            wins += better
-            sig += better and f["p_value"] < LEVEL
-            between += (0 < h["diff"] < f["diff"]) if not lower else (f["diff"] < h["diff"] < 0)
+            v = verdict(f, lower)
+            wins += (f["diff"] < 0) if lower else (f["diff"] > 0)
+            sig += v == "holds"
+            worse += v == "reversed"
+            if h and h.get("diff") is not None:
+                n_het += 1
+                lo, hi = sorted((0.0, f["diff"]))
+                between += lo < h["diff"] < hi
         if n:
             rows.append(
                 [
                     f"FlexLoRA beats homogeneous FedIT ({key.split('/')[1]})",
                     "all four distributions, up to +3.1% Rouge-L",
-                    f"better in {wins} of {n}, significantly in {sig}",
-                    "holds" if sig == n else "partly" if wins else "does not hold",
+                    f"better in {wins} of {n} distributions, significantly in {sig}; "
+                    f"significantly worse in {worse}",
+                    "holds" if sig == n else "partly" if sig else "does not hold",
                 ]
             )
+        if n_het:
             rows.append(
                 [
                     f"HetLoRA between FedIT and FlexLoRA ({key.split('/')[1]})",
                     "yes",
-                    f"in {between} of {n}",
-                    "holds" if between == n else "partly" if between else "does not hold",
+                    f"in {between} of {n_het} distributions",
+                    "holds" if between == n_het else "partly" if between else "does not hold",
                 ]
             )
     return md_table(["claim", "paper", "ours", "verdict"], rows)
