@@ -28,6 +28,7 @@ import numpy as np
 from fedlora.config import HOMOGENEOUS_ONLY
 from fedlora.contract import FedLoraError
 from fedlora.evaluate import METRICS, metric_terms
+from fedlora.report import fmt_bytes
 from fedlora.stats import bootstrap_ci, paired_bootstrap_ci, paired_permutation_test, t_interval
 
 LEVEL = 0.95
@@ -275,8 +276,8 @@ def format_compare(result: dict[str, Any]) -> str:
             m = e["metrics"].get(k)
             cells.append("-" if m is None else f"{_fmt(m['mean'])} {_ci(m['ci95'])}")
         cells += [
-            _bytes(e["bytes_up"]),
-            _bytes(e["bytes_down"]),
+            fmt_bytes(e["bytes_up"]),
+            fmt_bytes(e["bytes_down"]),
             "-" if e["comm_ratio_vs_full_ft"] is None else f"{e['comm_ratio_vs_full_ft']:.2%}",
         ]
         if dp:
@@ -341,16 +342,6 @@ def significance_summary(result: dict[str, Any], alpha: float = 0.05) -> list[st
             parts.append(f"not significantly different: {', '.join(same)}")
         out.append(f"{_short(k)} vs {result['baseline']}: " + "; ".join(parts))
     return out
-
-
-def _bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)  # pragma: no cover
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:

@@ -120,7 +120,8 @@ def write_run_extras(run_dir: str | Path, delta: Adapter, specs, partition_summa
 # -- tables ----------------------------------------------------------------------------------
 
 
-def _fmt_bytes(n: float | None) -> str:
+def fmt_bytes(n: float | None) -> str:
+    """A byte count for tables (``160.6 MB``; ``-`` for none)."""
     if n is None:
         return "-"
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -170,7 +171,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         if v is None:
             return "-"
         if k.startswith("bytes"):
-            return _fmt_bytes(v)
+            return fmt_bytes(v)
         if k == "vs full FT":
             return f"{v:.2%}"
         if isinstance(v, float):
