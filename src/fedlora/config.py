@@ -129,7 +129,7 @@ class TrainSection:
     grad_clip: float = 1.0  # clip the gradient norm at this value (0: no clipping)
     max_length: int = 128  # tokens per example (the prompt is truncated first)
     device: str = "auto"  # "auto" (cuda, else mps, else cpu) | "cpu" | "cuda" | "cuda:N" | "mps"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast; auto: bf16 if native
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"  # autocast; auto: bf16 if native
     grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # over a client's steps
