@@ -198,3 +198,43 @@ def test_bad_records_raise_codec_error():
         codec.decode_update(content)
     with pytest.raises(codec.CodecError, match="cannot encode"):
         codec.encode_payload(Payload(None, None, extras={"x": object()}))
+
+
+def test_adapter_factors_travel_packed_one_array_per_factor_and_dtype():
+    """A 30-module adapter is 2 arrays on the wire (Flower sends each array as its own object),
+    mixed dtypes one more per dtype; a short or long packed array, and the old one-array-per-
+    factor layout, are refused by name."""
+    import json
+
+    g = torch.Generator().manual_seed(0)
+    ad = {
+        f"m{i}": LoraFactors(torch.randn(i % 4, 5, generator=g), torch.randn(3, i % 4, generator=g))
+        for i in range(30)
+    }
+    content = codec.encode_update(ClientUpdate("c", ad, 7))
+    assert sorted(content.array_records[codec.ADAPTER]) == ["A:float32", "B:float32"]
+    _same(codec.decode_update(_wire(content)).adapter, ad)
+    ad["m1"] = LoraFactors(ad["m1"].A.to(torch.bfloat16), ad["m1"].B)
+    mixed = codec.encode_update(ClientUpdate("c", ad, 7))
+    assert sorted(mixed.array_records[codec.ADAPTER]) == ["A:bfloat16", "A:float32", "B:float32"]
+    _same(codec.decode_update(_wire(mixed)).adapter, ad)
+
+    from flwr.app import Array
+
+    short = codec.encode_update(ClientUpdate("c", ad, 7))
+    flat = short.array_records[codec.ADAPTER]["B:float32"].numpy()
+    short.array_records[codec.ADAPTER]["B:float32"] = Array(flat[:-1].copy())
+    with pytest.raises(codec.CodecError, match="module m29: array 'B:float32' ends before"):
+        codec.decode_update(short)
+    long = codec.encode_update(ClientUpdate("c", ad, 7))
+    long.array_records[codec.ADAPTER]["A:float32"] = Array(
+        torch.cat([ad[m].A.float().reshape(-1) for m in ad if m != "m1"] + [torch.ones(2)]).numpy()
+    )
+    with pytest.raises(codec.CodecError, match="'A:float32': 2 values left over"):
+        codec.decode_update(long)
+    old = codec.encode_update(ClientUpdate("c", ad, 7))
+    meta = json.loads(old.config_records[codec.META]["json"])
+    del meta["adapter"]["shapes"]
+    old.config_records[codec.META]["json"] = json.dumps(meta)
+    with pytest.raises(codec.CodecError, match="older layout"):
+        codec.decode_update(old)

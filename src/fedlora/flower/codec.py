@@ -5,9 +5,11 @@ Layout of one message's `RecordDict` (keys prefixed ``fedlora.``):
 * ``fedlora.meta`` (`ConfigRecord`): one JSON string ``"json"`` with the structure: kind,
   trainable, seed, client id, num_examples, the module names and LoRA scales of each adapter
   (floats via ``repr``: exact), and ``extras`` with every tensor replaced by a reference.
-* ``fedlora.merge`` / ``fedlora.adapter`` (`ArrayRecord`): ``A/<module>`` and ``B/<module>``
-  per module, in their own dtype and shape (rank-0 factors are (0, d_in) / (d_out, 0) arrays).
-  bfloat16, which numpy lacks, travels bit-for-bit as int16 and is viewed back.
+* ``fedlora.merge`` / ``fedlora.adapter`` (`ArrayRecord`): every module's A, flattened and
+  concatenated module after module, in one array per dtype (``A:float32``), and the same for B
+  (``B:float32``); each module's shapes (rank-0 factors are (0, d_in) / (d_out, 0)) and dtypes
+  are in the meta JSON. bfloat16, which numpy lacks, travels bit-for-bit as int16 and is
+  viewed back.
 * ``fedlora.dense`` (`ArrayRecord`): the dense tensors (a classifier head) by parameter name,
   their names and dtypes in the meta JSON's ``"dense"``.
 * ``fedlora.extras`` (`ArrayRecord`): tensors found anywhere in ``extras`` (LoRA-A2's slot
@@ -24,6 +26,7 @@ would send.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -94,16 +97,31 @@ def _get(record: ArrayRecord, key: str, dtype: str) -> torch.Tensor:
 
 
 def _encode_adapter(adapter: Adapter | None, record: ArrayRecord) -> dict | None:
+    """Pack an adapter's factors into one flat array per factor and dtype (``A:float32``,
+    ``B:float32``, ...), module after module; the modules, shapes, dtypes and scales go to the
+    meta JSON. Why packed: Flower sends every array of a record as its own content-hashed
+    object (5 MiB chunks), pushed and pulled one by one over the SuperLink; a SmolLM2 adapter
+    kept one array per factor was 845 objects per message, packed it is a handful."""
     if adapter is None:
         return None
-    modules, scales, dtypes = [], [], []
+    modules, scales, dtypes, shapes = [], [], [], []
+    flats: dict[str, list[torch.Tensor]] = {}
     for module, f in adapter.items():
         if not isinstance(f, LoraFactors):
             raise CodecError(f"module {module}: expected LoraFactors, got {type(f).__name__}")
         modules.append(module)
         scales.append(float(f.scale))
-        dtypes.append([_put(record, f"A/{module}", f.A), _put(record, f"B/{module}", f.B)])
-    return {"modules": modules, "scales": scales, "dtypes": dtypes}
+        pair = []
+        for factor, t in (("A", f.A), ("B", f.B)):
+            t = t.detach().cpu()
+            name = str(t.dtype).removeprefix("torch.")
+            flats.setdefault(f"{factor}:{name}", []).append(t.reshape(-1))
+            pair.append(name)
+        dtypes.append(pair)
+        shapes.append([list(f.A.shape), list(f.B.shape)])
+    for key, parts in flats.items():
+        _put(record, key, torch.cat(parts) if len(parts) > 1 else parts[0])
+    return {"modules": modules, "scales": scales, "dtypes": dtypes, "shapes": shapes}
 
 
 def _decode_adapter(meta: dict | None, record: ArrayRecord | None) -> Adapter | None:
@@ -111,11 +129,32 @@ def _decode_adapter(meta: dict | None, record: ArrayRecord | None) -> Adapter | 
         return None
     if record is None:
         raise CodecError("adapter arrays are missing")
+    if "shapes" not in meta:
+        raise CodecError("adapter record in an older layout (one array per factor): the "
+                         "server and this node run different fedlora versions")  # fmt: skip
+    offsets: dict[str, int] = {}
+    flats: dict[str, torch.Tensor] = {}
+
+    def take(factor: str, dtype: str, shape: list[int], module: str) -> torch.Tensor:
+        key = f"{factor}:{dtype}"
+        if key not in flats:
+            flats[key] = _get(record, key, dtype)
+        start, n = offsets.get(key, 0), math.prod(shape)
+        if start + n > flats[key].numel():
+            raise CodecError(f"module {module}: array {key!r} ends before its {factor}")
+        offsets[key] = start + n
+        return flats[key][start : start + n].view(shape)
+
     out: Adapter = {}
-    for module, scale, (da, db) in zip(meta["modules"], meta["scales"], meta["dtypes"]):
+    for module, scale, (da, db), (sa, sb) in zip(
+        meta["modules"], meta["scales"], meta["dtypes"], meta["shapes"]
+    ):
         out[module] = LoraFactors(
-            _get(record, f"A/{module}", da), _get(record, f"B/{module}", db), float(scale)
+            take("A", da, sa, module), take("B", db, sb, module), float(scale)
         )
+    for key, used in offsets.items():
+        if used != flats[key].numel():
+            raise CodecError(f"array {key!r}: {flats[key].numel() - used} values left over")
     return out
 
 
