@@ -15,8 +15,9 @@ Loss curves: ``--curve-steps`` local steps of `train_client` on built-in task ex
 (batch 4, same seed and data for every precision); the table gives each precision's largest
 absolute and relative loss difference from fp32 over the curve.
 
-Memory (``--memory``): peak resident memory of one client step in a fresh process per setting
-(CPU; on CUDA, the peak allocated device memory), minus the peak after loading and preparing.
+Memory (``--memory``): the peak memory of one client step (after a warm-up step) above the
+memory in use just before it, in a fresh process per setting: on CPU the peak resident set size
+(the kernel's peak is reset before the step), on CUDA the peak allocated device memory.
 
     HF_HUB_OFFLINE=1 python benchmarks/client_step.py [--reps 3] [--curve-steps 8] [--memory]
 """
@@ -27,7 +28,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -189,7 +189,20 @@ def record_losses(host, spec, data, cfg, tok) -> list[float]:
     return losses
 
 
+def _rss_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (``VmRSS``: now; ``VmHWM``: the peak)."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
+
+
 def memory_child(checkpointing: bool, args) -> None:
+    """One client step in this fresh process; prints the memory before it and its peak.
+
+    CUDA: the peak allocated device memory. CPU (Linux): the peak resident set size of the step
+    alone. Writing 5 to /proc/self/clear_refs resets the kernel's peak (VmHWM) to the current
+    RSS, so loading the model (whose transient peak is far higher than a step's) no longer
+    hides the step; the step's figure is its peak minus the RSS just before it.
+    """
     model, _ = load_model("smollm2")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
@@ -197,21 +210,24 @@ def memory_child(checkpointing: bool, args) -> None:
     host = LoraHost(model, targets, alpha=16.0)
     spec = ClientSpec("mem", resource_ranks(3, targets), alpha=16.0)
     examples = batch_examples(model.config.vocab_size, args.batch_size, args.seq_len)
-    host.prepare(spec, Payload(None, None))
     cfg = TrainConfig(
         local_steps=1, batch_size=args.batch_size, max_length=args.seq_len,
         precision=args.mem_precision, gradient_checkpointing=checkpointing,
     )  # fmt: skip
+    train_client(host, spec, Payload(None, None), examples, cfg)  # warm-up: caches, threads
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.max_memory_allocated()
+        before = torch.cuda.memory_allocated()
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _rss_kib("VmRSS") * 1024
     train_client(host, spec, Payload(None, None), examples, cfg)
     if device.type == "cuda":
         after = torch.cuda.max_memory_allocated()
     else:
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        after = _rss_kib("VmHWM") * 1024
     print(json.dumps({"device": str(device), "before": before, "after": after}))
 
 
@@ -226,7 +242,7 @@ def memory(args) -> None:
         step = (r["after"] - r["before"]) / 2**20
         print(
             f"  gradient_checkpointing={str(on).lower():<5}  step peak +{step:7.0f} MiB over "
-            f"the loaded model ({r['after'] / 2**20:.0f} MiB peak in all, {r['device']})",
+            f"the {r['before'] / 2**20:.0f} MiB in use before it ({r['device']})",
             flush=True,
         )
 

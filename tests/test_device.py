@@ -96,3 +96,22 @@ def test_config_checks_device_spelling_and_engine_refuses_before_loading(
     monkeypatch.setattr(runner, "load_base_model", no_loading)
     with pytest.raises(FedLoraError, match="train.device = 'cuda:0'"):
         runner.run_experiment(cfg, progress=False)
+
+
+def test_16_bit_weights_without_autocast_are_refused_before_loading(tmp_path, monkeypatch):
+    """bf16 weights with fp32 precision would compute in bf16 without autocast, where the LoRA
+    term's sum is rounded in bf16: refused by name; with bf16 autocast it is accepted."""
+    from fedlora.engine import runner
+
+    def no_loading(*a, **k):  # pragma: no cover - must not be reached
+        raise AssertionError("data or model loaded before the dtype was checked")
+
+    monkeypatch.setattr(runner, "load_data", no_loading)
+    cfg = load_config("tiny", {"model.dtype": "bfloat16", "train.precision": "fp32",
+                               "output_dir": str(tmp_path)})  # fmt: skip
+    with pytest.raises(ConfigError, match="model.dtype = 'bfloat16' needs mixed precision.*"
+                       "train.precision = 'fp32'"):  # fmt: skip
+        runner.run_experiment(cfg, progress=False)
+    ok = runner.placement(load_config("tiny", {"model.dtype": "bfloat16",
+                                               "train.precision": "bf16"}))  # fmt: skip
+    assert (ok.compute, ok.storage) == (torch.bfloat16, torch.bfloat16)

@@ -218,3 +218,26 @@ def test_fp16_trains_through_the_gradient_scaler(monkeypatch):
     assert scaled and all(scaled)  # every backward went through an enabled scaler
     assert f16.extras["first_loss"] == pytest.approx(f32.extras["first_loss"], rel=1e-2)
     assert f16.extras["last_loss"] == pytest.approx(f32.extras["last_loss"], rel=2e-2)
+
+
+def test_a_small_lora_term_survives_bf16_autocast():
+    """Under bf16 autocast a target's output is upcast before peft adds s B A x, so a LoRA
+    term far below a bf16 ulp of the output is kept (float64 reference on the bf16 inputs)."""
+    host, _ = prepared_host()
+    with torch.no_grad():
+        for _, b, _ in host.lora_weights().values():
+            b.normal_(0, 1e-5, generator=torch.Generator().manual_seed(5))
+    name, (a, b, s) = next(iter(host.lora_weights().items()))
+    layer = next(m for m in host.model.modules() if getattr(m, "base_layer", None) is not None
+                 and m.base_layer is host._base[name])  # fmt: skip
+    x = torch.randn(16, a.shape[1], generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), Amp(CPU, torch.bfloat16).autocast():
+        out, base = layer(x), layer.base_layer(x)
+    assert out.dtype == base.dtype == torch.float32
+    r = lambda t: t.to(torch.bfloat16).double()  # noqa: E731 - autocast's rounding of inputs
+    ref = s * r(x) @ r(a).T @ r(b).T
+    assert float(ref.abs().max() / base.abs().max()) < 2**-9  # under half a bf16 ulp
+    err = float(((out - base).double() - ref).norm() / ref.norm())
+    assert err < 0.02
+    lost = float(((base.bfloat16() + ref.bfloat16()).double() - base.double() - ref).norm())
+    assert lost > 0.5 * float(ref.norm())  # what a bf16 sum would have kept: little

@@ -40,6 +40,7 @@ from fedlora.contract import (
     init_lora,
 )
 from fedlora.dense_modules import DenseModules
+from fedlora.device import float32_outputs
 
 
 class LoraHost:
@@ -81,6 +82,8 @@ class LoraHost:
         self._base: dict[str, nn.Linear] = self._resolve(model, list(target_modules))
         for p in model.parameters():
             p.requires_grad_(False)
+        # before any merge hook; the handles let a benchmark compare against plain bf16 sums
+        self.output_hooks = float32_outputs(self._base.values())
         self.base = BaseWeights(self._base, merge_mode)
         self.adapters = AdapterCache(model, lora_dropout=lora_dropout, max_adapters=max_adapters)
         self.dense = DenseModules(model, modules_to_save, self._base)

@@ -146,7 +146,17 @@ def placement(cfg: ExperimentConfig) -> Placement:
 
     device = resolve_device(cfg.train.device)
     compute = resolve_precision(cfg.train.precision, device)
-    return Placement(device, compute, resolve_dtype(cfg.model.dtype, compute))
+    storage = resolve_dtype(cfg.model.dtype, compute)
+    if compute == torch.float32 and storage != torch.float32:
+        # without autocast a 16-bit model computes in 16 bits end to end, and peft adds the
+        # LoRA term in 16 bits, where a young adapter's effect rounds away
+        # (benchmarks/precision_loss.py); autocast keeps those sums in float32
+        raise ConfigError(
+            f"model.dtype = {cfg.model.dtype!r} needs mixed precision, but train.precision = "
+            f"{cfg.train.precision!r} computes in fp32 on {device}: set train.precision = "
+            "'bf16' (or 'fp16' on CUDA), or model.dtype = 'float32'"
+        )
+    return Placement(device, compute, storage)
 
 
 def load_base_model(cfg: ExperimentConfig, num_labels: int | None = None, where=None):
