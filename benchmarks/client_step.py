@@ -199,9 +199,11 @@ def memory_child(checkpointing: bool, args) -> None:
     """One client step in this fresh process; prints the memory before it and its peak.
 
     CUDA: the peak allocated device memory. CPU (Linux): the peak resident set size of the step
-    alone. Writing 5 to /proc/self/clear_refs resets the kernel's peak (VmHWM) to the current
-    RSS, so loading the model (whose transient peak is far higher than a step's) no longer
-    hides the step; the step's figure is its peak minus the RSS just before it.
+    alone. glibc's ``malloc_trim`` first returns the memory the warm-up step freed (else it
+    stays resident and hides the step's own peak), then writing 5 to /proc/self/clear_refs
+    resets the kernel's peak (VmHWM) to the current RSS, so loading the model (whose transient
+    peak is far higher than a step's) no longer hides the step either; the step's figure is its
+    peak minus the RSS just before it.
     """
     model, _ = load_model("smollm2")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -220,6 +222,11 @@ def memory_child(checkpointing: bool, args) -> None:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
+        import ctypes
+        import gc
+
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the warm-up's freed heap back first
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         before = _rss_kib("VmRSS") * 1024
