@@ -10,6 +10,7 @@ same clients with the same backend, outside Flower.
 from __future__ import annotations
 
 import os
+import time
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -347,3 +348,35 @@ def test_clients_per_round_draws_as_the_engine():
     for r in fs.rounds:
         chosen = sorted(int(c) for c in engine.choice(list(range(12)), 5, replace=False))
         assert r["used"] == [str(c) for c in chosen]
+
+
+def test_polling_grid_pulls_until_every_message_is_answered_or_the_timeout():
+    """`PollingGrid.send_and_receive` keeps Flower's contract (push, pull until all answered
+    or the timeout) with its own pull interval; other attributes are the grid's."""
+    from types import SimpleNamespace
+
+    from fedlora.flower.server_app import PollingGrid
+
+    class Grid:
+        run = "the grid's own"
+
+        def __init__(self, answer_on: dict[str, int]) -> None:
+            self.answer_on, self.pulls = answer_on, 0
+
+        def push_messages(self, messages):
+            return [m for m in messages]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            due = [i for i in ids if self.answer_on[i] == self.pulls]
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in due]
+
+    g = Grid({"a": 1, "b": 3})
+    got = PollingGrid(g, interval=0.01).send_and_receive(["a", "b"], timeout=None)
+    assert sorted(m.metadata.reply_to_message_id for m in got) == ["a", "b"] and g.pulls == 3
+    g = Grid({"a": 2, "b": 10**9})  # b never answers: the timeout ends the wait
+    t = time.monotonic()
+    got = PollingGrid(g, interval=0.01).send_and_receive(["a", "b"], timeout=0.2)
+    assert [m.metadata.reply_to_message_id for m in got] == ["a"]
+    assert 0.2 <= time.monotonic() - t < 2.0 and g.pulls >= 3
+    assert PollingGrid(g).run == "the grid's own"
