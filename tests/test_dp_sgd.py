@@ -64,8 +64,15 @@ def test_per_example_gradients_match_a_per_example_loop_on_tiny_llama(trainable)
     examples = _llama_batch()
     ref = _loop_grads(model, params, examples)
     opt = torch.optim.SGD(params, lr=0.0)
+
+    def hooks():  # the host's own (fedlora.device.float32_outputs) are there throughout
+        return [(n, list(m._forward_hooks.values()), list(m._backward_hooks.values()))
+                for n, m in model.named_modules()]  # fmt: skip
+
+    before = hooks()
     with DPSGD(model, opt, LocalDP(1.0, 0.0), len(examples), seed=0) as dp:
         dp.grad_samples(examples, pad_id=0)
+        assert hooks() != before  # Opacus's hooks are in place
         for j, p in enumerate(params):
             assert p.grad_sample.shape == (len(examples), *p.shape)
             for i in range(len(examples)):
@@ -74,8 +81,8 @@ def test_per_example_gradients_match_a_per_example_loop_on_tiny_llama(trainable)
         # frozen factors (FFA-LoRA's A, LoRA-A2's frozen one) and the base get none
         assert all(getattr(p, "grad_sample", None) is None for p in frozen)
         assert len(params) == len(host.module_names()) * len(trainable)
-    # the hooks are gone: the host's model serves the next client unchanged
-    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    # Opacus's hooks are gone: the host's model serves the next client unchanged
+    assert hooks() == before
 
 
 def test_per_example_gradients_match_a_per_example_loop_on_tiny_bert_classifier():
