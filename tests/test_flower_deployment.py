@@ -4,8 +4,8 @@
 and with TLS plus SuperNode authentication (two registered SuperNode keys, a third SuperNode
 with an unregistered key that the SuperLink must refuse).
 
-Every process is started in its own session and stopped by its PID (process group) in a
-finally block, also on failure.
+Every process is started in its own session and stopped by its PID (process group) when the
+test leaves `_Processes`, also on failure.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
-from fedlora.flower.local import exe, free_port, stop
+from fedlora.flower.local import exe, free_port, start, stop
 
 pytestmark = pytest.mark.flower
 
@@ -133,11 +134,52 @@ def _runner(node_port: int) -> list[str]:
             "--runtime-api-address", f"127.0.0.1:{node_port}", "--insecure"]  # fmt: skip
 
 
+def _flwr_home(tmp_path: Path, port: int, conn: str = "insecure = true") -> dict:
+    """The environment of a ``flwr`` whose one connection, ``test``, is the SuperLink on
+    127.0.0.1:`port` (`conn`: its TLS line)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n{conn}\n'
+    )
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(home)}
+
+
+class _Processes:
+    """The processes a test starts (`fedlora.flower.local.start`), by group, each logging to
+    ``<tmp_path>/<name>.log``. On leaving the ``with`` block after a failure every log's tail
+    is printed; always, every process still in `groups` is stopped by PID and the logs closed."""
+
+    def __init__(self, tmp_path: Path, env: dict) -> None:
+        self.tmp_path, self.env = tmp_path, env
+        self.groups: dict[str, list[subprocess.Popen]] = {}
+        self.logs: list[tuple[str, IO]] = []
+
+    def start(self, name: str, cmd: list[str], group: str = "all") -> subprocess.Popen:
+        log = open(self.tmp_path / f"{name}.log", "w")
+        self.logs.append((name, log))
+        p = start(cmd, self.env, log)
+        self.groups.setdefault(group, []).append(p)
+        return p
+
+    def __enter__(self) -> _Processes:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is not None:
+                for name, log in self.logs:
+                    log.flush()
+                    print(f"--- {name} ---\n" + (self.tmp_path / f"{name}.log").read_text()[-3000:])
+        finally:
+            stop([p for g in self.groups.values() for p in g])
+            for _, log in self.logs:
+                log.close()
+
+
 def _run_federation(
     tmp_path: Path, tls: bool, auth: bool = False, isolation: str = "subprocess"
 ) -> dict:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(tmp_path / "home")}
-    (tmp_path / "home").mkdir()
     port = free_port()
     link_args = ["--insecure"]
     node_tls = ["--insecure"]
@@ -158,24 +200,10 @@ def _run_federation(
         keys.mkdir()
         _make_node_keys(keys, ["supernode0", "supernode1", "intruder"])
         link_args = [*link_args, "--enable-supernode-auth"]
-    (tmp_path / "home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n{conn}\n'
-    )
+    env = _flwr_home(tmp_path, port, conn)
     result_dir = tmp_path / "result"
-    procs: list[subprocess.Popen] = []
-    logs = []
-
-    def start(name, cmd):
-        log = open(tmp_path / f"{name}.log", "w")
-        logs.append((name, log))
-        procs.append(
-            subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        )
-
-    try:
-        start(
+    with _Processes(tmp_path, env) as ps:
+        ps.start(
             "superlink",
             [exe("flower-superlink"), *link_args, "--disable-runtime-dependency-installation",
              "--host", "127.0.0.1", "--port", str(port)],
@@ -189,7 +217,7 @@ def _run_federation(
         for name, node_config in nodes:
             node_auth = ["--auth-supernode-private-key", str(keys / name)] if auth else []
             node_port = free_port()
-            start(
+            node = ps.start(
                 name,
                 [exe("flower-supernode"), *node_tls, *node_auth,
                  "--superlink", f"127.0.0.1:{port}", "--isolation", isolation,
@@ -197,7 +225,7 @@ def _run_federation(
                  "--node-config", node_config],
             )  # fmt: skip
             if isolation == "process":  # the node's long-lived ClientApp process
-                start(f"{name}-runner", _runner(node_port))
+                ps.start(f"{name}-runner", _runner(node_port))
         run = subprocess.run(
             [exe("flwr"), "run", str(APP), "test", "--stream",
              "--run-config",
@@ -210,18 +238,9 @@ def _run_federation(
         assert (result_dir / "global_delta.pt").exists() and (result_dir / "config.toml").exists()
         result = json.loads((result_dir / "result.json").read_text())
         if auth:
-            listed = _check_intruder_refused(env, tmp_path, keys / "intruder.pub", procs[-1])
+            listed = _check_intruder_refused(env, tmp_path, keys / "intruder.pub", node)
             assert listed == registered and {int(n) for n in result["nodes"]} == registered
         return result
-    except BaseException:
-        for name, log in logs:
-            log.flush()
-            print(f"--- {name} ---\n" + (tmp_path / f"{name}.log").read_text()[-3000:])
-        raise
-    finally:
-        stop(procs)
-        for _, log in logs:
-            log.close()
 
 
 def _check_intruder_refused(
@@ -307,41 +326,25 @@ def test_node_killed_mid_run_fault_report(tmp_path):
     source is the SuperLink (node 1), not node 1: the reply must be matched to the message it
     answers, so client "1" is dropped with that reason. Round 3 goes to the one live node.
     """
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(tmp_path / "home")}
-    (tmp_path / "home").mkdir()
     port = free_port()
-    (tmp_path / "home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
-        "insecure = true\n"
-    )
+    env = _flwr_home(tmp_path, port)
     result_dir = tmp_path / "result"
-    groups: dict[str, list[subprocess.Popen]] = {}
-    logs = []
-
-    def start(name, cmd, group):
-        log = open(tmp_path / f"{name}.log", "w")
-        logs.append((name, log))
-        p = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        groups.setdefault(group, []).append(p)
-
-    try:
-        start("superlink", [exe("flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                            "--port", str(port)], "link")  # fmt: skip
+    with _Processes(tmp_path, env) as ps:
+        ps.start("superlink", [exe("flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                               "--port", str(port)], "link")  # fmt: skip
         for i, rank in ((0, 2), (1, 8)):
             node_port = free_port()
-            start(
+            ps.start(
                 f"supernode{i}",
                 [exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
                  "--isolation", "process", "--host", "127.0.0.1", "--port", str(node_port),
                  "--node-config", f"partition-id={i} rank={rank}"],
                 f"node{i}",
             )  # fmt: skip
-            start(f"runner{i}", _runner(node_port), f"node{i}")
+            ps.start(f"runner{i}", _runner(node_port), f"node{i}")
         for i in (0, 1):  # both nodes connected before the run (min-nodes=1 below)
             _wait_for_line(tmp_path / f"supernode{i}.log", "SuperNode ID:")
-        start(
+        ps.start(
             "flwr-run",
             [exe("flwr"), "run", str(APP), "test", "--stream", "--run-config",
              f'overrides="rounds=3 clients_per_round=2" result-dir="{result_dir}" '
@@ -353,21 +356,12 @@ def test_node_killed_mid_run_fault_report(tmp_path):
         # are late; a SuperNode stopped with SIGTERM deactivates itself at once, and then the
         # SuperLink answers "Node Unavailable" also for a reply it already holds)
         _wait_for_line(tmp_path / "supernode1.log", "Sent successfully", count=2)
-        for p in groups.pop("node1"):
+        for p in ps.groups.pop("node1"):
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=15)
-        (run,) = groups["run"]
+        (run,) = ps.groups["run"]
         assert run.wait(timeout=400) == 0, (tmp_path / "flwr-run.log").read_text()[-4000:]
         result = json.loads((result_dir / "result.json").read_text())
-    except BaseException:
-        for name, log in logs:
-            log.flush()
-            print(f"--- {name} ---\n" + (tmp_path / f"{name}.log").read_text()[-3000:])
-        raise
-    finally:
-        stop([p for g in groups.values() for p in g])
-        for _, log in logs:
-            log.close()
 
     rounds = {r["round"]: r for r in result["rounds"]}
     assert sorted(rounds) == [1, 2, 3]
