@@ -323,6 +323,10 @@ def test_noise_multiplier_is_solved_from_the_target_epsilon():
             {"privacy.mode": "local", "privacy.noise_multiplier": 1.0, "train.grad_accum_steps": 2},
             "train.grad_accum_steps",
         ),
+        (
+            {"privacy.mode": "local", "privacy.noise_multiplier": 1.0, "train.compile": True},
+            "train.compile",
+        ),
     ],
 )
 def test_bad_privacy_configuration_names_the_key(overrides, match):

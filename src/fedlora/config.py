@@ -134,6 +134,7 @@ class TrainSection:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # over a client's steps
     warmup_steps: int = 0  # linear warm-up steps at the start of each client's local training
+    compile: bool = False  # torch.compile the training forward: pays off over long local runs
 
 
 @dataclass
@@ -802,6 +803,7 @@ def _privacy_problems(cfg: ExperimentConfig) -> list[str]:
                     "1 (a DP-SGD step is one Poisson batch)",
                 ),
                 ("gradient_checkpointing", not t.gradient_checkpointing, "false (Opacus hooks)"),
+                ("compile", not t.compile, "false (Opacus hooks)"),
                 ("lr_scheduler", t.lr_scheduler == "constant", "'constant'"),
                 ("warmup_steps", t.warmup_steps == 0, "0"),
                 (

@@ -87,6 +87,7 @@ class LoraHost:
         self.base = BaseWeights(self._base, merge_mode)
         self.adapters = AdapterCache(model, lora_dropout=lora_dropout, max_adapters=max_adapters)
         self.dense = DenseModules(model, modules_to_save, self._base)
+        self._compiled: nn.Module | None = None  # torch.compile(model), made on first use
 
     @staticmethod
     def _resolve(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
@@ -216,6 +217,17 @@ class LoraHost:
         self.dense.load(payload.dense, f"client {spec.client_id}")
         self.dense.train()
         return self.model
+
+    def compiled(self) -> nn.Module:
+        """`torch.compile` of the model, made once per host and reused by every client.
+
+        The compiled module shares the model's parameters and adapters; dynamo recompiles when
+        an input shape, the active adapter, a LoRA scale or the trainable set changes (each a
+        fresh compilation), and falls back to eager beyond its cache size limit.
+        """
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model)
+        return self._compiled
 
     def read_adapter(self) -> Adapter:
         """The active adapter's factors (CPU float32 copies) with their scales."""
