@@ -9,7 +9,9 @@ variant takes one step, the order rotating every round, so all variants see the 
 load. The batch is 4 x 256 random token ids. A fedlora step is a whole `train_client` call with
 ``local_steps=1`` (it also pays `LoraHost.prepare`, the optimizer set-up and `read_adapter`);
 the peft step is forward, backward, clipping and AdamW only. Medians of wall seconds are
-reported, with each variant's speed-up over peft fp32.
+reported, with each variant's speed-up over peft fp32 and its warm-up (first) step's time.
+``--compile`` adds bf16 on bf16 weights with ``train.compile``: its first step per rank type
+is the compilation.
 
 Loss curves: ``--curve-steps`` local steps of `train_client` on built-in task examples
 (batch 4, same seed and data for every precision); the table gives each precision's largest
@@ -20,6 +22,7 @@ memory in use just before it, in a fresh process per setting: on CPU the peak re
 (the kernel's peak is reset before the step), on CUDA the peak allocated device memory.
 
     HF_HUB_OFFLINE=1 python benchmarks/client_step.py [--reps 3] [--curve-steps 8] [--memory]
+        [--compile]
 """
 
 from __future__ import annotations
@@ -81,10 +84,10 @@ def peft_variant(targets, ranks, examples):
     return step, sum(p.numel() for p in params)
 
 
-def fedlora_variant(host, spec, examples, precision: str):
+def fedlora_variant(host, spec, examples, precision: str, compile: bool = False):
     cfg = TrainConfig(
         local_steps=1, batch_size=len(examples), lr=LR, max_length=len(examples[0]["input_ids"]),
-        precision=precision,
+        precision=precision, compile=compile,
     )  # fmt: skip
 
     def step() -> None:
@@ -93,11 +96,14 @@ def fedlora_variant(host, spec, examples, precision: str):
     return step
 
 
-def time_variants(variants: dict, reps: int) -> dict[str, list[float]]:
-    for name, step in variants.items():  # warm-up
+def time_variants(variants: dict, reps: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Each variant's step times over `reps` rotating rounds, and its warm-up step's time."""
+    first = {}
+    for name, step in variants.items():  # warm-up (and, with compile, the compilation)
         t = time.perf_counter()
         step()
-        print(f"  warm-up {name}: {time.perf_counter() - t:.2f}s", flush=True)
+        first[name] = time.perf_counter() - t
+        print(f"  warm-up {name}: {first[name]:.2f}s", flush=True)
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(reps):
@@ -107,7 +113,7 @@ def time_variants(variants: dict, reps: int) -> dict[str, list[float]]:
             variants[n]()
             times[n].append(time.perf_counter() - t)
         print(f"  rep {i + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
-    return times
+    return times, first
 
 
 def timing(args) -> None:
@@ -131,18 +137,23 @@ def timing(args) -> None:
             "fedlora bf16": fedlora_variant(host32, spec, examples, "bf16"),
             "fedlora bf16 + bf16 weights": fedlora_variant(host16, spec, examples, "bf16"),
         }
+        if args.compile:
+            variants["fedlora bf16 + bf16 w + compile"] = fedlora_variant(
+                host16, spec, examples, "bf16", compile=True
+            )
         print(f"rank type {rank_type} ({n_fed / 1e6:.2f} M LoRA parameters)", flush=True)
-        times = time_variants(variants, args.reps)
+        times, first = time_variants(variants, args.reps)
         base = statistics.median(times["peft fp32"])
         for name, ts in times.items():
             med = statistics.median(ts)
-            rows.append((rank_type, name, med, min(ts), base / med))
+            rows.append((rank_type, name, med, min(ts), base / med, first[name]))
         del peft_step
     print(f"\nstep time, SmolLM2-135M, batch {args.batch_size} x {args.seq_len}, {args.reps} reps")
-    print(f"{'ranks':<8}{'variant':<30}{'median s':>10}{'min s':>8}{'vs peft fp32':>14}")
-    for rank_type, name, med, low, speedup in rows:
+    head = f"{'ranks':<8}{'variant':<32}{'median s':>10}{'min s':>8}{'vs peft fp32':>14}"
+    print(head + f"{'first step s':>14}")
+    for rank_type, name, med, low, speedup, warm in rows:
         label = "type 1" if rank_type == 1 else "type 3"
-        print(f"{label:<8}{name:<30}{med:>10.2f}{low:>8.2f}{speedup:>13.2f}x")
+        print(f"{label:<8}{name:<32}{med:>10.2f}{low:>8.2f}{speedup:>13.2f}x{warm:>14.1f}")
 
 
 def curves(args) -> None:
@@ -261,6 +272,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--curve-steps", type=int, default=8, help="0: skip the loss curves")
     ap.add_argument("--memory", action="store_true", help="also measure peak step memory")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time bf16 with train.compile (compiles)"
+    )
     ap.add_argument("--mem-precision", default="fp32")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
