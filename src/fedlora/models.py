@@ -185,7 +185,7 @@ def load_model(
     quant = quantization_config(quantization, compute_dtype, device)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" else str(device)}
+        kwargs["device_map"] = {"": device_map_target(device)}
     if local_only:
         kwargs["local_files_only"] = True
     if kind == "classifier":
@@ -209,6 +209,15 @@ def load_model(
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def device_map_target(device: torch.device) -> int | str:
+    """Where transformers' ``device_map`` puts a quantized model on `device`: a CUDA index
+    (``"cuda"`` alone means the current device: transformers cannot take ``None``), or the
+    device's name."""
+    if device.type != "cuda":
+        return str(device)
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def quantization_config(
