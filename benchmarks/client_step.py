@@ -22,7 +22,11 @@ memory in use just before it, in a fresh process per setting: on CPU the peak re
 (the kernel's peak is reset before the step), on CUDA the peak allocated device memory.
 
     HF_HUB_OFFLINE=1 python benchmarks/client_step.py [--reps 3] [--curve-steps 8] [--memory]
-        [--compile]
+        [--compile] [--device cuda] [--random-weights --curve-steps 0]
+
+``--device`` puts the model there (a CUDA run synchronizes before reading the clock);
+``--random-weights`` builds SmolLM2's architecture with random weights instead of loading the
+packaged model, for a machine that lacks it (times and memory only).
 """
 
 from __future__ import annotations
@@ -46,6 +50,25 @@ from fedlora.models import LoraHost, default_target_modules, load_model  # noqa:
 from fedlora.resources import resource_ranks  # noqa: E402
 
 LR = 3e-4
+ARGS = argparse.Namespace(device="cpu", random_weights=False)  # set by main()
+
+
+def smollm2(dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct on ``--device``; with ``--random-weights``
+    its architecture with random weights and no tokenizer (step time and memory do not depend
+    on the weights; for a machine without the packaged model)."""
+    if not ARGS.random_weights:
+        return load_model("smollm2", dtype=dtype, device=ARGS.device)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, pad_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(ARGS.device):
+        return LlamaForCausalLM(cfg).to(dtype), None
 
 
 def batch_examples(vocab: int, n: int, length: int) -> list[dict]:
@@ -58,7 +81,7 @@ def peft_variant(targets, ranks, examples):
     """A plain peft model and one fp32 training step on the same batch."""
     from peft import LoraConfig, get_peft_model
 
-    model, _ = load_model("smollm2")
+    model, _ = smollm2()
     r0 = next(iter(ranks.values()))
     cfg = LoraConfig(
         r=r0,
@@ -70,7 +93,7 @@ def peft_variant(targets, ranks, examples):
     peft_model = get_peft_model(model, cfg)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
-    ids = torch.tensor([e["input_ids"] for e in examples])
+    ids = torch.tensor([e["input_ids"] for e in examples], device=ARGS.device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
     def step() -> None:
@@ -102,6 +125,8 @@ def time_variants(variants: dict, reps: int) -> tuple[dict[str, list[float]], di
     for name, step in variants.items():  # warm-up (and, with compile, the compilation)
         t = time.perf_counter()
         step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         first[name] = time.perf_counter() - t
         print(f"  warm-up {name}: {first[name]:.2f}s", flush=True)
     names = list(variants)
@@ -111,14 +136,16 @@ def time_variants(variants: dict, reps: int) -> tuple[dict[str, list[float]], di
         for n in order:
             t = time.perf_counter()
             variants[n]()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the peft step does not wait for its kernels
             times[n].append(time.perf_counter() - t)
         print(f"  rep {i + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
     return times, first
 
 
 def timing(args) -> None:
-    model32, tok = load_model("smollm2")
-    model16, _ = load_model("smollm2", dtype=torch.bfloat16)
+    model32, tok = smollm2()
+    model16, _ = smollm2(torch.bfloat16)
     targets = default_target_modules(model32)
     host32 = LoraHost(model32, targets, alpha=16.0)
     host16 = LoraHost(model16, targets, alpha=16.0)
@@ -163,7 +190,7 @@ def curves(args) -> None:
     out = {}
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.float32),
                              ("bf16 + bf16 weights", torch.bfloat16)):  # fmt: skip
-        model, tok = load_model("smollm2", dtype=dtype)
+        model, tok = smollm2(dtype)
         targets = default_target_modules(model)
         host = LoraHost(model, targets, alpha=16.0)
         spec = ClientSpec("curve", resource_ranks(1, targets), alpha=16.0)
@@ -216,9 +243,8 @@ def memory_child(checkpointing: bool, args) -> None:
     peak is far higher than a step's) no longer hides the step either; the step's figure is its
     peak minus the RSS just before it.
     """
-    model, _ = load_model("smollm2")
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model.to(device)
+    model, _ = smollm2()
+    device = torch.device(ARGS.device)
     targets = default_target_modules(model)
     host = LoraHost(model, targets, alpha=16.0)
     spec = ClientSpec("mem", resource_ranks(3, targets), alpha=16.0)
@@ -254,7 +280,8 @@ def memory(args) -> None:
     for on in (False, True):
         cmd = [sys.executable, __file__, "--memory-child", str(int(on)),
                "--mem-precision", args.mem_precision, "--batch-size", str(args.batch_size),
-               "--seq-len", str(args.seq_len)]  # fmt: skip
+               "--seq-len", str(args.seq_len), "--device", args.device,
+               *(["--random-weights"] if args.random_weights else [])]  # fmt: skip
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         step = (r["after"] - r["before"]) / 2**20
@@ -276,13 +303,22 @@ def main() -> None:
         "--compile", action="store_true", help="also time bf16 with train.compile (compiles)"
     )
     ap.add_argument("--mem-precision", default="fp32")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps")
+    ap.add_argument(
+        "--random-weights", action="store_true", help="SmolLM2's architecture, random weights"
+    )
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    ARGS.device, ARGS.random_weights = args.device, args.random_weights
     if args.memory_child is not None:
         memory_child(bool(args.memory_child), args)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    if args.random_weights and args.curve_steps:
+        ap.error("--random-weights times steps only: add --curve-steps 0")
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else ""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device} {where}"
+          + (", random weights" if args.random_weights else ""), flush=True)  # fmt: skip
     if not args.no_timing:
         timing(args)
     if args.curve_steps:
