@@ -155,25 +155,10 @@ def fedlora_run(args, name: str, *options: str) -> None:
 
 def small_llama_dir(work: Path, hidden: int = 256) -> Path:
     """A small random Llama saved with a tokenizer, loadable by `load_model` (4/8-bit)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = work / f"llama-h{hidden}"
     if not (path / "config.json").exists():
-        tok = byte_tokenizer()
-        torch.manual_seed(0)
-        LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=len(tok),
-                hidden_size=hidden,
-                intermediate_size=2 * hidden,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                pad_token_id=tok.pad_token_id,
-                bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-        ).save_pretrained(path)
+        model, tok = build_tiny("tiny-llama", hidden=hidden)
+        model.save_pretrained(path)
         tok.save_pretrained(path)
     return path
 
@@ -223,25 +208,16 @@ def section_cli(args) -> None:
 
 
 def section_llama8b(args) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from memory_estimate import llama3_8b  # the shapes the README's estimate uses
 
     path = Path(args.work) / "llama3-8b-random"
     t = time.perf_counter()
     if not (path / "config.json").exists():
-        cfg = LlamaConfig(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            tie_word_embeddings=False,
-            max_position_embeddings=8192,
-            rope_theta=500000.0,
-            pad_token_id=0,
-        )
+        _, cls, cfg = llama3_8b()
+        cfg.pad_token_id = 0
         with torch.device(DEV):
-            model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+            model = cls(cfg).to(torch.bfloat16)
         model.save_pretrained(path)
         byte_tokenizer().save_pretrained(path)
         del model
