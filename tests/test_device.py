@@ -115,3 +115,25 @@ def test_16_bit_weights_without_autocast_are_refused_before_loading(tmp_path, mo
     ok = runner.placement(load_config("tiny", {"model.dtype": "bfloat16",
                                                "train.precision": "bf16"}))  # fmt: skip
     assert (ok.compute, ok.storage) == (torch.bfloat16, torch.bfloat16)
+
+
+def test_load_model_places_a_quantized_model_on_the_current_cuda_index(cuda, monkeypatch):
+    """transformers' device_map needs a CUDA index: load_model resolves plain "cuda" to the
+    current device (a None index crashed inside transformers on a GPU)."""
+    import transformers
+
+    from fedlora import models
+
+    seen = {}
+
+    def from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop before loading")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(models, "quantization_config", lambda *a: "4bit config")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    for device, index in (("cuda", 1), ("cuda:0", 0), (torch.device("cuda", 1), 1)):
+        with pytest.raises(RuntimeError, match="stop before loading"):
+            models.load_model("some/model", device=device, quantization="4bit")
+        assert seen["device_map"] == {"": index} and seen["quantization_config"] == "4bit config"

@@ -286,14 +286,3 @@ def test_default_head_is_saved_and_loads_with_the_adapter_in_plain_peft(tmp_path
         LoraHost(bert(), ["classifier"], modules_to_save=["classifier"])
     with pytest.raises(FedLoraError, match="modules_to_save entry 'nope' is not a module"):
         LoraHost(bert(), default_target_modules(bert()), modules_to_save=["nope"])
-
-
-def test_device_map_target_of_a_quantized_load(monkeypatch):
-    """transformers' device_map needs a CUDA index: plain "cuda" is the current device (a
-    None index crashed inside transformers on a GPU)."""
-    from fedlora.models import device_map_target
-
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    assert device_map_target(torch.device("cuda")) == 3
-    assert device_map_target(torch.device("cuda:1")) == 1
-    assert device_map_target(torch.device("cpu")) == "cpu"

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from fedlora.contract import FedLoraError
+from fedlora.device import resolve_device
 from fedlora.host import LoraHost
 
 __all__ = [
@@ -164,7 +165,9 @@ def load_model(
     ``kind="causal"`` -> AutoModelForCausalLM; ``"classifier"`` ->
     AutoModelForSequenceClassification with ``num_labels``. Weights the checkpoint lacks (a
     classifier head) are initialised from a fixed seed, so every process builds the same head.
-    A missing pad token is set to EOS. The model is stored in ``dtype`` on ``device``;
+    A missing pad token is set to EOS. The model is stored in ``dtype`` on ``device`` (resolved
+    as `fedlora.device.resolve_device` does: ``"cuda"`` is the current CUDA device, and one torch
+    cannot see is a `FedLoraError`);
     ``quantization`` ``"8bit"`` / ``"4bit"`` loads the linear layers through bitsandbytes
     (`quantization_config`; ``compute_dtype`` is the 4-bit layers' compute dtype).
     """
@@ -180,12 +183,12 @@ def load_model(
     local_only = False
     if name_or_path.lower() in ("smollm2", "minilm"):
         path, local_only = builtin_model_path(name_or_path), True
-    device = torch.device(device)
+    device = resolve_device(str(device), "load_model device")  # "cuda" -> its current index
     kwargs: dict[str, Any] = {"dtype": dtype}
     quant = quantization_config(quantization, compute_dtype, device)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": device_map_target(device)}
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else str(device)}
     if local_only:
         kwargs["local_files_only"] = True
     if kind == "classifier":
@@ -209,15 +212,6 @@ def load_model(
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
-
-
-def device_map_target(device: torch.device) -> int | str:
-    """Where transformers' ``device_map`` puts a quantized model on `device`: a CUDA index
-    (``"cuda"`` alone means the current device: transformers cannot take ``None``), or the
-    device's name."""
-    if device.type != "cuda":
-        return str(device)
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def quantization_config(
