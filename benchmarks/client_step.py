@@ -119,26 +119,27 @@ def fedlora_variant(host, spec, examples, precision: str, compile: bool = False)
     return step
 
 
+def timed(step) -> float:
+    """Wall seconds of `step()`, its CUDA kernels included (the peft step does not wait)."""
+    t = time.perf_counter()
+    step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def time_variants(variants: dict, reps: int) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Each variant's step times over `reps` rotating rounds, and its warm-up step's time."""
     first = {}
     for name, step in variants.items():  # warm-up (and, with compile, the compilation)
-        t = time.perf_counter()
-        step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        first[name] = time.perf_counter() - t
+        first[name] = timed(step)
         print(f"  warm-up {name}: {first[name]:.2f}s", flush=True)
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(reps):
         order = names[i % len(names) :] + names[: i % len(names)]
         for n in order:
-            t = time.perf_counter()
-            variants[n]()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # the peft step does not wait for its kernels
-            times[n].append(time.perf_counter() - t)
+            times[n].append(timed(variants[n]))
         print(f"  rep {i + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
     return times, first
 
