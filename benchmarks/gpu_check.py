@@ -32,6 +32,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from client_step import batch_examples  # noqa: E402  (this folder: the benchmark's batch)
 
 from fedlora.client import TrainConfig, train_client  # noqa: E402
 from fedlora.contract import ClientSpec, Payload  # noqa: E402
@@ -238,9 +239,7 @@ def section_llama8b(args) -> None:
     )
     targets = default_target_modules(model)
     host = LoraHost(model, targets, alpha=16.0, max_adapters=1)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, 128000, (4, 256), generator=g)
-    examples = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
+    examples = batch_examples(model.config.vocab_size, 4, 256)
     for rank_type in (1, 2, 3, 4):
         spec = ClientSpec(f"type{rank_type}", resource_ranks(rank_type, targets), alpha=16.0)
         cfg = TrainConfig(
