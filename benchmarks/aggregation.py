@@ -9,7 +9,7 @@ its best rank-200 approximation. Side by side in one run:
 
 * dense: form W (float32, d_out x d_in) and take its full SVD (what FlexLoRA's released code
   does, ``torch.linalg.svd``), then truncate;
-* fedlora: `fedlora.linalg.LowRankSum` / `factored_svd` on the stacked factors (QR + a small
+* fedlora: `fedlora.core.linalg.LowRankSum` / `factored_svd` on the stacked factors (QR + a small
   float64 core), never forming W.
 
 It prints both times, the speed-up and the relative error of the rank-200 truncation
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from fedlora.linalg import LowRankSum, rank_r_factors
+from fedlora.core.linalg import LowRankSum, rank_r_factors
 
 
 def client_factors(shape, ranks, seed):

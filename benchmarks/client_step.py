@@ -44,10 +44,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from fedlora.client import TrainConfig, train_client  # noqa: E402
-from fedlora.contract import ClientSpec, Payload  # noqa: E402
-from fedlora.models import LoraHost, default_target_modules, load_model  # noqa: E402
-from fedlora.resources import resource_ranks  # noqa: E402
+from fedlora.clients.models import LoraHost, default_target_modules, load_model  # noqa: E402
+from fedlora.clients.train import TrainConfig, train_client  # noqa: E402
+from fedlora.core.contract import ClientSpec, Payload  # noqa: E402
+from fedlora.federation.resources import resource_ranks  # noqa: E402
 
 LR = 3e-4
 ARGS = argparse.Namespace(device="cpu", random_weights=False)  # set by main()
@@ -212,7 +212,7 @@ def curves(args) -> None:
 
 def record_losses(host, spec, data, cfg, tok) -> list[float]:
     """The per-step losses of one `train_client` call, read from the step loop."""
-    import fedlora.local_steps as steps
+    import fedlora.clients.local_steps as steps
 
     original, losses = steps._accumulate, []
 

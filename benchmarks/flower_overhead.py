@@ -55,8 +55,8 @@ def overrides(rounds: int, clients: int, steps: int) -> str:
 
 
 def in_process(preset: str, text: str, out: str) -> dict:
-    from fedlora.config import load_config
     from fedlora.engine.runner import run_experiment
+    from fedlora.federation.config import load_config
     from fedlora.flower.experiment import parse_overrides
 
     o = parse_overrides(text)
@@ -86,7 +86,7 @@ def _flower_rows(result_dir: Path) -> dict:
             r["exchange_seconds"] - m["handler-seconds"] for r, m in zip(rounds, slowest)
         ],
         "server": [r["configure_seconds"] + r["aggregate_seconds"] for r in rounds],
-        "used": [len(r["used"]) for r in rounds],
+        "used": [r["used"] for r in rounds],
         "builds": max(  # per node over the run (Flower keeps the count in its node state)
             max(r["clients"][c]["model-builds"] for r in rounds if c in r["clients"])
             for c in clients

@@ -47,8 +47,8 @@ def overrides(clients: int, per_round: int, rounds: int, strategy: str) -> str:
 
 def in_process(text: str, out: str) -> dict:
     """Child process: ``run_experiment`` on the overrides; per-round times."""
-    from fedlora.config import load_config
     from fedlora.engine.runner import run_experiment
+    from fedlora.federation.config import load_config
     from fedlora.flower.experiment import parse_overrides
 
     o = parse_overrides(text)
@@ -120,7 +120,7 @@ def simulation(text: str, clients: int, cpus: int, tmp: Path) -> dict:
     return {
         "round_s": [r["seconds"] for r in rounds],
         "train_s": [sum(c["train_seconds"] for c in r["clients"].values()) for r in rounds],
-        "used": [len(r["used"]) for r in rounds],
+        "used": [r["used"] for r in rounds],
         "builds": sum(
             max(r["clients"][c]["model-builds"] for r in rounds if c in r["clients"])
             for c in {c for r in rounds for c in r["clients"]}

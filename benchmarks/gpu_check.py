@@ -34,14 +34,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from client_step import batch_examples  # noqa: E402  (this folder: the benchmark's batch)
 
-from fedlora.client import TrainConfig, train_client  # noqa: E402
-from fedlora.contract import ClientSpec, Payload  # noqa: E402
+from fedlora.clients.device import resolve_device, resolve_precision  # noqa: E402
+from fedlora.clients.evaluate import evaluate  # noqa: E402
+from fedlora.clients.models import LoraHost, default_target_modules, load_model  # noqa: E402
+from fedlora.clients.tiny import build_tiny, byte_tokenizer  # noqa: E402
+from fedlora.clients.train import TrainConfig, train_client  # noqa: E402
+from fedlora.core.contract import ClientSpec, Payload  # noqa: E402
 from fedlora.data import load_builtin  # noqa: E402
-from fedlora.device import resolve_device, resolve_precision  # noqa: E402
-from fedlora.engine.tiny import build_tiny, byte_tokenizer  # noqa: E402
-from fedlora.evaluate import evaluate  # noqa: E402
-from fedlora.models import LoraHost, default_target_modules, load_model  # noqa: E402
-from fedlora.resources import resource_ranks  # noqa: E402
+from fedlora.federation.resources import resource_ranks  # noqa: E402
 
 GIB = 2**30
 FAILED: list[str] = []
@@ -136,7 +136,7 @@ def fedlora_run(args, name: str, *options: str) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "fedlora.cli",
+        "fedlora.cli.commands",
         "run",
         "--output-dir",
         str(out),

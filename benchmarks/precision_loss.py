@@ -1,7 +1,7 @@
 """How much mixed precision changes what a client learns: the demo's clients trained in fp32,
 in bf16 autocast, in bf16 autocast on bf16 base weights, and in bf16 autocast with the LoRA term
 added to the target outputs in bf16 (peft's plain sum, i.e. without
-`fedlora.device.float32_outputs`), side by side on the same data, seeds and start.
+`fedlora.clients.device.float32_outputs`), side by side on the same data, seeds and start.
 
 For every training client of the demo preset, two training seeds and two learning rates, each
 variant runs one `train_client` call (the preset's local steps, batch and clipping) from the
@@ -27,12 +27,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from fedlora.client import _features, _pad_id, train_client  # noqa: E402
-from fedlora.config import load_preset, override  # noqa: E402
-from fedlora.contract import Payload  # noqa: E402
+from fedlora.clients.device import float32_outputs  # noqa: E402
+from fedlora.clients.train import _features, _pad_id, train_client  # noqa: E402
+from fedlora.core.contract import Payload  # noqa: E402
 from fedlora.data import collate  # noqa: E402
-from fedlora.device import float32_outputs  # noqa: E402
-from fedlora.engine.runner import setup  # noqa: E402
+from fedlora.federation.build import build_clients  # noqa: E402
+from fedlora.federation.config import load_preset, override  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "bf16 + bf16 weights", "bf16 with bf16 LoRA sums")
 
@@ -62,11 +62,11 @@ def main() -> None:
     variants = ["fp32"] + [v for v in args.variants.split(",") if v in VARIANTS and v != "fp32"]
     lrs = [float(x) for x in args.lrs.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
-    fed32 = setup(load_preset("demo"))
+    fed32 = build_clients(load_preset("demo"))
     fed16 = None
     if "bf16 + bf16 weights" in variants:
         demo16 = override(load_preset("demo"), "train.precision", "bf16")
-        fed16 = setup(override(demo16, "model.dtype", "bfloat16"))
+        fed16 = build_clients(override(demo16, "model.dtype", "bfloat16"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; demo preset, "
           f"{len(fed32.train_clients)} clients x seeds {seeds} x lr {lrs}", flush=True)  # fmt: skip
     res: dict[tuple, tuple[float, float, float]] = {}

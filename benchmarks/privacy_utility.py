@@ -9,7 +9,7 @@ it sent minus what it was sent, as central DP clips it), whose median becomes th
 ``clip_norm`` (McMahan et al. 2018's advice);
 central DP at target epsilon 8 and 1; local DP-SGD (``--local-clip``) at target epsilon 8 and
 1. The noise multiplier of each run is solved from its target epsilon over the whole run
-(`fedlora.privacy.plan`); the table prints it with the epsilon the accountant reports at the
+(`fedlora.core.privacy.plan`); the table prints it with the epsilon the accountant reports at the
 end, the final eval loss on the seen clients' held-out examples and the wall time.
 """
 
@@ -22,20 +22,21 @@ import time
 import warnings
 
 import fedlora.engine.runner as runner
-from fedlora.config import load_preset, parse_value
-from fedlora.norms import adapter_norm
-from fedlora.privacy import start_of
+from fedlora.core.contract import payload_start
+from fedlora.core.norms import adapter_norm
+from fedlora.federation import build, rounds
+from fedlora.federation.config import load_preset, parse_value
 
 
 def run(preset: str, overrides: dict, out: str, norms: list | None = None):
     """One run; with `norms`, also every client update's norm relative to the start it was
     configured with (effective deltas, from r x r Grams), appended to `norms`."""
     cfg = load_preset(preset, {**overrides, "output_dir": out})
-    build, nbytes = runner.build_strategy, runner.payload_nbytes
+    build_strategy, nbytes = build.build_strategy, rounds.payload_nbytes
     seen: dict = {}
 
     def capture(*args, **kwargs):  # the run's strategy (its shapes and name)
-        seen["strategy"] = build(*args, **kwargs)
+        seen["strategy"] = build_strategy(*args, **kwargs)
         return seen["strategy"]
 
     def payload_nbytes(payload):  # the engine counts each payload right after configure
@@ -45,16 +46,16 @@ def run(preset: str, overrides: dict, out: str, norms: list | None = None):
     def on_update(rnd, spec, update):  # ... and calls this right after that client trained
         if norms is not None:
             s = seen["strategy"]
-            start = start_of(spec, seen["payload"], s.shapes, s.name)
+            start = payload_start(spec, seen["payload"], s.shapes, s.name)
             norms.append(adapter_norm(update.adapter, start))
 
-    runner.build_strategy, runner.payload_nbytes = capture, payload_nbytes
+    build.build_strategy, rounds.payload_nbytes = capture, payload_nbytes
     try:
         t0 = time.perf_counter()
         r = runner.run_experiment(cfg, progress=False, save_final=False, on_update=on_update)
         wall = time.perf_counter() - t0
     finally:
-        runner.build_strategy, runner.payload_nbytes = build, nbytes
+        build.build_strategy, rounds.payload_nbytes = build_strategy, nbytes
     loss = [row["loss"] for row in r.eval_rows("seen_clients")][-1]
     p = r.summary.get("privacy") or {}
     return loss, p.get("epsilon"), p.get("noise_multiplier"), p.get("clip_norm"), wall

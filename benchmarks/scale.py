@@ -37,8 +37,8 @@ def state_nbytes(strategy) -> int:
 
 
 def run(num_clients: int, strategy: str, rounds: int, fraction: float, out: str) -> dict:
-    from fedlora.config import load_preset
     from fedlora.engine import run_experiment
+    from fedlora.federation.config import load_preset
 
     cfg = load_preset(
         "tiny",

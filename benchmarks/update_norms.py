@@ -39,8 +39,8 @@ def ratios(rows) -> list[float]:
 
 def main() -> None:
     import fedlora.strategies as registry
-    from fedlora.config import load_preset
     from fedlora.engine import run_experiment
+    from fedlora.federation.config import load_preset
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")

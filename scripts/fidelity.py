@@ -361,8 +361,8 @@ def fedit_noise_run(cell: Cell, out: Path, threads: int | None) -> None:
     resumes them as finished."""
     if "fedit" not in cell.strategies:
         return
-    from fedlora.config import load_config
     from fedlora.engine import run_experiment
+    from fedlora.federation.config import load_config
     from fedlora.strategies.fedit import aggregation_noise
 
     for seed in cell.seeds:
@@ -504,8 +504,8 @@ def verdict(m: dict[str, Any], lower_is_better: bool) -> str:
 
 def rerun_drop(runs_a: list[Path], runs_b: list[Path], key: str) -> dict[str, Any] | None:
     """Paired difference b - a of one metric between two runs of one strategy on the same
-    seeds and examples (e.g. rank 1 against rank 8), from `fedlora.comparison`."""
-    from fedlora import comparison, report
+    seeds and examples (e.g. rank 1 against rank 8), from `fedlora.cli.comparison`."""
+    from fedlora.cli import comparison, report
 
     runs = []
     for tag, dirs in (("a", runs_a), ("b", runs_b)):

@@ -21,8 +21,8 @@ import argparse
 import torch
 from torch import nn
 
-from fedlora.models import default_target_modules
-from fedlora.resources import resource_ranks
+from fedlora.clients.models import default_target_modules
+from fedlora.federation.resources import resource_ranks
 
 GIB = 2**30
 NF4_DQ_BYTES = 0.5 + 0.127 / 8  # per weight: 4 bits + double-quantized block statistics

@@ -16,11 +16,11 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fedlora.client import TrainConfig, train_client  # noqa: E402
-from fedlora.contract import ClientSpec, Payload  # noqa: E402
+from fedlora.clients.models import LoraHost, default_target_modules, load_model  # noqa: E402
+from fedlora.clients.train import TrainConfig, train_client  # noqa: E402
+from fedlora.core.contract import ClientSpec, Payload  # noqa: E402
 from fedlora.data import load_builtin  # noqa: E402
-from fedlora.models import LoraHost, default_target_modules, load_model  # noqa: E402
-from fedlora.resources import resource_ranks  # noqa: E402
+from fedlora.federation.resources import resource_ranks  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""fedlora.base_weights: merges folded into float32 weights (originals kept on the CPU, only
+"""fedlora.clients.base_weights: merges folded into float32 weights (originals kept on the CPU, only
 for touched modules) or run as a frozen side branch on low-precision weights; both checked
 against a float64 dense reference."""
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from tiny_models import llama_host, tiny_llama
 
-from fedlora.base_weights import BaseWeights, default_mode
-from fedlora.contract import ClientSpec, LoraFactors, Payload
-from fedlora.models import LoraHost, default_target_modules
+from fedlora.clients.base_weights import BaseWeights, default_mode
+from fedlora.clients.models import LoraHost, default_target_modules
+from fedlora.core.contract import ClientSpec, LoraFactors, Payload
 
 
 def factors(d_out: int, d_in: int, r: int, scale: float, seed: int) -> LoraFactors:

@@ -1,4 +1,4 @@
-"""fedlora.client: local training on tiny random models, and the strategies' client sides."""
+"""fedlora.clients.train: local training on tiny random models, and the strategies' client sides."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from tiny_models import llama_host, tiny_bert
 
-from fedlora.client import TrainConfig, train_client
-from fedlora.contract import BOTH, ClientSpec, FedLoraError, LoraFactors, Payload
+from fedlora.clients.models import LoraHost, default_target_modules
+from fedlora.clients.train import TrainConfig, train_client
+from fedlora.core.contract import BOTH, ClientSpec, FedLoraError, LoraFactors, Payload
 from fedlora.data import collate
-from fedlora.models import LoraHost, default_target_modules
 from fedlora.strategies import get
 from fedlora.strategies.hetlora import self_pruning_penalty
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from fedlora.cli import main
+from fedlora.cli.commands import main
 
 BASE = "fedit (homogeneous, type-1 rank)"
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from fedlora import config as C
-from fedlora.config import ConfigError
+from fedlora.federation import config as C
+from fedlora.federation.config import ConfigError
 
 
 def test_presets_load_and_validate():
@@ -181,7 +181,7 @@ def test_validation_is_light():
     # before any model loads); its speed follows from that and is not timed here
     code = (
         "import sys\n"
-        "from fedlora.config import load_preset, ConfigError\n"
+        "from fedlora.federation.config import load_preset, ConfigError\n"
         "try:\n    load_preset('demo', {'strategy.name': 'fedit'})\nexcept ConfigError:\n"
         "    pass\nelse:\n    raise SystemExit('no error')\n"
         "assert 'transformers' not in sys.modules and 'peft' not in sys.modules\n"
@@ -196,7 +196,7 @@ def test_every_optional_key_defaults_to_none():
     import dataclasses
     import typing
 
-    from fedlora.config import ExperimentConfig
+    from fedlora.federation.config import ExperimentConfig
 
     def walk(cls, prefix=""):
         hints = typing.get_type_hints(cls)

@@ -1,14 +1,15 @@
-"""fedlora.device: device resolution (availability monkeypatched: nothing runs on a GPU here),
-precision and dtype policy, and the engine refusing an unavailable device before loading."""
+"""fedlora.clients.device: device resolution (availability monkeypatched: nothing runs on a
+GPU here), precision and dtype policy, and the engine refusing an unavailable device before
+loading."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fedlora import device as D
-from fedlora.config import ConfigError, load_config
-from fedlora.contract import FedLoraError
+from fedlora.clients import device as D
+from fedlora.core.contract import FedLoraError
+from fedlora.federation.config import ConfigError, load_config
 
 
 @pytest.fixture
@@ -88,12 +89,13 @@ def test_config_checks_device_spelling_and_engine_refuses_before_loading(
         load_config("tiny", {"train.device": "gpu0"})
     cfg = load_config("tiny", {"train.device": "cuda:0", "output_dir": str(tmp_path)})
     from fedlora.engine import runner
+    from fedlora.federation import build
 
     def no_loading(*a, **k):  # pragma: no cover - must not be reached
         raise AssertionError("data or model loaded before the device was checked")
 
-    monkeypatch.setattr(runner, "load_data", no_loading)
-    monkeypatch.setattr(runner, "load_base_model", no_loading)
+    monkeypatch.setattr(build, "load_data", no_loading)
+    monkeypatch.setattr(build, "load_base_model", no_loading)
     with pytest.raises(FedLoraError, match="train.device = 'cuda:0'"):
         runner.run_experiment(cfg, progress=False)
 
@@ -102,17 +104,18 @@ def test_16_bit_weights_without_autocast_are_refused_before_loading(tmp_path, mo
     """bf16 weights with fp32 precision would compute in bf16 without autocast, where the LoRA
     term's sum is rounded in bf16: refused by name; with bf16 autocast it is accepted."""
     from fedlora.engine import runner
+    from fedlora.federation import build
 
     def no_loading(*a, **k):  # pragma: no cover - must not be reached
         raise AssertionError("data or model loaded before the dtype was checked")
 
-    monkeypatch.setattr(runner, "load_data", no_loading)
+    monkeypatch.setattr(build, "load_data", no_loading)
     cfg = load_config("tiny", {"model.dtype": "bfloat16", "train.precision": "fp32",
                                "output_dir": str(tmp_path)})  # fmt: skip
     with pytest.raises(ConfigError, match="model.dtype = 'bfloat16' needs mixed precision.*"
                        "train.precision = 'fp32'"):  # fmt: skip
         runner.run_experiment(cfg, progress=False)
-    ok = runner.placement(load_config("tiny", {"model.dtype": "bfloat16",
+    ok = build.placement(load_config("tiny", {"model.dtype": "bfloat16",
                                                "train.precision": "bf16"}))  # fmt: skip
     assert (ok.compute, ok.storage) == (torch.bfloat16, torch.bfloat16)
 
@@ -122,7 +125,7 @@ def test_load_model_places_a_quantized_model_on_the_current_cuda_index(cuda, mon
     current device (a None index crashed inside transformers on a GPU)."""
     import transformers
 
-    from fedlora import models
+    from fedlora.clients import models
 
     seen = {}
 

@@ -1,4 +1,4 @@
-"""Local DP-SGD (`fedlora.dp_sgd`) on tiny models, and DP runs end to end: per-example
+"""Local DP-SGD (`fedlora.clients.dp_sgd`) on tiny models, and DP runs end to end: per-example
 gradients against a per-example loop, the noise of a step, reproducibility and exact resume."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import pytest
 import torch
 from tiny_models import llama_host, tiny_bert
 
-import fedlora.checkpoint as ckpt
+import fedlora.federation.checkpoint as ckpt
 from fedlora import ClientSpec, Payload
-from fedlora.client import TrainConfig, train_client
-from fedlora.config import load_preset
-from fedlora.dp_sgd import DPSGD, per_example_loss, poisson_batches
+from fedlora.clients.dp_sgd import DPSGD, per_example_loss, poisson_batches
+from fedlora.clients.models import LoraHost, default_target_modules
+from fedlora.clients.train import TrainConfig, train_client
+from fedlora.core.privacy import LocalDP, epsilon
 from fedlora.engine import RunStopped, deterministic, run_experiment
-from fedlora.models import LoraHost, default_target_modules
-from fedlora.privacy import LocalDP, epsilon
+from fedlora.federation.config import load_preset
 
 
 def _llama_batch(n=4):
@@ -65,7 +65,7 @@ def test_per_example_gradients_match_a_per_example_loop_on_tiny_llama(trainable)
     ref = _loop_grads(model, params, examples)
     opt = torch.optim.SGD(params, lr=0.0)
 
-    def hooks():  # the host's own (fedlora.device.float32_outputs) are there throughout
+    def hooks():  # the host's own (fedlora.clients.device.float32_outputs) are there throughout
         return [(n, list(m._forward_hooks.values()), list(m._backward_hooks.values()))
                 for n, m in model.named_modules()]  # fmt: skip
 
@@ -216,8 +216,8 @@ def test_central_epsilon_is_the_accountants_over_the_rounds(tmp_path):
 
 @pytest.mark.parametrize("mode", ["central", "local"])
 def test_cli_runs_the_tiny_preset_with_privacy_and_reports_a_finite_epsilon(tmp_path, mode):
-    from fedlora import cli
-    from fedlora.report import format_table, load_run, summary_rows
+    from fedlora.cli import commands as cli
+    from fedlora.cli.report import format_table, load_run, summary_rows
 
     out = tmp_path / mode
     argv = ["run", "--preset", "tiny", "--rounds", "2", "--set", f"privacy.mode={mode}"]

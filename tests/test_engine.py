@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import fedlora.strategies as registry
-from fedlora.config import load_preset
 from fedlora.engine import run_experiment
+from fedlora.federation.config import load_preset
 
 HOMOGENEOUS = {"resources.distribution": "homogeneous", "resources.homogeneous_rank": 2}
 
@@ -90,8 +90,8 @@ def test_saved_adapter_loads_with_peft(tmp_path):
     import torch
     from peft import PeftModel
 
-    from fedlora.engine import build_tiny
-    from fedlora.models import LoraHost, default_target_modules
+    from fedlora.clients.models import LoraHost, default_target_modules
+    from fedlora.clients.tiny import build_tiny
 
     cfg = tiny_cfg(tmp_path, rounds=1)
     result = run_experiment(cfg, progress=False)

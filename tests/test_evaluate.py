@@ -1,4 +1,4 @@
-"""fedlora.evaluate: metrics against hand-computed and float64 references on tiny models."""
+"""fedlora.clients.evaluate: metrics against hand-computed and float64 references on tiny models."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from fedlora.clients.evaluate import accuracy, evaluate, evaluate_detailed, macro_f1, rouge_l
+from fedlora.clients.tiny import build_tiny
 from fedlora.data import Example, encode_example
-from fedlora.engine.tiny import build_tiny
-from fedlora.evaluate import accuracy, evaluate, evaluate_detailed, macro_f1, rouge_l
 
 
 def test_rouge_l_identical_and_disjoint():

@@ -12,7 +12,7 @@ from flwr.common import serde  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fedlora.contract import (  # noqa: E402
+from fedlora.core.contract import (  # noqa: E402
     ClientSpec,
     ClientUpdate,
     LoraFactors,

@@ -279,7 +279,7 @@ def _check(result: dict, builds_per_round: bool = False) -> None:
     assert nodes == {"0": {2}, "1": {8}}
     assert len(result["rounds"]) == 2
     for r in result["rounds"]:
-        assert r["used"] == ["0", "1"], r
+        assert r["used_clients"] == ["0", "1"], r
         assert r["metrics"]["replies-used"] == 2 and r["dropped"] == {}
         assert r["metrics"]["train_loss"] > 0
         # model builds per node in this run (counted in Flower's per-node context.state): a
@@ -373,12 +373,12 @@ def test_node_killed_mid_run_fault_report(tmp_path):
     for n, (sent, used, received) in want.items():
         r = rounds[n]
         m = r["metrics"]
-        assert (r["sent"], r["used"], m["replies-received"]) == (sent, used, received), r
+        assert (r["sent"], r["used_clients"], m["replies-received"]) == (sent, used, received), r
         assert set(r["dropped"]) == set(sent) - set(used), r  # each sent client accounted once
         assert (m["replies-sent"], m["replies-used"], m["replies-dropped"]) == (
             len(sent), len(used), len(sent) - len(used)
         )  # fmt: skip
-        assert r["error"] is None
+        assert r["aggregated"]
     assert "Node Unavailable" in rounds[2]["dropped"]["1"], rounds[2]
     # node 0 kept its one model for the whole run
     assert [rounds[n]["clients"]["0"]["model-builds"] for n in (1, 2, 3)] == [1, 1, 1]

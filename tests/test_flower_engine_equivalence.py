@@ -24,8 +24,8 @@ from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.common import serde  # noqa: E402
 
 import fedlora.strategies as S  # noqa: E402
-from fedlora.config import load_config  # noqa: E402
 from fedlora.engine.runner import run_experiment  # noqa: E402
+from fedlora.federation.config import load_config  # noqa: E402
 from fedlora.flower import backend, client_app, server_app  # noqa: E402
 from fedlora.flower.experiment import parse_overrides  # noqa: E402
 
@@ -123,7 +123,7 @@ def test_engine_and_flower_give_the_same_global_delta(strategy, tmp_path):
     assert {n["client_id"]: n["ranks"] for n in result["nodes"].values()} == {
         s.client_id: s.ranks for s in ref.specs
     }
-    assert [r["used"] for r in result["rounds"]] == [["0", "1", "2", "3"]] * 2
+    assert [r["used_clients"] for r in result["rounds"]] == [["0", "1", "2", "3"]] * 2
     assert [r["clients"] for r in ref.round_rows()] == [["0", "1", "2", "3"]] * 2
     # the same global delta, per module, to 1e-5 relative
     want = ref.strategy.global_delta()
@@ -174,7 +174,7 @@ def test_flower_evaluates_the_global_delta_on_nodes(tmp_path):
 
 
 def test_overrides_run_config_key():
-    from fedlora.config import ConfigError
+    from fedlora.federation.config import ConfigError
     from fedlora.flower.experiment import experiment_config
 
     text = 'rounds=5 eval.metrics=["loss", "f1"] name="a b" strategy.options={split = "sqrt"}'

@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora.config import load_config
 from fedlora.engine.runner import run_experiment
+from fedlora.federation.config import load_config
 from fedlora.flower.experiment import parse_overrides
 from fedlora.flower.local import exe, simulation_superlink, stop
 
@@ -107,7 +107,7 @@ def test_simulation_runtime_equals_engine(simulation, simulated, strategy):
     }
     assert len({min(s.ranks.values()) for s in ref.specs}) > 1  # heterogeneous ranks
     clients = [str(i) for i in range(6)]
-    assert [r["used"] for r in result["rounds"]] == [clients] * 2
+    assert [r["used_clients"] for r in result["rounds"]] == [clients] * 2
     assert [r["clients"] for r in ref.round_rows()] == [clients] * 2
     builds = {}  # node -> its model builds in the run (cumulative, from Flower's node state)
     for r in result["rounds"]:

@@ -20,14 +20,14 @@ from flwr.app import ArrayRecord, Error, Message  # noqa: E402
 from flwr.common import serde  # noqa: E402
 
 import fedlora.strategies as S  # noqa: E402
-from fedlora.contract import ClientSpec, FedLoraError  # noqa: E402
+from fedlora.core.contract import ClientSpec, FedLoraError  # noqa: E402
+from fedlora.core.norms import adapter_norm, scale_adapter  # noqa: E402
+from fedlora.core.robust import NormBound  # noqa: E402
 from fedlora.flower import client_app, codec  # noqa: E402
 from fedlora.flower.backend import get_backend  # noqa: E402
 from fedlora.flower.nodes import resolve_spec  # noqa: E402
 from fedlora.flower.server_app import build  # noqa: E402
 from fedlora.flower.strategy import FlowerStrategy  # noqa: E402
-from fedlora.norms import adapter_norm, scale_adapter  # noqa: E402
-from fedlora.robust import NormBound  # noqa: E402
 
 # the tiny preset (6 clients), 1 local step: the engine's client on a tiny random Llama
 RUN = {"experiment": "tiny", "overrides": "train.local_steps=1 eval.metrics=loss"}
@@ -162,7 +162,7 @@ def test_flower_adapter_equals_in_process_loop(name):
     grid = FakeGrid(_nodes(ranks))
     result = fs.start(grid, ArrayRecord(), num_rounds=2, timeout=10)
     _assert_same(strategy.global_delta(), _reference(name))
-    assert [r["used"] for r in fs.rounds] == [[f"partition-{i}" for i in range(4)]] * 2
+    assert [r["used_clients"] for r in fs.rounds] == [[f"partition-{i}" for i in range(4)]] * 2
     assert result.train_metrics_clientapp[2]["replies-used"] == 4
     # the returned arrays are the global delta, scale-1 factors
     delta = codec.arrays_to_adapter(result.arrays)
@@ -179,9 +179,9 @@ def test_bad_reply_is_dropped_and_round_goes_on(fault):
     result = fs.start(grid, ArrayRecord(), num_rounds=2, timeout=10)
     for r in fs.rounds:
         assert r["sent"] == [f"partition-{i}" for i in range(4)]
-        assert r["used"] == ["partition-0", "partition-1", "partition-3"]
+        assert r["used_clients"] == ["partition-0", "partition-1", "partition-3"]
         assert list(r["dropped"]) == ["partition-2"]  # matched to the message it answers
-        assert r["error"] is None
+        assert r["aggregated"]
         received = 3 if fault == "timeout" else 4
         assert r["metrics"]["replies-received"] == received
         if fault == "offline":
@@ -213,7 +213,7 @@ def test_a_1e6_scaled_reply_is_rejected(name):
         assert "robust.max_norm_ratio" in reason or (
             name == "lora_a2" and "frozen factor" in reason
         )
-        assert r["used"] == ["partition-0", "partition-1", "partition-3"]
+        assert r["used_clients"] == ["partition-0", "partition-1", "partition-3"]
     # nothing of it reached the global model: as large as the honest clients' deltas
     assert adapter_norm(strategy.global_delta()) < 1e3
 
@@ -224,7 +224,7 @@ def test_a_1e6_scaled_reply_is_clipped_with_the_clip_action():
     fs = FlowerStrategy(strategy, SHAPES, min_nodes=4, norm_bound=bound)
     fs.start(FakeGrid(_nodes(), faults={101: {"train": "scaled"}}), ArrayRecord(), num_rounds=1)
     r = fs.rounds[0]
-    assert not r["dropped"] and len(r["used"]) == 4
+    assert not r["dropped"] and r["used"] == 4
     assert 0 < r["clipped"]["partition-1"] < 1e-4
     norms = r["update_norms"]
     others = sorted(v for k, v in norms.items() if k != "partition-1")
@@ -237,7 +237,7 @@ def test_all_replies_bad_leaves_model_unchanged():
     fs = FlowerStrategy(strategy, SHAPES, min_nodes=2)
     grid = FakeGrid(_nodes([2, 4]), faults={100: {"train": "nan"}, 101: {"train": "error"}})
     result = fs.start(grid, ArrayRecord(), num_rounds=1, timeout=10)
-    assert fs.rounds[0]["error"] == "no usable replies"
+    assert not fs.rounds[0]["aggregated"]
     assert result.train_metrics_clientapp[1]["replies-used"] == 0
     assert strategy.global_delta() == {}
 
@@ -260,7 +260,7 @@ def test_bad_declaration_skips_node(declared, message):
     fs = FlowerStrategy(strategy, SHAPES, min_nodes=3, rank_types=[2, 4, 8])
     fs.start(FakeGrid(nodes), ArrayRecord(), num_rounds=1, timeout=10)
     assert message in fs.rejected[200]
-    assert fs.rounds[0]["used"] == ["partition-0", "partition-1"]
+    assert fs.rounds[0]["used_clients"] == ["partition-0", "partition-1"]
 
 
 def test_resolve_spec_forms():
@@ -285,8 +285,8 @@ def test_node_that_skipped_rounds_trains_from_current_global():
     fs.start(grid, ArrayRecord(), num_rounds=1, timeout=10)
     grid.faults = {}
     fs.start(grid, ArrayRecord(), num_rounds=1, timeout=10)  # "round 1" again: fresh seed
-    assert fs.rounds[0]["used"] == ["partition-0"]
-    assert fs.rounds[1]["used"] == ["partition-0", "partition-1"]
+    assert fs.rounds[0]["used_clients"] == ["partition-0"]
+    assert fs.rounds[1]["used_clients"] == ["partition-0", "partition-1"]
     # node 101's second payload carried the merge of round 1's aggregate
     sent = fs._sent[101][1]
     assert sent.merge is not None
@@ -347,7 +347,7 @@ def test_clients_per_round_draws_as_the_engine():
     engine = np.random.default_rng([3, 7])  # fedlora.engine.runner.run_experiment's sampler
     for r in fs.rounds:
         chosen = sorted(int(c) for c in engine.choice(list(range(12)), 5, replace=False))
-        assert r["used"] == [str(c) for c in chosen]
+        assert r["used_clients"] == [str(c) for c in chosen]
 
 
 def test_polling_grid_pulls_until_every_message_is_answered_or_the_timeout():

@@ -1,4 +1,4 @@
-"""fedlora.linalg against numpy's float64 dense SVD."""
+"""fedlora.core.linalg against numpy's float64 dense SVD."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from helpers import rel
 
 from fedlora import FedLoraError
-from fedlora.linalg import LowRankSum, factored_svd, gram_r, rank_r_factors, top_svd
+from fedlora.core.linalg import LowRankSum, factored_svd, gram_r, rank_r_factors, top_svd
 
 
 def ill_conditioned(rng, m, n, rank, cond):

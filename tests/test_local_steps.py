@@ -1,4 +1,4 @@
-"""fedlora.local_steps and mixed precision in train_client, on the tiny random Llama (CPU):
+"""fedlora.clients.local_steps and mixed precision in train_client, on the tiny random Llama (CPU):
 gradient accumulation, gradient checkpointing, the learning-rate schedule, bf16 autocast."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 import torch
 from tiny_models import llama_host
 
-from fedlora.client import TrainConfig, train_client
-from fedlora.contract import ClientSpec, FedLoraError, Payload
+from fedlora.clients.device import Amp
+from fedlora.clients.local_steps import gradient_checkpointing, lr_factor, run_steps
+from fedlora.clients.train import TrainConfig, train_client
+from fedlora.core.contract import ClientSpec, FedLoraError, Payload
 from fedlora.data import collate
-from fedlora.device import Amp
-from fedlora.local_steps import gradient_checkpointing, lr_factor, run_steps
 
 CPU = torch.device("cpu")
 

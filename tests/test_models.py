@@ -1,4 +1,4 @@
-"""fedlora.models: loading, target modules, and the LoRA host (tiny random models)."""
+"""fedlora.clients.models: loading, target modules, and the LoRA host (tiny random models)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from transformers import (
     AutoModelForCausalLM,
 )
 
-from fedlora.contract import ClientSpec, FedLoraError, LoraFactors, Payload, init_lora
-from fedlora.models import (
+from fedlora.clients.models import (
     LoraHost,
     builtin_model_path,
     default_modules_to_save,
     default_target_modules,
     load_model,
 )
+from fedlora.core.contract import ClientSpec, FedLoraError, LoraFactors, Payload, init_lora
 
 LLAMA_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -1,4 +1,4 @@
-"""fedlora.norms against dense float64 numpy references on fresh random factors."""
+"""fedlora.core.norms against dense float64 numpy references on fresh random factors."""
 
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora.contract import LoraFactors
-from fedlora.norms import (
+from fedlora.core.contract import LoraFactors
+from fedlora.core.norms import (
     adapter_norm,
     clip_adapter,
     clip_factor,

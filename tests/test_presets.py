@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlora.config import load_preset, preset_names
 from fedlora.data import load_builtin
 from fedlora.engine import run_experiment
+from fedlora.federation.config import load_preset, preset_names
 
 STAND_IN = {"smollm2": "tiny-llama"}  # too slow for CI; minilm (22M) runs for real
 PRESETS = [

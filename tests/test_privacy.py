@@ -1,4 +1,4 @@
-"""Differential privacy (`fedlora.privacy`): clipping, noise and accounting against independent
+"""Differential privacy (`fedlora.core.privacy`): clipping, noise and accounting against independent
 references (float64 numpy, the analytic Gaussian mechanism, Opacus's own step API), and the
 strategies' central-DP aggregation."""
 
@@ -13,8 +13,7 @@ from helpers import SHAPES, np_delta, random_update, spec
 
 import fedlora.strategies as S
 from fedlora import ClientUpdate, LoraFactors
-from fedlora.config import ConfigError, load_preset
-from fedlora.privacy import (
+from fedlora.core.privacy import (
     CentralDP,
     PrivacyLedger,
     attach_central,
@@ -24,6 +23,7 @@ from fedlora.privacy import (
     noise_multiplier_for,
     plan,
 )
+from fedlora.federation.config import ConfigError, load_preset
 
 F64 = torch.float64
 
@@ -114,9 +114,9 @@ def _run_round(strategy, specs, rng, rnd, send_start=False):
     updates = []
     for s in specs:
         p = strategy.configure(s, rnd)
-        from fedlora.privacy import start_of
+        from fedlora.core.contract import payload_start
 
-        start = start_of(s, p, strategy.shapes, strategy.name)
+        start = payload_start(s, p, strategy.shapes, strategy.name)
         if send_start:
             adapter = {m: LoraFactors(f.A.float(), f.B.float(), f.scale) for m, f in start.items()}
         else:
@@ -250,12 +250,12 @@ def test_epsilon_equals_opacus_stepwise_accounting(accountant):
 def test_ledgers_accumulate_per_round_and_per_client():
     central = PrivacyLedger("central", 1.2, 0.5, 1e-4, sample_rate=0.1)
     for _ in range(7):
-        eps = central.record_round([])
+        eps = central.record_central()
     assert eps == pytest.approx(epsilon([(1.2, 0.1, 7)], 1e-4))
-    local = PrivacyLedger("local", 1.0, 0.5, 1e-3)
-    extras = {"dp_steps": 4.0, "dp_sample_rate": 0.25, "dp_noise_multiplier": 1.0}
-    local.record_round([ClientUpdate("a", {}, 1, extras), ClientUpdate("b", {}, 1, extras)])
-    local.record_round([ClientUpdate("a", {}, 1, extras)])
+    # batch 2 of 8 examples: rate 0.25, 4 steps a round
+    local = PrivacyLedger("local", 1.0, 0.5, 1e-3, batch_size=2, steps=4)
+    for client in ("a", "b", "a"):
+        local.record_local(client, 8)
     eps = local.client_epsilons()
     assert eps["a"] == pytest.approx(epsilon([(1.0, 0.25, 8)], 1e-3))
     assert eps["b"] == pytest.approx(epsilon([(1.0, 0.25, 4)], 1e-3)) and eps["b"] < eps["a"]

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora.client import TrainConfig, train_client
-from fedlora.contract import ClientSpec, FedLoraError, LoraFactors, Payload
-from fedlora.engine.tiny import build_tiny
-from fedlora.models import LoraHost, default_target_modules, load_model, quantization_config
+from fedlora.clients.models import LoraHost, default_target_modules, load_model, quantization_config
+from fedlora.clients.tiny import build_tiny
+from fedlora.clients.train import TrainConfig, train_client
+from fedlora.core.contract import ClientSpec, FedLoraError, LoraFactors, Payload
 
 
 def test_missing_bitsandbytes_names_the_key_and_the_extra(monkeypatch):

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedlora.resources import (
+from fedlora.federation.resources import (
     DISTRIBUTIONS,
     RANK_TYPES,
     RankType,

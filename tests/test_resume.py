@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-import fedlora.checkpoint as ckpt
-from fedlora.config import ConfigError, load_preset
+import fedlora.federation.checkpoint as ckpt
 from fedlora.engine import RunStopped, deterministic, run_experiment
+from fedlora.federation.config import ConfigError, load_preset
 
 
 def cfg_for(out, name="hetlora", **extra):

@@ -1,5 +1,5 @@
-"""Update-norm defences (`fedlora.robust`, `fedlora.norms.clip_contribution`) against float64
-numpy references, and per-client fault isolation in the in-process engine: every kind of bad
+"""Update-norm defences (`fedlora.core.robust`, `fedlora.core.norms.clip_contribution`) against
+float64 numpy references, and per-client fault isolation in the in-process engine: every kind of bad
 update, for every strategy, drops its client and the run goes on."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import torch
 from helpers import SHAPES, np_delta
 
 import fedlora.strategies as registry
-from fedlora.config import load_preset
-from fedlora.contract import ClientUpdate, FedLoraError, LoraFactors, Payload
+from fedlora.core.contract import ClientUpdate, FedLoraError, LoraFactors, Payload
+from fedlora.core.norms import clip_contribution, scale_adapter
+from fedlora.core.robust import NormBound, screen_updates, start_of
 from fedlora.engine import run_experiment
-from fedlora.norms import clip_contribution, scale_adapter
-from fedlora.robust import NormBound, screen_updates, start_of
+from fedlora.federation.config import load_preset
 
 # -- the maths, against numpy ------------------------------------------------------------------
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import fedlora.checkpoint as ckpt
-from fedlora import cli
-from fedlora.config import load_preset
-from fedlora.contract import FedLoraError
-from fedlora.engine import client_specs, run_experiment
+import fedlora.federation.checkpoint as ckpt
+from fedlora.cli import commands as cli
+from fedlora.core.contract import FedLoraError
+from fedlora.engine import run_experiment
+from fedlora.federation.build import client_specs
+from fedlora.federation.config import load_preset
 
 FAST = [
     "--rounds", "1", "--clients_per_round", "2", "--data.num_clients", "4",
@@ -249,8 +250,8 @@ def test_checkpoint_refuses_unknown_objects(tmp_path):
 def test_checkpoint_roundtrips_nested_state(tmp_path):
     import numpy as np
 
-    from fedlora.contract import LoraFactors
-    from fedlora.linalg import LowRankSum
+    from fedlora.core.contract import LoraFactors
+    from fedlora.core.linalg import LowRankSum
 
     acc = LowRankSum((5, 4))
     acc.add(torch.randn(5, 2, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64))
@@ -277,7 +278,7 @@ def test_checkpoint_roundtrips_nested_state(tmp_path):
 
 
 def test_partition_plot_aggregates_many_clients(tmp_path):
-    from fedlora import report
+    from fedlora.cli import report
 
     hist = [{"a": i % 7 + 1, "b": 2} for i in range(5000)]
     part = {"key": "task", "sizes": [sum(h.values()) for h in hist], "histograms": hist}
@@ -301,7 +302,7 @@ def test_fedlora_error_is_raised_by_resume_of_an_old_checkpoint(tmp_path):
     ],
 )
 def test_robust_keys_are_validated(key, value, words):
-    from fedlora.config import ConfigError
+    from fedlora.federation.config import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(words)):
         load_preset("tiny", {key: value})

@@ -1,4 +1,4 @@
-"""fedlora.stats: bootstrap coverage on synthetic data with a known mean, paired permutation
+"""fedlora.core.stats: bootstrap coverage on synthetic data with a known mean, paired permutation
 p-values against exact enumeration written here and against scipy."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from fedlora.evaluate import metric_terms
-from fedlora.stats import (
+from fedlora.clients.evaluate import metric_terms
+from fedlora.core.stats import (
     bootstrap_ci,
     paired_bootstrap_ci,
     paired_permutation_test,

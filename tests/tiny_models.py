@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from fedlora.models import LoraHost, default_target_modules
+from fedlora.clients.models import LoraHost, default_target_modules
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

@@ -4,7 +4,7 @@ The contract (`LoraFactors`, `ClientSpec`, `ClientUpdate`, `Payload`, `Strategy`
 extension point for new methods; `fedlora.strategies` holds the methods and their registry.
 """
 
-from fedlora.contract import (
+from fedlora.core.contract import (
     BOTH,
     Adapter,
     ClientSpec,

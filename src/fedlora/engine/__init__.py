@@ -1,24 +1,11 @@
-"""The in-process engine: `run_experiment` simulates every client on one loaded base model."""
+"""The in-process engine: `run_experiment` simulates every client on one loaded base model.
 
-from fedlora.engine.runner import (
-    RunResult,
-    RunStopped,
-    build_strategy,
-    client_specs,
-    deterministic,
-    load_base_model,
-    run_experiment,
-)
-from fedlora.engine.tiny import TINY_MODELS, build_tiny
+It keeps the loop of named steps, the run directory (`rundir`) and its checkpoints; building
+the federation and a round's steps are the federation core's (`fedlora.federation`), which the
+Flower engine calls too. It may import the federation, clients, strategies, core and data
+layers; never `fedlora.flower` or the CLI.
+"""
 
-__all__ = [
-    "TINY_MODELS",
-    "RunResult",
-    "RunStopped",
-    "build_strategy",
-    "build_tiny",
-    "client_specs",
-    "deterministic",
-    "load_base_model",
-    "run_experiment",
-]
+from fedlora.engine.runner import RunResult, RunStopped, deterministic, run_experiment
+
+__all__ = ["RunResult", "RunStopped", "deterministic", "run_experiment"]

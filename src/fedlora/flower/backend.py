@@ -2,7 +2,7 @@
 
 Run config ``experiment`` (a preset name or TOML path, plus ``overrides``) selects an
 `fedlora.flower.experiment.ExperimentBackend`: the engine's model, data and client specs, and
-the engine's client (`fedlora.client.train_client`). Backends are cached per process (a
+the engine's client (`fedlora.clients.train.train_client`). Backends are cached per process (a
 module-level cache keyed by `fedlora.flower.experiment.backend_key`): a process that handles
 several messages (a simulation actor, a long-lived ClientApp process of
 `fedlora.flower.node_runner`, a test's grid) builds the model once. The cache keeps the latest

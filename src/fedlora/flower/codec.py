@@ -33,7 +33,14 @@ from typing import Any
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedlora.contract import Adapter, ClientSpec, ClientUpdate, FedLoraError, LoraFactors, Payload
+from fedlora.core.contract import (
+    Adapter,
+    ClientSpec,
+    ClientUpdate,
+    FedLoraError,
+    LoraFactors,
+    Payload,
+)
 
 META, MERGE, ADAPTER, EXTRAS, METRICS, DENSE = (
     "fedlora.meta",

@@ -6,14 +6,13 @@ Run config keys (``[tool.flwr.app.config]`` or ``flwr run --run-config``):
   for ``fedlora run``;
 * ``overrides``: dotted ``key=value`` pairs separated by spaces, e.g.
   ``"rounds=2 clients_per_round=2 strategy.name=flora"``; values are TOML literals or bare
-  text, parsed to each key's type by `fedlora.config.apply_overrides` (lists:
+  text, parsed to each key's type by `fedlora.federation.config.apply_overrides` (lists:
   ``eval.metrics=["loss", "f1"]`` or ``eval.metrics=loss,f1``).
 
 `ExperimentBackend` builds what a node (and the ServerApp) needs exactly as the in-process
-engine does, by calling the engine's own functions (`fedlora.engine.runner.load_data`,
-`build_split`, `client_specs`, `load_base_model`, `set_threads`) and `LoraHost` with the
-config's dropout, rsLoRA and alpha. Partition id ``i`` is the engine's client ``i`` (its data
-and its `ClientSpec`, client id ``str(i)``), so a Flower run trains the same clients with the
+engine does, with the federation core's `fedlora.federation.build.build_clients`. Partition
+id ``i`` is the engine's client ``i`` (its data and its `ClientSpec`, client id ``str(i)``), so a
+Flower run trains the same clients with the
 same seeds as ``fedlora run``.
 """
 
@@ -25,8 +24,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from fedlora.config import ConfigError, ExperimentConfig, apply_overrides, load_config, to_dict
-from fedlora.contract import Adapter, ClientSpec, ClientUpdate, FedLoraError, Payload
+from fedlora.core.contract import Adapter, ClientSpec, ClientUpdate, FedLoraError, Payload
+from fedlora.federation.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    load_config,
+    to_dict,
+)
 
 LOG = logging.getLogger("fedlora.flower")
 
@@ -57,7 +62,7 @@ def _split(text: str) -> list[str]:
 def parse_overrides(text: str) -> dict[str, str]:
     """``'rounds=2 eval.metrics=["loss", "f1"]'`` -> ``{"rounds": "2", "eval.metrics":
     '["loss", "f1"]'}``: values are split off at whitespace outside quotes and brackets and
-    left as text, parsed to each field's type by `fedlora.config.apply_overrides`."""
+    left as text, parsed to each field's type by `fedlora.federation.config.apply_overrides`."""
     out: dict[str, str] = {}
     for part in _split(str(text or "")):
         key, sep, value = part.partition("=")
@@ -72,7 +77,7 @@ def experiment_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
     source = str(run_config.get("experiment", "") or "tiny")
     cfg = load_config(source, validate=False)
     overrides = parse_overrides(str(run_config.get("overrides", "") or ""))
-    # string values are parsed to each field's type, exactly as `fedlora.config.override`
+    # string values are parsed to each field's type, exactly as `fedlora.federation.config.override`
     return apply_overrides(cfg, overrides, validate=True)
 
 
@@ -86,42 +91,20 @@ def backend_key(cfg: ExperimentConfig) -> tuple:
 
 
 class ExperimentBackend:
-    """The engine's model, data and client specs for one experiment, built once per process.
+    """The federation's client side (`fedlora.federation.build.build_clients`: model, data and
+    client specs) for one experiment, built once per process.
 
     ``train`` and ``evaluate`` hold a lock: the one `LoraHost` serves one client at a time
     (a process running several ClientApps in threads shares it safely).
     """
 
     def __init__(self, cfg: ExperimentConfig) -> None:
-        from fedlora.data import label_mapping
-        from fedlora.engine.runner import (
-            build_host,
-            build_split,
-            client_specs,
-            load_base_model,
-            load_data,
-            placement,
-            set_threads,
-            train_config,
-        )
+        from fedlora.federation.build import build_clients, set_threads
 
         t0 = time.perf_counter()
         self.cfg = cfg  # only its `backend_key` parts are this backend's: see get_backend
         set_threads(cfg.threads)
-        where = placement(cfg)  # this node's device (train.device "auto": its own GPU)
-        self.examples = load_data(cfg)
-        self.split = build_split(cfg, self.examples)
-        self.classifier = cfg.model.kind == "classifier"
-        self.label_to_id = label_mapping(self.examples) if self.classifier else None
-        self.model, self.tokenizer = load_base_model(
-            cfg, len(self.label_to_id) if self.label_to_id is not None else None, where
-        )
-        self.host = build_host(cfg, self.model)
-        self._shapes = self.host.shapes()
-        self.specs: list[ClientSpec] = client_specs(
-            cfg, self.host.module_names(), self._shapes, self.split.train
-        )
-        self.train_cfg = train_config(cfg)
+        self.clients = build_clients(cfg)  # this node's device (train.device "auto": its GPU)
         self.lock = threading.Lock()
         self.load_seconds = time.perf_counter() - t0
         LOG.info(
@@ -129,10 +112,18 @@ class ExperimentBackend:
             self.load_seconds,
         )  # fmt: skip
 
+    @property
+    def specs(self) -> list[ClientSpec]:
+        return self.clients.specs
+
+    @property
+    def split(self):
+        return self.clients.split
+
     # -- what the ServerApp needs -----------------------------------------------------------
 
     def shapes(self) -> dict[str, tuple[int, int]]:
-        return dict(self._shapes)
+        return dict(self.clients.host.shapes())
 
     def training_specs(self) -> dict[int, ClientSpec]:
         """Partition id -> configured `ClientSpec`, for the clients that train."""
@@ -146,26 +137,10 @@ class ExperimentBackend:
             raise FedLoraError(f"partition-id {partition} is not a client of 0..{n - 1}")
         return partition
 
-    def client_data(self, partition: int) -> list:
-        """The client's training examples, as the engine passes them to `train_client`."""
-        c = self._client(partition)
-        ex = [self.examples[i] for i in self.split.train[c]]
-        if self.classifier:
-            from fedlora.data import encode_classification
-
-            return [
-                encode_classification(
-                    self.tokenizer, e, self.label_to_id, self.cfg.train.max_length
-                )
-                for e in ex
-                if e.label is not None
-            ]
-        return ex
-
     def local_dp(self, cfg: ExperimentConfig):
         """The DP-SGD options of `cfg`'s local privacy mode (None in other modes), resolved
         exactly as the in-process engine resolves them (`build_privacy`), cached per setting."""
-        from fedlora.engine.runner import build_privacy
+        from fedlora.federation.build import build_privacy
 
         if cfg.privacy.mode != "local":
             return None
@@ -184,46 +159,41 @@ class ExperimentBackend:
         server_round: int = 0,
         privacy: Any = None,
     ) -> ClientUpdate:
-        """Train the node's client; ``privacy``: its DP-SGD options (`local_dp`)."""
-        from fedlora.client import train_client
+        """Train the node's client (`spec`: the spec the server sent) on partition
+        `partition`'s data; ``privacy``: its DP-SGD options (`local_dp`)."""
+        from fedlora.clients.train import train_client
 
-        data = self.client_data(partition)
+        c = self.clients
+        data = c.client_data(self._client(partition))
         with self.lock:
             return train_client(
-                self.host,
-                spec,
-                payload,
-                data,
-                self.train_cfg,
-                self.tokenizer,
-                server_round=server_round,
-                privacy=privacy,
-            )
+                c.host, spec, payload, data, c.train_cfg, c.tokenizer,
+                server_round=server_round, privacy=privacy,
+            )  # fmt: skip
 
     def evaluate(
         self, delta: Adapter | None, spec: ClientSpec, partition: int, dense: dict | None = None
     ):
         """The global delta (and dense tensors: a classifier head) on the client's held-out
         test examples (``cfg.eval`` settings)."""
-        from fedlora.evaluate import evaluate, task_labels
+        from fedlora.clients.evaluate import evaluate
 
-        c = self._client(partition)
-        e = self.cfg.eval
-        data = [self.examples[i] for i in self.split.test[c]][: e.max_examples]
+        c, e = self.clients, self.cfg.eval
+        data = [c.examples[i] for i in self.split.test[self._client(partition)]][: e.max_examples]
         if not data:
             return {}, 0
-        with self.lock, self.host.use_global(delta or {}, dense) as model:
+        with self.lock, c.host.use_global(delta or {}, dense) as model:
             out = evaluate(
                 model,
-                self.tokenizer,
+                c.tokenizer,
                 data,
                 e.metrics,
                 batch_size=e.batch_size,
                 max_new_tokens=e.max_new_tokens,
                 max_length=self.cfg.train.max_length,
                 kind=self.cfg.model.kind,
-                labels=task_labels(self.examples),
-                label_to_id=self.label_to_id,
+                labels=c.labels,
+                label_to_id=c.label_to_id,
                 per_task=False,
                 precision=self.cfg.train.precision,
             )

@@ -31,7 +31,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord
 
-from fedlora.contract import ClientSpec, FedLoraError
+from fedlora.core.contract import ClientSpec, FedLoraError
 
 DECLARED_KEYS = (
     "client-id",

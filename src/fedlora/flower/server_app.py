@@ -5,8 +5,8 @@ Run config (``flower_app/pyproject.toml``, ``[tool.flwr.app.config]``, or
 
 * ``experiment`` (default ``"tiny"``): a preset name or a TOML experiment path, and
   ``overrides``: ``"key=value ..."`` dotted keys (`fedlora.flower.experiment`). The app builds
-  the model's module shapes, the clients' specs and the strategy with the in-process engine's
-  functions (`fedlora.engine.runner.client_specs`, `build_strategy`), runs ``rounds`` rounds,
+  the model's module shapes, the clients' specs and the strategy with the federation core's
+  functions (`fedlora.federation.build`), runs ``rounds`` rounds,
   samples ``clients_per_round`` nodes per round (seeded from ``seed`` as the engine does).
 * ``min-nodes`` (0: ``clients_per_round``): nodes to wait for before each round;
   ``round-timeout`` (seconds); ``fraction-evaluate`` (evaluate the global delta on that
@@ -43,19 +43,18 @@ def _ints(text: Any) -> list[int]:
 
 def build(run_config: Mapping[str, Any]) -> FlowerStrategy:
     """The `FlowerStrategy` a run config describes (its ``num_rounds`` attribute is set)."""
-    from fedlora.engine.runner import build_privacy, build_strategy, norm_bound
+    from fedlora.federation.build import build_server
     from fedlora.flower.experiment import experiment_config
 
     cfg = experiment_config(run_config)
     backend = get_backend(run_config)  # cached: may be shared with runs of other strategies
     shapes = backend.shapes()
-    ledger = build_privacy(cfg, backend.specs, backend.split.training_clients)
-    strategy = build_strategy(cfg, shapes, backend.specs, ledger)
+    server = build_server(cfg, shapes, backend.specs, backend.split.training_clients)
     k = cfg.sampled_per_round()
     timeout = float(run_config.get("round-timeout", 120))
     rank_types = _ints(run_config.get("rank-types", "")) or list(cfg.resources.ranks or [])
     fs = FlowerStrategy(
-        strategy,
+        server.strategy,
         shapes,
         fraction_evaluate=float(run_config.get("fraction-evaluate", 0.0)),
         min_nodes=int(run_config.get("min-nodes", 0)) or k,
@@ -66,9 +65,8 @@ def build(run_config: Mapping[str, Any]) -> FlowerStrategy:
         sample_seed=cfg.seed,
         client_specs=backend.training_specs(),
         clients_per_round=k,
-        norm_bound=norm_bound(cfg),
+        server=server,
     )
-    fs.privacy = ledger
     fs.num_rounds = cfg.rounds
     fs.result_dir = str(run_config.get("result-dir", "") or "") or cfg.output_dir
     fs.experiment = cfg
@@ -77,7 +75,7 @@ def build(run_config: Mapping[str, Any]) -> FlowerStrategy:
 
 def write_result(fs: FlowerStrategy, result_dir: str) -> None:
     os.makedirs(result_dir, exist_ok=True)
-    delta = fs.strategy.global_delta() if any(r["error"] is None for r in fs.rounds) else {}
+    delta = fs.strategy.global_delta() if any(r["aggregated"] for r in fs.rounds) else {}
     torch.save(
         {m: (f.A, f.B) for m, f in delta.items()}, os.path.join(result_dir, "global_delta.pt")
     )
@@ -97,7 +95,7 @@ def write_result(fs: FlowerStrategy, result_dir: str) -> None:
         result["privacy"] = fs.privacy.summary()
     with open(os.path.join(result_dir, "result.json"), "w") as fh:
         json.dump(result, fh, indent=1)
-    from fedlora.config import dumps_toml
+    from fedlora.federation.config import dumps_toml
 
     with open(os.path.join(result_dir, "config.toml"), "w") as fh:
         fh.write(dumps_toml(cfg))

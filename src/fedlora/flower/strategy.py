@@ -7,8 +7,8 @@ Per round:
    then builds one `Payload` per node with ``strategy.configure(spec, round)`` and sends it with
    the resolved spec. A node whose declaration is invalid is logged and skipped.
 2. ``aggregate_train`` decodes each reply and checks it on its own (error reply, undecodable,
-   then `fedlora.contract.check_update`: wrong client, NaN/Inf, wrong shapes or ranks, LoRA-A2
-   slots), then bounds the contribution norms (`fedlora.robust.screen_updates`, as the
+   then `fedlora.core.contract.check_update`: wrong client, NaN/Inf, wrong shapes or ranks, LoRA-A2
+   slots), then bounds the contribution norms (`fedlora.core.robust.screen_updates`, as the
    in-process engine does) before anything is aggregated; a bad reply is dropped with its
    reason logged, the rest go to ``strategy.aggregate``. The returned metrics say how many
    replies were used.
@@ -31,20 +31,18 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlwrStrategy
 
-from fedlora.config import RobustConfig
-from fedlora.contract import (
+from fedlora.core.contract import (
     ClientSpec,
     ClientUpdate,
     FedLoraError,
     Payload,
     Strategy,
-    check_update,
-    payload_nbytes,
-    update_nbytes,
 )
+from fedlora.core.robust import NormBound
+from fedlora.federation import rounds
+from fedlora.federation.config import RobustConfig
 from fedlora.flower import codec
 from fedlora.flower.nodes import resolve_spec
-from fedlora.robust import NormBound, Start, screen_updates, start_of
 
 HELLO = "query.hello"
 
@@ -59,9 +57,10 @@ class FlowerStrategy(FlwrStrategy):
     client of its ``partition-id`` (see `fedlora.flower.nodes.resolve_spec`).
 
     Sampling: with ``clients_per_round`` k, each round draws k of the ready nodes, ordered by
-    client id, with ``numpy.random.default_rng([sample_seed, 7])`` exactly as the in-process
-    engine draws its clients: when the nodes are the experiment's training clients, a Flower
-    run trains the same clients each round as ``fedlora run``. Fewer ready nodes than k: all
+    client id, with ``numpy.random.default_rng([sample_seed, 7])`` and
+    `fedlora.federation.rounds.sample`, exactly as the in-process engine draws its clients:
+    when the nodes are the experiment's training clients, a Flower run trains the same clients
+    each round as ``fedlora run``. Fewer ready nodes than k: all
     of them train. Without it, ``fraction_train`` of the nodes (all when 1.0).
     """
 
@@ -83,11 +82,15 @@ class FlowerStrategy(FlwrStrategy):
         client_specs: Mapping[int, ClientSpec] | None = None,
         clients_per_round: int | None = None,
         norm_bound: NormBound | None = None,
+        server: rounds.Server | None = None,
     ) -> None:
-        self.strategy = strategy
-        # the engine's defaults (`fedlora.config.RobustConfig`) unless told otherwise
-        self.norm_bound = norm_bound if norm_bound is not None else RobustConfig().bound()
         self.shapes = {m: (int(s[0]), int(s[1])) for m, s in shapes.items()}
+        # the federation's server side (`fedlora.federation.build.build_server`), or `strategy`
+        # with the engine's default bounds (`RobustConfig`) unless told otherwise
+        self.server = server or rounds.Server(
+            strategy, norm_bound if norm_bound is not None else RobustConfig().bound()
+        )
+        self.server.shapes = self.shapes
         self.fraction_train = fraction_train
         self.min_nodes = min_nodes
         self.fraction_evaluate = fraction_evaluate
@@ -104,6 +107,8 @@ class FlowerStrategy(FlwrStrategy):
         self.sampler = np.random.default_rng([sample_seed, 7])
         self._sent: dict[int, tuple[ClientSpec, Payload, int]] = {}  # node -> spec, payload, bytes
         self._messages: dict[int, Message] = {}  # node -> the train message sent to it this round
+        self._tally = rounds.RoundTally()
+        self.totals = rounds.new_totals()
         self._round_start = self._configured_at = time.perf_counter()
         self.rounds: list[dict[str, Any]] = []  # one record per train round (for result files)
         self.eval_rounds: list[dict[str, Any]] = []
@@ -112,8 +117,16 @@ class FlowerStrategy(FlwrStrategy):
         self.num_rounds: int = 1
         self.result_dir: str = ""
         self.experiment: Any = None
-        # the run's privacy accounting (`fedlora.privacy.PrivacyLedger`), None without DP
-        self.privacy: Any = None
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.server.strategy
+
+    @property
+    def privacy(self) -> Any:
+        """The run's privacy accounting (`fedlora.core.privacy.PrivacyLedger`), None without
+        DP."""
+        return self.server.ledger
 
     # -- node identity --------------------------------------------------------------------
 
@@ -222,9 +235,8 @@ class FlowerStrategy(FlwrStrategy):
                 len(ordered),
                 k,
             )
-            return nodes
-        picked = self.sampler.choice(len(ordered), k, replace=False)
-        return sorted(ordered[int(i)] for i in picked)
+            return ordered
+        return rounds.sample(self.sampler, ordered, k)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -241,14 +253,13 @@ class FlowerStrategy(FlwrStrategy):
             chosen = self._sample(ready, self.fraction_train, server_round)
         self._sent = {}
         self._messages = {}
+        self._tally = rounds.RoundTally()
         messages = []
         self.strategy.begin_round(server_round)
         for node in chosen:
             spec = self.specs[node]
-            try:
-                payload = self.strategy.configure(spec, server_round)
-            except FedLoraError as e:
-                log(WARNING, "fedlora: round %s: node %s skipped: %s", server_round, node, e)
+            payload = rounds.configure(self.server, server_round, spec, self._tally)
+            if payload is None:  # dropped, with the reason, by the federation core
                 continue
             content = codec.encode_payload(payload)
             content[codec.SPEC] = codec.encode_spec(spec)
@@ -286,13 +297,14 @@ class FlowerStrategy(FlwrStrategy):
         return msg.metadata.src_node_id
 
     def check_reply(self, server_round: int, msg: Message) -> ClientUpdate:
-        """Decode and check one reply on its own; raise FedLoraError with the reason."""
+        """Decode one reply; raise FedLoraError with the reason (an error reply, undecodable,
+        another client's). Its checks against the payload are the federation core's."""
         node = self.reply_node(msg)
         if node not in self._sent:
             raise FedLoraError(f"reply from node {node}, which was not sent a payload")
         if msg.has_error():
             raise FedLoraError(f"error reply: {msg.error.reason}")
-        spec, payload, _ = self._sent[node]
+        spec = self._sent[node][0]
         declared = msg.content.config_records.get(codec.NODE)
         if declared is not None:  # the node's declaration may change; used from next round
             self.learn(node, dict(declared))
@@ -302,95 +314,63 @@ class FlowerStrategy(FlwrStrategy):
             raise FedLoraError(f"undecodable reply: {e}") from None
         if u.client_id != spec.client_id:
             raise FedLoraError(f"reply claims client {u.client_id!r}, expected {spec.client_id!r}")
-        check_update(self.strategy, server_round, spec, payload, u, shapes=self.shapes)
         return u
+
+    def _replies(self, server_round: int, replies: Iterable[Message]):
+        """This round's `rounds.Reply` per node sent a payload (in the order sent: by client
+        id), the decoded updates and their messages; replies from nodes not sent a payload,
+        or a node's second reply, are ignored with the reason."""
+        got: dict[int, Message] = {}
+        ignored: dict[str, str] = {}
+        for msg in replies:
+            node = self.reply_node(msg)
+            why = (
+                "not sent a payload this round" if node not in self._sent
+                else "second reply in one round" if node in got else None
+            )  # fmt: skip
+            if why is None:
+                got[node] = msg
+                continue
+            ignored[f"node-{node}"] = why
+            log(WARNING, "fedlora: round %s: reply of node %s ignored: %s", server_round, node, why)
+        out: list[rounds.Reply] = []
+        decoded: dict[str, tuple[ClientUpdate, Message]] = {}
+        for node, (spec, payload, _) in self._sent.items():
+            msg = got.get(node)
+            if msg is None:
+                out.append(rounds.Reply(spec, payload, None, "no reply (failed or timed out)"))
+                continue
+            try:
+                u = self.check_reply(server_round, msg)
+            except FedLoraError as e:
+                out.append(rounds.Reply(spec, payload, None, str(e)))
+                continue
+            decoded[spec.client_id] = (u, msg)
+            out.append(rounds.Reply(spec, payload, u))
+        return out, decoded, ignored, len(got)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        # a fixed order (by client id, numeric ids as numbers: the engine's order), whatever
-        # order the replies arrived in
         received_at = time.perf_counter()
-        by_node = [(self.reply_node(m), m) for m in replies]
-        by_node.sort(
-            key=lambda nm: (
-                _natural(self._sent[nm[0]][0].client_id) if nm[0] in self._sent else (2, nm[0], "")
-            )
-        )
-        checked: list[tuple[ClientUpdate, Start]] = []
-        dropped: dict[str, str] = {}
-        up_bytes = up_trained = 0
-        per_client: dict[str, dict[str, float]] = {}
-        seen = set()
-        for node, msg in by_node:
-            who = self._sent[node][0].client_id if node in self._sent else f"node-{node}"
-            if node in seen:
-                dropped[f"{who} (duplicate)"] = "second reply in one round"
-                continue
-            seen.add(node)
-            try:
-                u = self.check_reply(server_round, msg)
-            except FedLoraError as e:
-                dropped[who] = str(e)
-                log(
-                    WARNING,
-                    "fedlora: round %s: dropped reply of node %s (%s): %s",
-                    server_round,
-                    node,
-                    who,
-                    e,
-                )
-                continue
-            checked.append((u, start_of(u, self._sent[node][1])))
-            per_client[u.client_id] = _client_metrics(u, msg)
-            up_bytes += codec.record_nbytes(msg.content)
-            up_trained += update_nbytes(u, self._sent[node][1].trainable)
-        for node in set(self._sent) - seen:
-            who = self._sent[node][0].client_id
-            dropped[who] = "no reply (failed or timed out)"
-            log(WARNING, "fedlora: round %s: node %s (%s) sent no reply", server_round, node, who)
-        screened = screen_updates(checked, self.norm_bound)
-        for who, reason in screened.dropped.items():
-            dropped[who] = reason
-            log(WARNING, "fedlora: round %s: dropped client %s: %s", server_round, who, reason)
-        used = screened.kept
-        error = None
-        if used:
-            try:
-                self.strategy.aggregate(server_round, used)
-            except FedLoraError as e:
-                error = str(e)
-                log(
-                    WARNING,
-                    "fedlora: round %s: aggregation failed, round skipped: %s",
-                    server_round,
-                    e,
-                )
-        else:
-            error = "no usable replies"
-            log(
-                WARNING,
-                "fedlora: round %s: no usable replies; global model unchanged",
-                server_round,
-            )
-        n_used = len(used) if error is None else 0
+        answers, decoded, ignored, received = self._replies(server_round, replies)
+        tally = self._tally
+        row = rounds.close_round(self.server, server_round, answers, tally, self.totals)
+        used = [decoded[c][0] for c in tally.used]
         metrics = MetricRecord(
             {
                 "replies-sent": len(self._sent),
-                "replies-received": len(by_node),
-                "replies-used": n_used,
-                "replies-dropped": len(dropped),
+                "replies-received": received,
+                "replies-used": row["used"],
+                "replies-dropped": len(row["dropped"]),
                 "download-bytes": sum(b for _, _, b in self._sent.values()),
-                "download-payload-nbytes": sum(
-                    payload_nbytes(p) for _, p, _ in self._sent.values()
-                ),
-                "upload-bytes": up_bytes,
-                "upload-trained-nbytes": up_trained,
+                "download-payload-nbytes": row["bytes_down"],
+                "upload-bytes": sum(codec.record_nbytes(m.content) for _, m in decoded.values()),
+                "upload-trained-nbytes": row["bytes_up"],
             }
         )
-        if self.privacy is not None and error is None:
-            metrics["epsilon"] = self.privacy.record_round(used)
-        total = sum(u.num_examples for u in used)
+        if "epsilon" in row:
+            metrics["epsilon"] = row["epsilon"]
         keys = {k for u in used for k, v in u.extras.items() if isinstance(v, float)}
         for k in sorted(keys):
             vals = [
@@ -399,16 +379,13 @@ class FlowerStrategy(FlwrStrategy):
             metrics[k] = sum(n * v for n, v in vals) / max(1, sum(n for n, _ in vals))
         self.rounds.append(
             {
-                "round": server_round,
-                "sent": sorted((s.client_id for s, _, _ in self._sent.values()), key=_natural),
-                "used": [u.client_id for u in used] if error is None else [],
-                "dropped": dropped,
-                "clipped": screened.clipped,
-                "update_norms": screened.norms,
-                "error": error,
-                "num_examples": total,
+                **row,
+                "sent": [s.client_id for s, _, _ in self._sent.values()],
+                "used_clients": list(tally.used),
+                "ignored": ignored,
+                "num_examples": sum(u.num_examples for u in used),
                 "metrics": dict(metrics),
-                "clients": per_client,
+                "client_metrics": {c: _client_metrics(u, m) for c, (u, m) in decoded.items()},
                 # wall time from configure to aggregated, and its parts: configure (incl.
                 # waiting for nodes and hellos), send and receive (messaging and the nodes'
                 # work), checks and aggregation
@@ -418,7 +395,7 @@ class FlowerStrategy(FlwrStrategy):
                 "aggregate_seconds": time.perf_counter() - received_at,
             }
         )
-        if error is not None:
+        if not row["aggregated"]:
             return None, metrics
         return self.global_arrays(), metrics
 

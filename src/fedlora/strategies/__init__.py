@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedlora.contract import FedLoraError, Strategy
+from fedlora.core.contract import FedLoraError, Strategy
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 

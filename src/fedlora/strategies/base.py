@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from fedlora.contract import (
+from fedlora.core.contract import (
     Adapter,
     ClientSpec,
     ClientUpdate,
@@ -21,7 +21,7 @@ from fedlora.contract import (
     Strategy,
     init_lora_A,
 )
-from fedlora.linalg import LowRankSum
+from fedlora.core.linalg import LowRankSum
 
 F64 = torch.float64
 
@@ -103,7 +103,7 @@ def streamed_sums(
     head) are averaged in the same pass and become the strategy's global ones at the end.
 
     Under central DP (``strategy.privacy``) each client's delta is clipped relative to the
-    delta it started from (`fedlora.privacy.delta_update_terms`), weighted by the fixed
+    delta it started from (`fedlora.core.privacy.delta_update_terms`), weighted by the fixed
     1 / clients_per_round, configured clients that sent nothing count as their start, and the
     round's seeded Gaussian noise (dense: every module's sum becomes dense) is added."""
     dp = strategy.privacy
@@ -124,7 +124,7 @@ def streamed_sums(
 
 
 def _private_sums(strategy, server_round, updates, dense_rank) -> dict[str, LowRankSum]:
-    from fedlora.privacy import delta_update_terms
+    from fedlora.core.privacy import delta_update_terms
 
     dp = strategy.privacy
     sums: dict[str, LowRankSum] = {}

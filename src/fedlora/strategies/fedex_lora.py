@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fedlora.contract import Adapter, ClientSpec, ClientUpdate, LoraFactors, Payload
-from fedlora.linalg import LowRankSum, stack
+from fedlora.core.contract import Adapter, ClientSpec, ClientUpdate, LoraFactors, Payload
+from fedlora.core.linalg import LowRankSum, stack
 from fedlora.strategies import register
 from fedlora.strategies.base import homogeneous_ranks, padded_mean
 from fedlora.strategies.fedit import FedIT

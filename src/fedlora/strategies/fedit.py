@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
-from fedlora.contract import (
+from fedlora.core.contract import (
     Adapter,
     ClientSpec,
     ClientUpdate,
@@ -22,7 +22,7 @@ from fedlora.contract import (
     Strategy,
     validate_updates,
 )
-from fedlora.privacy import add_noise_, private_factor_updates
+from fedlora.core.privacy import add_noise_, private_factor_updates
 from fedlora.strategies import register
 from fedlora.strategies.base import factored, homogeneous_ranks, padded_mean, truncate_for
 

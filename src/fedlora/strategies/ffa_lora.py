@@ -3,7 +3,7 @@
 Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024, sec. 4:
 with A_k = A fixed for every client, ``sum_k p_k B_k A = (sum_k p_k B_k) A``, so averaging B
 is exact. Heterogeneous ranks stay exact: a client of rank r holds the first r rows of the
-shared A (`fedlora.contract.init_lora_A` gives every row its own seed), and its B is
+shared A (`fedlora.core.contract.init_lora_A` gives every row its own seed), and its B is
 zero-padded. Needs ``shapes`` to initialise A before any update.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
-from fedlora.contract import (
+from fedlora.core.contract import (
     Adapter,
     ClientSpec,
     ClientUpdate,
@@ -23,7 +23,7 @@ from fedlora.contract import (
     Strategy,
     init_lora_A,
 )
-from fedlora.privacy import add_noise_, private_factor_updates
+from fedlora.core.privacy import add_noise_, private_factor_updates
 from fedlora.strategies import register
 
 F64 = torch.float64

@@ -7,7 +7,7 @@ Client Resources", NeurIPS 2024, sec. 3.2, eq. (2)-(3):
     W_g = U S V^T,   client k of rank r_k:  B_k = U_r S_r / scale_k,  A_k = V_r^T
 
 W_g is the global model's delta (it replaces the previous one each round). The SVD is taken
-from the stacked factors (`fedlora.linalg`), never by a dense d_out x d_in SVD unless the
+from the stacked factors (`fedlora.core.linalg`), never by a dense d_out x d_in SVD unless the
 summed rank makes the dense path cheaper. ``split="sqrt"`` puts sqrt(S) in both factors
 instead of all of S into B (the authors' code does the latter). Unlike the released code,
 every client really gets its own rank. A client whose rank exceeds the global delta's rank
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fedlora.contract import (
+from fedlora.core.contract import (
     Adapter,
     ClientSpec,
     ClientUpdate,
@@ -28,7 +28,7 @@ from fedlora.contract import (
     Strategy,
     module_seed,
 )
-from fedlora.linalg import LowRankSum, rank_r_factors
+from fedlora.core.linalg import LowRankSum, rank_r_factors
 from fedlora.strategies import register
 from fedlora.strategies.base import streamed_sums
 

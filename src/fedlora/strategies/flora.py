@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fedlora.contract import (
+from fedlora.core.contract import (
     Adapter,
     ClientSpec,
     ClientUpdate,

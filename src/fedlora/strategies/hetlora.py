@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from fedlora.contract import ClientSpec, ClientUpdate, LoraFactors
+from fedlora.core.contract import ClientSpec, ClientUpdate, LoraFactors
 from fedlora.strategies import register
 from fedlora.strategies.zero_pad import ZeroPad
 

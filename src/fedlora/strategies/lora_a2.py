@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from fedlora.contract import (
+from fedlora.core.contract import (
     Adapter,
     ClientSpec,
     ClientUpdate,
@@ -193,7 +193,7 @@ class LoRAA2(Strategy):
 
     def _dp_clip(self, u: ClientUpdate, trained: str) -> float:
         """The clip multiplier of `u`'s change of the trained factor on its uploaded slots."""
-        from fedlora.norms import clip_factor
+        from fedlora.core.norms import clip_factor
 
         sq = 0.0
         for module, f in u.adapter.items():

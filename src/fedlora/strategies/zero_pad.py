@@ -11,8 +11,8 @@ from collections.abc import Iterable
 
 import torch
 
-from fedlora.contract import Adapter, ClientSpec, ClientUpdate, Payload, Strategy
-from fedlora.privacy import add_noise_, private_factor_updates
+from fedlora.core.contract import Adapter, ClientSpec, ClientUpdate, Payload, Strategy
+from fedlora.core.privacy import add_noise_, private_factor_updates
 from fedlora.strategies import register
 from fedlora.strategies.base import factored, padded_mean, truncate_for
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from fedlora.config import tomllib
-from fedlora.contract import Adapter, ClientSpec, FedLoraError
+from fedlora.core.contract import Adapter, ClientSpec, FedLoraError
+from fedlora.federation.config import tomllib
+from fedlora.federation.rounds import fmt_bytes
 
 HEADLINE = ("rouge_l", "accuracy", "f1")  # the first of these a run has is its "metric"
 
@@ -120,17 +121,6 @@ def write_run_extras(run_dir: str | Path, delta: Adapter, specs, partition_summa
 # -- tables ----------------------------------------------------------------------------------
 
 
-def fmt_bytes(n: float | None) -> str:
-    """A byte count for tables (``160.6 MB``; ``-`` for none)."""
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)  # pragma: no cover
-
-
 def summary_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per run: final and best eval loss and headline metric on seen clients, unseen
     tasks, bytes up/down, ratio to full fine-tuning, wall time."""
@@ -192,7 +182,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 # -- plots -----------------------------------------------------------------------------------
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,7 +195,7 @@ def plot_run(run: dict[str, Any], out_dir: str | Path | None = None) -> list[Pat
     """The run's PNGs: curves (eval loss and metric by round, 95% CI bands where recorded),
     communication per round, partition histogram and the singular-value spectrum. Returns the
     written paths."""
-    plt = _plt()
+    plt = pyplot()
     out = Path(out_dir or run["dir"]) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     rows, written = run["rows"], []
@@ -224,7 +214,7 @@ def plot_run(run: dict[str, Any], out_dir: str | Path | None = None) -> list[Pat
                     ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set(xlabel="round", ylabel=key, title=f"global model: {key}")
         ax.legend()
-    written.append(_save(fig, out / "curves.png"))
+    written.append(save_figure(fig, out / "curves.png"))
 
     rr = [r for r in rows if r.get("kind") == "round"]
     if rr:
@@ -234,7 +224,7 @@ def plot_run(run: dict[str, Any], out_dir: str | Path | None = None) -> list[Pat
         ax.bar([x + 0.2 for x in xs], [r["bytes_up"] / 2**20 for r in rr], 0.4, label="up")
         ax.set(xlabel="round", ylabel="MiB (all sampled clients)", title="communication per round")
         ax.legend()
-        written.append(_save(fig, out / "communication.png"))
+        written.append(save_figure(fig, out / "communication.png"))
 
     part = run.get("partition")
     if part:
@@ -268,7 +258,7 @@ def _plot_partition(plt, part: dict[str, Any], path: Path) -> Path:
     ax.set(xlabel="client", ylabel="examples", title=f"partition ({part.get('key', 'label')})")
     if 0 < len(keys) <= 20:
         ax.legend(fontsize=6, ncol=2, loc="upper right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _plot_partition_summary(plt, part: dict[str, Any], path: Path) -> Path:
@@ -285,7 +275,7 @@ def _plot_partition_summary(plt, part: dict[str, Any], path: Path) -> Path:
     ax2.bar(range(len(keys)), [totals[k] for k in keys])
     ax2.set_xticks(range(len(keys)), keys, rotation=90, fontsize=6)
     ax2.set(ylabel="examples", title=f"examples per {part.get('key', 'label')}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _plot_spectrum(plt, spec: dict[str, Any], path: Path) -> Path:
@@ -305,49 +295,10 @@ def _plot_spectrum(plt, spec: dict[str, Any], path: Path) -> Path:
         )
     ax2.set_ylabel("relative truncation error at client rank")
     ax2.set_ylim(0, 1.05)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_compare(runs: Sequence[dict[str, Any]], out_dir: str | Path) -> Path:
-    """All labels' curves together: eval loss, accuracy and Rouge-L by round on seen clients
-    (mean over seeds, band: 95% bootstrap CI over examples within seeds, from
-    ``eval_examples.jsonl``; runs without it are drawn without a band), cumulative bytes."""
-    from fedlora.comparison import curve, group_runs
-
-    plt = _plt()
-    evals = [r for run in runs for r in run["rows"] if r.get("kind") == "eval"]
-    keys = ["loss"] + [m for m in ("accuracy", "rouge_l") if any(m in r for r in evals)]
-    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(5 * (len(keys) + 1), 3.8), squeeze=False)
-    for i, (label, group) in enumerate(group_runs(runs).items()):
-        color = f"C{i % 10}"
-        for ax, key in zip(axes[0], keys):
-            xs, ys, lo, hi = curve(group, key)
-            if not xs:  # no per-example values: the first run's curve as recorded
-                xs, ys = eval_curve(group[0]["rows"], key)
-            ax.plot(xs, ys, marker="o", label=label, color=color)
-            if len(xs) == 1 and len(lo) == 1:  # one evaluated round: an error bar
-                err = [[ys[0] - lo[0]], [hi[0] - ys[0]]]
-                ax.errorbar(xs, ys, yerr=err, color=color, capsize=4, linestyle="none")
-            elif xs and len(lo) == len(xs):
-                ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
-            ax.set(xlabel="round", ylabel=key, title=f"seen clients: {key} (95% CI)")
-        rr = [r for r in group[0]["rows"] if r.get("kind") == "round"]
-        axes[0][-1].plot(
-            [r["round"] for r in rr],
-            [(r["bytes_up_total"] + r["bytes_down_total"]) / 2**20 for r in rr],
-            marker="o",
-            label=label,
-            color=color,
-        )
-    axes[0][-1].set(xlabel="round", ylabel="MiB", title="cumulative communication")
-    for ax in axes[0]:
-        ax.legend(fontsize=8)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return _save(fig, out / "compare.png")
-
-
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     for ax in fig.axes:

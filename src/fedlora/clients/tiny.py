@@ -46,7 +46,7 @@ def _minilm_tokenizer() -> Any | None:
     try:
         from transformers import AutoTokenizer
 
-        from fedlora.models import builtin_model_path
+        from fedlora.clients.models import builtin_model_path
 
         return AutoTokenizer.from_pretrained(builtin_model_path("minilm"), local_files_only=True)
     except Exception:  # noqa: BLE001 - the package is optional for tiny models

@@ -5,14 +5,14 @@
   safetensors cache) and ``"minilm"`` (all-MiniLM-L6-v2, an encoder for classification).
 * `default_target_modules`: the LoRA target modules of an architecture, as full module paths.
 * `load_model` places the model on a device, in a storage dtype, optionally quantized to
-  8 or 4 bits by bitsandbytes (`fedlora.device` resolves ``"auto"`` settings).
-* `LoraHost` (defined in `fedlora.host`, re-exported here): ONE base model hosting every
+  8 or 4 bits by bitsandbytes (`fedlora.clients.device` resolves ``"auto"`` settings).
+* `LoraHost` (defined in `fedlora.clients.host`, re-exported here): ONE base model hosting every
   client's heterogeneous LoRA adapter in turn.
 
 Classifier heads and other fully trained modules (peft's ``modules_to_save``)
 --------------------------------------------------------------------------------
 ``LoraHost(..., modules_to_save=[...])`` trains the listed modules in full beside LoRA, as peft
-does for sequence classification (`fedlora.dense_modules`): their parameters travel as
+does for sequence classification (`fedlora.clients.dense_modules`): their parameters travel as
 ``dense`` tensors in `Payload` / `ClientUpdate`, and every strategy averages them by weighted
 FedAvg. `default_modules_to_save` gives a classifier's head (``classifier`` / ``score``), which
 the engine uses by default. A fresh head starts from a seeded, deterministic initialisation
@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedlora.contract import FedLoraError
-from fedlora.device import resolve_device
-from fedlora.host import LoraHost
+from fedlora.clients.device import resolve_device
+from fedlora.clients.host import LoraHost
+from fedlora.core.contract import FedLoraError
 
 __all__ = [
     "LoraHost",
@@ -166,8 +166,8 @@ def load_model(
     AutoModelForSequenceClassification with ``num_labels``. Weights the checkpoint lacks (a
     classifier head) are initialised from a fixed seed, so every process builds the same head.
     A missing pad token is set to EOS. The model is stored in ``dtype`` on ``device`` (resolved
-    as `fedlora.device.resolve_device` does: ``"cuda"`` is the current CUDA device, and one torch
-    cannot see is a `FedLoraError`);
+    as `fedlora.clients.device.resolve_device` does: ``"cuda"`` is the current CUDA device, and
+    one torch cannot see is a `FedLoraError`);
     ``quantization`` ``"8bit"`` / ``"4bit"`` loads the linear layers through bitsandbytes
     (`quantization_config`; ``compute_dtype`` is the 4-bit layers' compute dtype).
     """

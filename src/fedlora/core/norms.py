@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fedlora.contract import Adapter, LoraFactors
+from fedlora.core.contract import Adapter, LoraFactors
 
 F64 = torch.float64
 

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fedlora.contract import FedLoraError
+from fedlora.core.contract import FedLoraError
+from fedlora.core.privacy import LocalDP
 from fedlora.data import collate
-from fedlora.privacy import LocalDP
 
 
 def poisson_batches(n: int, rate: float, steps: int, gen: torch.Generator) -> Iterator[list[int]]:
@@ -74,7 +74,7 @@ class DPSGD:
             raise FedLoraError("DP-SGD: the model has no trainable parameters")
         self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
         self.device = self.params[0].device
-        self.autocast = autocast  # the client's mixed precision (`fedlora.device.Amp`)
+        self.autocast = autocast  # the client's mixed precision (`fedlora.clients.device.Amp`)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(seed % (2**63))
         self.opt = DPOptimizer(
             optimizer,

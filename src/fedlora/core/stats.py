@@ -4,7 +4,7 @@ Every metric fedlora reports is a function of sums over evaluation examples: exa
 contributes a row of terms ``x_i`` (K numbers) and the metric is ``finish(sum_i x_i)``. A
 token-weighted loss has ``x_i = (nll_i, tokens_i)`` and ``finish(s) = s[0] / s[1]``; accuracy
 has ``(correct_i, 1)``; macro-F1 has per-class true/false positive and false negative
-indicators (`fedlora.evaluate.metric_terms` builds them). That one form lets a bootstrap
+indicators (`fedlora.clients.evaluate.metric_terms` builds them). That one form lets a bootstrap
 resample examples by weighting rows with multinomial counts (``W @ X``), and lets a paired
 permutation test swap two methods' rows example by example, without re-running the metric
 code per resample.

@@ -1,8 +1,8 @@
-"""Modules a `fedlora.host.LoraHost` trains in full beside LoRA (peft's ``modules_to_save``):
-a classifier's head, typically.
+"""Modules a `fedlora.clients.host.LoraHost` trains in full beside LoRA (peft's
+``modules_to_save``): a classifier's head, typically.
 
 Their parameters travel as ``dense`` tensors, parameter name (``"classifier.weight"``) ->
-tensor, in `fedlora.contract.Payload` and `ClientUpdate`; every strategy averages them by
+tensor, in `fedlora.core.contract.Payload` and `ClientUpdate`; every strategy averages them by
 weighted FedAvg. Clients are stateless: a name a payload lacks gets the model's original value
 (kept here, on CPU), so the first round starts from the seeded initial head everywhere.
 """
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from fedlora.contract import FedLoraError
+from fedlora.core.contract import FedLoraError
 
 
 class DenseModules:

@@ -172,7 +172,7 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     #: clients may upload fewer slots than configured (HetLoRA's self-pruning)
     rank_may_shrink: ClassVar[bool] = False
-    #: what central DP clips and noises (`fedlora.privacy`): "factors", "B", "trained",
+    #: what central DP clips and noises (`fedlora.core.privacy`): "factors", "B", "trained",
     #: "delta"; empty: the strategy refuses central DP (`dp_refusal` says why)
     dp_released: ClassVar[str] = ""
     dp_refusal: ClassVar[str] = "it does not implement central DP"
@@ -193,7 +193,7 @@ class Strategy(ABC):
         self.shapes = {m: (int(s[0]), int(s[1])) for m, s in (shapes or {}).items()}
         # ranks handed to each client by `configure`, checked against its update
         self.expected_ranks: dict[str, dict[str, int]] = {}
-        # central DP (`fedlora.privacy.CentralDP`, set by the engine) and, while it is on, the
+        # central DP (`fedlora.core.privacy.CentralDP`, set by the engine) and, while it is on, the
         # factors each configured client started from this round (its update is clipped
         # relative to them)
         self.privacy: Any = None
@@ -239,9 +239,8 @@ class Strategy(ABC):
         else:
             self.expected_ranks[client.client_id] = dict(client.ranks)
         if self.privacy is not None:
-            from fedlora.privacy import start_of
-
-            self.dp_starts[client.client_id] = start_of(client, payload, self.shapes, self.name)
+            start = payload_start(client, payload, self.shapes, self.name)
+            self.dp_starts[client.client_id] = start
         return self.with_dense(payload)
 
     def with_dense(self, payload: Payload) -> Payload:
@@ -587,3 +586,24 @@ def update_nbytes(update: ClientUpdate, trainable: Trainable = BOTH) -> int:
         for f in update.adapter.values()
     )
     return n + _nbytes(update.dense or {}) + _nbytes(update.extras)
+
+
+def payload_start(
+    client: Any, payload: Any, shapes: Mapping[str, tuple[int, int]], name: str
+) -> Adapter:
+    """The factors `client` starts from with `payload`: its adapter, or a fresh `init_lora`
+    for modules it leaves to the client (clients are stateless, so this is all it has)."""
+    given = dict(payload.adapter or {})
+    out: Adapter = {}
+    for m, r in client.ranks.items():
+        f = given.get(m)
+        if f is not None:
+            out[m] = f
+            continue
+        if m not in shapes:
+            raise FedLoraError(
+                f"{name}: central DP needs the module shapes (the `shapes` option) to know the "
+                f"fresh factors client {client.client_id} starts module {m} from"
+            )
+        out[m] = init_lora(payload.seed, m, r, shapes[m], client.scale(m), torch.float64)
+    return out

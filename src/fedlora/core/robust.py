@@ -2,7 +2,7 @@
 
 A client's *contribution* is what its training added to the model it was sent:
 ``||delta(update) - delta(start)||_F`` over all modules, computed from the factors
-(`fedlora.norms`, r x r Grams, never the dense matrix). The start is the payload's adapter:
+(`fedlora.core.norms`, r x r Grams, never the dense matrix). The start is the payload's adapter:
 
 * a fresh init (``payload.adapter`` None, FLoRA every round, any strategy's first round) has
   B = 0 and a zero delta, so the contribution is the update's whole delta;
@@ -13,7 +13,7 @@ A client's *contribution* is what its training added to the model it was sent:
 `NormBound` bounds the contribution absolutely (``max_norm``) and relative to the median
 contribution of the round's *other* clients (``max_ratio``; leaving the client itself out
 lets a round of two still reject one giant update). An update over its bound is rejected
-or clipped toward its start (`fedlora.norms.clip_contribution`); the reason names the bound.
+or clipped toward its start (`fedlora.core.norms.clip_contribution`); the reason names the bound.
 The privacy engine reuses `start_of` and the same norms.
 """
 
@@ -26,8 +26,8 @@ from typing import Literal
 
 import torch
 
-from fedlora.contract import ClientUpdate, FedLoraError, LoraFactors, Payload
-from fedlora.norms import clip_contribution, contribution_norm, median
+from fedlora.core.contract import ClientUpdate, FedLoraError, LoraFactors, Payload
+from fedlora.core.norms import clip_contribution, contribution_norm, median
 
 Start = dict[str, LoraFactors | None]
 

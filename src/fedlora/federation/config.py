@@ -1,7 +1,7 @@
 """One typed, validated experiment configuration.
 
 A configuration is a tree of dataclasses loaded from TOML (a file, or one of the built-in
-presets in ``fedlora/presets/``), with command-line style overrides on top::
+presets in ``fedlora/federation/presets/``), with command-line style overrides on top::
 
     cfg = load_config("demo", overrides={"rounds": 5, "strategy.name": "flexlora"})
     cfg = override(cfg, "train.lr", "3e-4")        # a string parsed to the field's type
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from fedlora.contract import FedLoraError
-from fedlora.device import DEVICE_PATTERN
+from fedlora.clients.device import DEVICE_PATTERN
+from fedlora.core.contract import FedLoraError
 
 try:  # Python >= 3.11
     import tomllib
@@ -45,7 +45,7 @@ DEFAULT_METRICS = ("loss", "rouge_l", "accuracy", "f1")
 TINY_MODELS = ("tiny-llama", "tiny-bert")
 # strategies that average A and B separately and so need one rank for every client
 HOMOGENEOUS_ONLY = ("fedit", "fedex_lora")
-NUM_TYPES = 4  # resource types of fedlora.resources
+NUM_TYPES = 4  # resource types of fedlora.federation.resources
 
 
 class ConfigError(FedLoraError):
@@ -91,8 +91,9 @@ class DataConfig:
 
 @dataclass
 class ResourcesConfig:
-    """Clients' LoRA ranks: one of four resource types per client (`fedlora.resources`, after
-    FlexLoRA), drawn from a distribution; each type has a rank per attention / MLP module."""
+    """Clients' LoRA ranks: one of four resource types per client
+    (`fedlora.federation.resources`, after FlexLoRA), drawn from a distribution; each type
+    has a rank per attention / MLP module."""
 
     distribution: Literal[
         "uniform", "heavy_tail_light", "heavy_tail_strong", "normal", "homogeneous", "custom"
@@ -117,7 +118,7 @@ class StrategyConfig:
 
 @dataclass
 class TrainSection:
-    """Local training of one client per round (`fedlora.client.TrainConfig`; its seed is the
+    """Local training of one client per round (`fedlora.clients.train.TrainConfig`; its seed is the
     experiment's)."""
 
     local_steps: int = 10  # optimizer steps per client per round
@@ -156,7 +157,7 @@ class EvalConfig:
 
 @dataclass
 class RobustConfig:
-    """Defences against bad clients (`fedlora.robust`): a client whose update fails a check or
+    """Defences against bad clients (`fedlora.core.robust`): a client whose update fails a check or
     whose contribution norm ||delta - start delta||_F is over a bound is dropped for the round."""
 
     max_update_norm: float | None = None  # absolute bound on a client's contribution norm
@@ -165,15 +166,15 @@ class RobustConfig:
     fatal_drops: bool = False  # stop the run at the first dropped client (debugging)
 
     def bound(self):
-        """These bounds as the `fedlora.robust.NormBound` both engines screen with."""
-        from fedlora.robust import NormBound
+        """These bounds as the `fedlora.core.robust.NormBound` both engines screen with."""
+        from fedlora.core.robust import NormBound
 
         return NormBound(self.max_update_norm, self.max_norm_ratio or None, self.action)
 
 
 @dataclass
 class PrivacyConfig:
-    """Differential privacy (`fedlora.privacy`, docs/privacy.md): client-level on the server
+    """Differential privacy (`fedlora.core.privacy`, docs/privacy.md): client-level on the server
     ("central") or sample-level DP-SGD on each client ("local")."""
 
     mode: Literal["none", "central", "local"] = "none"  # central: server-side; local: DP-SGD
@@ -241,7 +242,7 @@ class ExperimentConfig:
 
 
 def preset_names() -> list[str]:
-    """The built-in presets (``fedlora/presets/*.toml``)."""
+    """The built-in presets (``fedlora/federation/presets/*.toml``)."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 

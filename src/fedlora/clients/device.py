@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlora.contract import FedLoraError
+from fedlora.core.contract import FedLoraError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedlora.contract import FedLoraError, LoraFactors
-from fedlora.linalg import LowRankSum
+from fedlora.core.contract import FedLoraError, LoraFactors
+from fedlora.core.linalg import LowRankSum
 
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # pickle, fedlora < 0.2: never loaded
@@ -167,7 +167,7 @@ def _encode(x: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
         return {TAG: "object", "type": type(x).__qualname__, "state": state}
     raise TypeError(
         f"checkpoint: {where} is a {type(x).__name__}, which a checkpoint cannot hold (use "
-        "tensors, numbers, strings, lists and dicts, or fedlora.checkpoint."
+        "tensors, numbers, strings, lists and dicts, or fedlora.federation.checkpoint."
         "register_checkpoint_type)"
     )
 

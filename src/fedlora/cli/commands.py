@@ -23,7 +23,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.contract import FedLoraError
+from fedlora.core.contract import FedLoraError
 
 LOG = logging.getLogger("fedlora")
 DEMO_STRATEGIES = ["flexlora", "flora", "hetlora", "fedit"]
@@ -44,7 +44,7 @@ def _field_comments(cls: type) -> dict[str, str]:
 
 def _config_fields() -> list[tuple[str, Any, Any, str]]:
     """(dotted key, type, default, description) for every configuration key."""
-    from fedlora.config import ExperimentConfig
+    from fedlora.federation.config import ExperimentConfig
 
     out = []
 
@@ -64,7 +64,7 @@ def _config_fields() -> list[tuple[str, Any, Any, str]]:
 
 
 def _type_label(tp: Any) -> str:
-    from fedlora.config import _type_name
+    from fedlora.federation.config import _type_name
 
     return _type_name(tp)
 
@@ -115,7 +115,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _load_config(args: argparse.Namespace, extra: dict[str, Any] | None = None):
-    from fedlora.config import load_config
+    from fedlora.federation.config import load_config
 
     source = str(args.config) if args.config else (args.preset or "demo")
     return load_config(source, {**_overrides(args), **(extra or {})})
@@ -134,17 +134,13 @@ def _run_one(
     """Run `cfg`, write extras and plots, return the loaded run."""
     import json
 
-    from fedlora import report
-    from fedlora.data import PartitionSummary
+    from fedlora.cli import report
     from fedlora.engine import run_experiment
-    from fedlora.engine.runner import build_split, load_data
 
     result = run_experiment(cfg, resume=resume, overwrite=overwrite, progress=progress)
-    examples = load_data(cfg)
-    split = build_split(cfg, examples)
-    key = "label" if cfg.model.kind == "classifier" else "task"
-    summary = PartitionSummary.from_partition(examples, split.train, key=key)
-    report.write_run_extras(result.run_dir, result.strategy.global_delta(), result.specs, summary)
+    report.write_run_extras(
+        result.run_dir, result.strategy.global_delta(), result.specs, result.partition
+    )
     if label:
         s = dict(result.summary, label=label)
         (result.run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
@@ -154,8 +150,8 @@ def _run_one(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedlora import report
-    from fedlora.config import load_config
+    from fedlora.cli import report
+    from fedlora.federation.config import load_config
 
     if args.resume:
         cfg = load_config(str(Path(args.resume) / "config.toml"), _overrides(args))
@@ -190,7 +186,7 @@ def _seeds(text: str | None, default: int) -> list[int]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedlora.config import HOMOGENEOUS_ONLY
+    from fedlora.federation.config import HOMOGENEOUS_ONLY
 
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     base = _load_config(args)  # validates the shared part before any training
@@ -246,7 +242,7 @@ def _write_comparison(runs, out: Path, baseline: str | None) -> str:
     """compare.json, compare.txt and compare.png of `runs` in `out`; returns the text."""
     import json
 
-    from fedlora import comparison, report
+    from fedlora.cli import comparison
 
     result = comparison.compare(runs, baseline)
     text = comparison.format_compare(result)
@@ -254,7 +250,7 @@ def _write_comparison(runs, out: Path, baseline: str | None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "compare.txt").write_text(text + "\n")
-    report.plot_compare(runs, out)
+    comparison.plot_compare(runs, out)
     return text
 
 
@@ -276,7 +272,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from fedlora import report
+    from fedlora.cli import report
 
     dirs = _run_dirs(args.run_dirs)
     runs = [report.load_run(d) for d in dirs]
@@ -304,7 +300,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from fedlora.config import PRESET_DIR, preset_names
+    from fedlora.federation.config import PRESET_DIR, preset_names
 
     for name in preset_names():
         first = (PRESET_DIR / f"{name}.toml").read_text().splitlines()
@@ -445,7 +441,7 @@ def _raised_by_fedlora(e: BaseException) -> bool:
         tb = tb.tb_next
     if last is None:
         return False
-    package = str(Path(__file__).resolve().parent)
+    package = str(Path(__file__).resolve().parent.parent)  # src/fedlora
     return str(Path(last.tb_frame.f_code.co_filename).resolve()).startswith(package)
 
 

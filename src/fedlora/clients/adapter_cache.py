@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedlora.contract import Adapter, FedLoraError, LoraFactors
+from fedlora.core.contract import Adapter, FedLoraError, LoraFactors
 
 
 class AdapterCache:

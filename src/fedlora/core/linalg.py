@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedlora.contract import FedLoraError, LoraFactors
+from fedlora.core.contract import FedLoraError, LoraFactors
 
 F64 = torch.float64
 

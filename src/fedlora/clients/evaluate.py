@@ -18,7 +18,7 @@ Counts come back as ``n_examples``, ``n_tokens``, ``n_generation``, ``n_classifi
 `evaluate_detailed` also returns the per-example values (`example_columns`: task, summed
 response NLL and token count, Rouge-L, true and predicted label) and, with ``n_boot > 0``, a
 95% bootstrap CI over examples of every metric as ``"{metric}_ci95": [low, high]``. Each metric
-is computed from per-example terms (`metric_terms`) in the form `fedlora.stats` resamples, so
+is computed from per-example terms (`metric_terms`) in the form `fedlora.core.stats` resamples, so
 the point value, its CI and the paired tests of `fedlora compare` share one definition.
 """
 
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedlora.device import Amp, model_device
-from fedlora.stats import Finish, bootstrap_ci, ratio
+from fedlora.clients.device import Amp, model_device
+from fedlora.core.stats import Finish, bootstrap_ci, ratio
 
 METRICS = ("loss", "perplexity", "rouge_l", "accuracy", "f1")
 IGNORE_INDEX = -100
@@ -81,7 +81,7 @@ def macro_f1(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
     return float(_macro_f1_finish(_f1_terms(y_true, y_pred).sum(0)))
 
 
-# -- per-example terms of each metric (see fedlora.stats) ------------------------------------
+# -- per-example terms of each metric (see fedlora.core.stats) ------------------------------------
 
 
 def _accuracy_terms(y_true: Sequence[Any], y_pred: Sequence[Any]) -> np.ndarray:
@@ -281,7 +281,7 @@ def evaluate_detailed(
     `examples` per task). ``label_to_id``: the class ids of an encoder classifier's head
     (default: `fedlora.data.label_mapping` of `examples`). ``kind`` is detected from the model.
     Batches go to the model's device; forward passes and generation run under the autocast of
-    ``precision`` (as in training, `fedlora.device.Amp`); log-probabilities are summed in
+    ``precision`` (as in training, `fedlora.clients.device.Amp`); log-probabilities are summed in
     float64 (autocast leaves float64 alone). ``max_generations``: greedy generations for
     Rouge-L, a fixed evenly spread sample of the generation examples (None: all). ``n_boot``:
     bootstrap resamples of each metric's 95% CI (0: no CIs).

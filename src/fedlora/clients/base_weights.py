@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlora.contract import Adapter, LoraFactors
+from fedlora.core.contract import Adapter, LoraFactors
 
 MODES = ("fold", "branch")
 

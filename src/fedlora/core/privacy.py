@@ -15,9 +15,9 @@ Two modes (``[privacy] mode``):
   - ``"B"`` (ffa_lora): scale * B only, A is public;
   - ``"trained"`` (lora_a2): the uploaded slots of the factor trained this round;
   - ``"delta"`` (flexlora, flora): the effective delta ``scale * B @ A``, whose norm comes from
-    r x r Grams (`fedlora.norms`), never from the dense matrix. Noise on a delta is dense.
+    r x r Grams (`fedlora.core.norms`), never from the dense matrix. Noise on a delta is dense.
 
-* ``"local"`` (sample-level DP-SGD on each client, `fedlora.dp_sgd`): per-example gradient
+* ``"local"`` (sample-level DP-SGD on each client, `fedlora.clients.dp_sgd`): per-example gradient
   clipping and noise on the client's trainable LoRA factors; each client's epsilon
   accumulates over the rounds it takes part in.
 
@@ -31,14 +31,14 @@ Opacus when an epsilon is asked for.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fedlora.contract import (
+from fedlora.core.contract import (
     Adapter,
     ClientUpdate,
     FedLoraError,
@@ -46,7 +46,7 @@ from fedlora.contract import (
     init_lora,
     module_seed,
 )
-from fedlora.norms import adapter_norm, clip_factor
+from fedlora.core.norms import adapter_norm, clip_factor
 
 F64 = torch.float64
 MODES = ("none", "central", "local")
@@ -147,9 +147,10 @@ class PrivacyLedger:
     """The run's privacy accounting, the same in every engine.
 
     Central mode: one history for the whole population (each round: noise multiplier,
-    client sampling rate, 1 step). Local mode: a history per client, extended by the DP-SGD
-    steps each round it takes part in reports (``extras["dp_steps"]``, ``["dp_sample_rate"]``).
-    `state_dict` / `load_state_dict` make a resumed run account exactly as an uninterrupted one.
+    client sampling rate, 1 step). Local mode: a history per client, extended each round it
+    is sent a payload by the DP-SGD steps its size implies (`record_local`: the server's own
+    count, never what the client reports). `state_dict` / `load_state_dict` make a resumed run
+    account exactly as an uninterrupted one.
     """
 
     mode: str
@@ -160,18 +161,27 @@ class PrivacyLedger:
     sample_rate: float = 1.0  # central: clients_per_round / num_clients
     history: list[Step] = field(default_factory=list)
     clients: dict[str, list[Step]] = field(default_factory=dict)
+    # local mode: a client's DP-SGD batch size, steps (or epochs) per round
+    batch_size: int = 1
+    steps: int = 1
+    epochs: int | None = None
 
-    def record_round(self, updates: Iterable[ClientUpdate]) -> float:
-        """Account for one round given its used updates; returns the running epsilon."""
-        if self.mode == "central":
-            self.history.append((self.noise_multiplier, self.sample_rate, 1))
-        elif self.mode == "local":
-            for u in updates:
-                steps = int(u.extras.get("dp_steps", 0))
-                q = float(u.extras.get("dp_sample_rate", 0.0))
-                sigma = float(u.extras.get("dp_noise_multiplier", self.noise_multiplier))
-                self.clients.setdefault(u.client_id, []).append((sigma, q, steps))
+    def record_central(self) -> float:
+        """Account for one released round of central mode; returns the running epsilon."""
+        self.history.append((self.noise_multiplier, self.sample_rate, 1))
         return self.epsilon()
+
+    def record_local(self, client_id: str, num_examples: int) -> None:
+        """Account for one round of DP-SGD on client `client_id` of `num_examples` examples:
+        Poisson rate `local_sample_rate`, `local_steps` steps (as `fedlora.clients.train`
+        runs them)."""
+        n = max(1, int(num_examples))
+        step = (
+            self.noise_multiplier,
+            local_sample_rate(n, self.batch_size),
+            local_steps(n, self.batch_size, self.steps, self.epochs),
+        )
+        self.clients.setdefault(client_id, []).append(step)
 
     def client_epsilons(self) -> dict[str, float]:
         return {c: epsilon(h, self.delta, self.accountant) for c, h in self.clients.items()}
@@ -273,12 +283,15 @@ def plan(
         delta=float(delta),
         accountant=accountant,
         sample_rate=q if mode == "central" else 1.0,
+        batch_size=int(batch_size),
+        steps=int(steps),
+        epochs=epochs,
     )
 
 
 @dataclass(frozen=True)
 class LocalDP:
-    """DP-SGD options of a client (`fedlora.dp_sgd`): per-example clip norm and noise
+    """DP-SGD options of a client (`fedlora.clients.dp_sgd`): per-example clip norm and noise
     multiplier."""
 
     clip_norm: float
@@ -402,7 +415,7 @@ def delta_update_terms(
 ) -> tuple[dict[str, list[tuple[Tensor, Tensor, float]]], float]:
     """Per module, the terms ``(G, A, w)`` of ``start + c (delta - start)`` (effective deltas
     ``G @ A``, G = scale * B), with c clipping the update's global delta norm
-    ``||delta - start||`` (from r x r Grams, `fedlora.norms.adapter_norm`). Returns (terms,
+    ``||delta - start||`` (from r x r Grams, `fedlora.core.norms.adapter_norm`). Returns (terms,
     norm before clipping)."""
     who = f"client {update.client_id}"
     starts = {m: start.get(m) for m in update.adapter}
@@ -437,27 +450,6 @@ def attach_central(strategy: Any, dp: CentralDP) -> Any:
         raise FedLoraError(f"privacy.mode = 'central': strategy {strategy.name}: {reason}")
     strategy.privacy = dp
     return strategy
-
-
-def start_of(
-    client: Any, payload: Any, shapes: Mapping[str, tuple[int, int]], name: str
-) -> Adapter:
-    """The factors `client` starts from with `payload`: its adapter, or a fresh `init_lora`
-    for modules it leaves to the client (clients are stateless, so this is all it has)."""
-    given = dict(payload.adapter or {})
-    out: Adapter = {}
-    for m, r in client.ranks.items():
-        f = given.get(m)
-        if f is not None:
-            out[m] = f
-            continue
-        if m not in shapes:
-            raise FedLoraError(
-                f"{name}: central DP needs the module shapes (the `shapes` option) to know the "
-                f"fresh factors client {client.client_id} starts module {m} from"
-            )
-        out[m] = init_lora(payload.seed, m, r, shapes[m], client.scale(m), F64)
-    return out
 
 
 def _take_starts(strategy: Any, updates: Sequence[ClientUpdate]) -> tuple[dict, list]:

@@ -13,7 +13,7 @@ metric and task of the last evaluated round, `compare` gives per label:
   and ``p_value`` (two-sided paired permutation test: the two runs' values are swapped example
   by example within each seed).
 
-The per-example values come from each run's ``eval_examples.jsonl`` (`fedlora.evaluate`'s
+The per-example values come from each run's ``eval_examples.jsonl`` (`fedlora.clients.evaluate`'s
 columns), so everything here can be rebuilt from run directories.
 """
 
@@ -21,15 +21,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedlora.config import HOMOGENEOUS_ONLY
-from fedlora.contract import FedLoraError
-from fedlora.evaluate import METRICS, metric_terms
-from fedlora.report import fmt_bytes
-from fedlora.stats import bootstrap_ci, paired_bootstrap_ci, paired_permutation_test, t_interval
+from fedlora.cli.report import eval_curve, pyplot, save_figure
+from fedlora.clients.evaluate import METRICS, metric_terms
+from fedlora.core.contract import FedLoraError
+from fedlora.core.stats import (
+    bootstrap_ci,
+    paired_bootstrap_ci,
+    paired_permutation_test,
+    t_interval,
+)
+from fedlora.federation.config import HOMOGENEOUS_ONLY
+from fedlora.federation.rounds import fmt_bytes
 
 LEVEL = 0.95
 LOWER_IS_BETTER = ("loss", "perplexity")
@@ -116,7 +123,7 @@ def compare(
     n_perm: int = 10000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The comparison of `runs` (from `fedlora.report.load_run`) described in the module
+    """The comparison of `runs` (from `fedlora.cli.report.load_run`) described in the module
     docstring, as a JSON-ready dict; `baseline` is a label (default: `default_baseline`)."""
     groups = group_runs(runs)
     labels = list(groups)
@@ -392,3 +399,40 @@ def curve(
         los.append(lo)
         his.append(hi)
     return xs, ms, los, his
+
+
+def plot_compare(runs: Sequence[dict[str, Any]], out_dir: str | Path) -> Path:
+    """All labels' curves together: eval loss, accuracy and Rouge-L by round on seen clients
+    (mean over seeds, band: 95% bootstrap CI over examples within seeds, from
+    ``eval_examples.jsonl``; runs without it are drawn without a band), cumulative bytes."""
+    plt = pyplot()
+    evals = [r for run in runs for r in run["rows"] if r.get("kind") == "eval"]
+    keys = ["loss"] + [m for m in ("accuracy", "rouge_l") if any(m in r for r in evals)]
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(5 * (len(keys) + 1), 3.8), squeeze=False)
+    for i, (label, group) in enumerate(group_runs(runs).items()):
+        color = f"C{i % 10}"
+        for ax, key in zip(axes[0], keys):
+            xs, ys, lo, hi = curve(group, key)
+            if not xs:  # no per-example values: the first run's curve as recorded
+                xs, ys = eval_curve(group[0]["rows"], key)
+            ax.plot(xs, ys, marker="o", label=label, color=color)
+            if len(xs) == 1 and len(lo) == 1:  # one evaluated round: an error bar
+                err = [[ys[0] - lo[0]], [hi[0] - ys[0]]]
+                ax.errorbar(xs, ys, yerr=err, color=color, capsize=4, linestyle="none")
+            elif xs and len(lo) == len(xs):
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
+            ax.set(xlabel="round", ylabel=key, title=f"seen clients: {key} (95% CI)")
+        rr = [r for r in group[0]["rows"] if r.get("kind") == "round"]
+        axes[0][-1].plot(
+            [r["round"] for r in rr],
+            [(r["bytes_up_total"] + r["bytes_down_total"]) / 2**20 for r in rr],
+            marker="o",
+            label=label,
+            color=color,
+        )
+    axes[0][-1].set(xlabel="round", ylabel="MiB", title="cumulative communication")
+    for ax in axes[0]:
+        ax.legend(fontsize=8)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, out / "compare.png")

@@ -4,7 +4,7 @@ gradient clipping and the learning-rate schedule.
 One optimizer step consumes ``grad_accum_steps`` micro-batches. Each micro-batch's mean loss
 is weighted by its share of the step's target tokens (examples, for a classifier), so ``k``
 micro-batches of ``b`` examples give the gradient of one batch of ``k * b`` examples with a
-token-weighted mean loss. Forward passes run under `fedlora.device.Amp` autocast; backward,
+token-weighted mean loss. Forward passes run under `fedlora.clients.device.Amp` autocast; backward,
 clipping and AdamW run on the float32 LoRA factors (fp16 through a gradient scaler).
 """
 
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from fedlora.contract import FedLoraError
-from fedlora.device import Amp
+from fedlora.clients.device import Amp
+from fedlora.core.contract import FedLoraError
 
 SCHEDULERS = ("constant", "linear", "cosine")
 IGNORE_INDEX = -100

@@ -1,16 +1,16 @@
 """`LoraHost`: one loaded base model hosting every client's heterogeneous LoRA adapter in turn.
 
 ``prepare(spec, payload)`` validates the payload against the model, applies its ``merge`` to the
-base weights (`fedlora.base_weights.BaseWeights`), activates a peft adapter with the payload's
-per-module ranks (`fedlora.adapter_cache.AdapterCache`: one cached adapter per rank
-configuration, no model copy per client), loads the factors and freezes per
+base weights (`fedlora.clients.base_weights.BaseWeights`), activates a peft adapter with the
+payload's per-module ranks (`fedlora.clients.adapter_cache.AdapterCache`: one cached adapter
+per rank configuration, no model copy per client), loads the factors and freezes per
 ``payload.trainable``. ``use_global(delta, dense)`` evaluates the original base plus a delta;
 ``save_adapter`` / ``merge_and_save`` export a delta for plain peft / transformers. Modules in
 ``modules_to_save`` (a classifier's head) are trained in full and exchanged as ``dense``
-tensors (`fedlora.dense_modules`).
+tensors (`fedlora.clients.dense_modules`).
 
-The host computes on the device its model lives on (`fedlora.models.load_model` puts it there);
-factors enter and leave (`read_adapter`) as CPU float32, so strategies never see a device.
+The host computes on the device its model lives on (`fedlora.clients.models.load_model` puts it
+there); factors enter and leave (`read_adapter`) as CPU float32, so strategies never see a device.
 Adapter keys are base-model module paths (``model.layers.0.self_attn.q_proj``), never peft's
 ``base_model.model.`` prefixed names.
 """
@@ -28,9 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedlora.adapter_cache import AdapterCache
-from fedlora.base_weights import BaseWeights, is_quantized
-from fedlora.contract import (
+from fedlora.clients.adapter_cache import AdapterCache
+from fedlora.clients.base_weights import BaseWeights, is_quantized
+from fedlora.clients.dense_modules import DenseModules
+from fedlora.clients.device import float32_outputs
+from fedlora.core.contract import (
     Adapter,
     ClientSpec,
     FedLoraError,
@@ -39,8 +41,6 @@ from fedlora.contract import (
     check_factors,
     init_lora,
 )
-from fedlora.dense_modules import DenseModules
-from fedlora.device import float32_outputs
 
 
 class LoraHost:
@@ -51,7 +51,7 @@ class LoraHost:
     from its spec (``spec.scale(module)``) or from the payload factors' ``scale``.
     ``max_adapters``: how many peft adapters (rank configurations) stay cached.
     ``merge_mode``: how merges reach the base weights, ``"fold"`` or ``"branch"`` (default: fold
-    for float32 weights, branch otherwise; see `fedlora.base_weights`).
+    for float32 weights, branch otherwise; see `fedlora.clients.base_weights`).
     ``modules_to_save``: module paths (or suffixes) trained in full and federated as dense
     tensors; they must not overlap the LoRA targets.
     """

@@ -1,4 +1,4 @@
-"""Client-side local training: one client's round on a `fedlora.models.LoraHost`.
+"""Client-side local training: one client's round on a `fedlora.clients.models.LoraHost`.
 
 `train_client` prepares the host for the client's payload, trains the trainable LoRA factors
 with AdamW (B's learning rate may be scaled, LoRA+ style), and returns a `ClientUpdate`. It
@@ -22,8 +22,9 @@ global RNG inside `torch.random.fork_rng`, both seeded from (``cfg.seed``, clien
 the caller's global RNG state is left untouched. Global thread settings are not changed.
 
 The step loop (micro-batches, gradient accumulation, autocast, clipping, learning-rate
-schedule) is `fedlora.local_steps`; device and precision policy is `fedlora.device`. Batches
-and the active factors live on the host's device; the returned update is CPU float32.
+schedule) is `fedlora.clients.local_steps`; device and precision policy is
+`fedlora.clients.device`. Batches and the active factors live on the host's device; the
+returned update is CPU float32.
 """
 
 from __future__ import annotations
@@ -36,7 +37,16 @@ from typing import Any
 
 import torch
 
-from fedlora.contract import (
+from fedlora.clients.device import (
+    DEVICE_PATTERN,
+    PRECISIONS,
+    Amp,
+    resolve_device,
+    resolve_precision,
+)
+from fedlora.clients.host import LoraHost
+from fedlora.clients.local_steps import SCHEDULERS, gradient_checkpointing, lr_factor, run_steps
+from fedlora.core.contract import (
     ClientSpec,
     ClientUpdate,
     FedLoraError,
@@ -45,9 +55,6 @@ from fedlora.contract import (
     module_seed,
 )
 from fedlora.data import collate, encode_example
-from fedlora.device import DEVICE_PATTERN, PRECISIONS, Amp, resolve_device, resolve_precision
-from fedlora.host import LoraHost
-from fedlora.local_steps import SCHEDULERS, gradient_checkpointing, lr_factor, run_steps
 from fedlora.strategies.hetlora import pruned_rank, self_pruning_penalty
 from fedlora.strategies.lora_a2 import masked_upload, select_slots
 
@@ -64,11 +71,11 @@ class TrainConfig:
     ``max_length`` truncates pre-tokenized examples and is used when tokenizing raw ones.
 
     ``device``: must be the host's (``"auto"``: wherever the host's model lives; an explicit
-    device names where `fedlora.models.load_model` should have put it). ``precision``: autocast
-    of the forward passes, ``"fp32"`` | ``"bf16"`` | ``"fp16"`` | ``"auto"`` (bf16 where the
-    device computes it natively, see `fedlora.device`); the LoRA factors and AdamW state stay
-    float32. Its default here is ``"fp32"`` (a library call computes exactly what it did
-    before); the experiment configuration's ``train.precision`` defaults to ``"auto"``.
+    device names where `fedlora.clients.models.load_model` should have put it). ``precision``:
+    autocast of the forward passes, ``"fp32"`` | ``"bf16"`` | ``"fp16"`` | ``"auto"`` (bf16
+    where the device computes it natively, see `fedlora.clients.device`); the LoRA factors and
+    AdamW state stay float32. Its default here is ``"fp32"`` (a library call computes exactly
+    what it did before); the experiment configuration's ``train.precision`` defaults to ``"auto"``.
     ``grad_accum_steps`` micro-batches of ``batch_size`` make one optimizer step.
     ``lr_scheduler`` (``"constant"`` | ``"linear"`` | ``"cosine"``) after ``warmup_steps``
     runs over one client's local steps of one round (clients are stateless between rounds).
@@ -222,7 +229,7 @@ def _client_device(host: LoraHost, cfg: TrainConfig, who: str) -> torch.device:
         if not same:
             raise FedLoraError(
                 f"{who}: TrainConfig.device = {cfg.device!r} but the host's model is on "
-                f"{device}; load it there (fedlora.models.load_model(..., device=...))"
+                f"{device}; load it there (fedlora.clients.models.load_model(..., device=...))"
             )
     return device
 
@@ -262,9 +269,9 @@ def train_client(
 ) -> ClientUpdate:
     """Train `spec`'s client locally on `examples` starting from `payload`; see the module doc.
 
-    ``privacy`` (a `fedlora.dp_sgd.LocalDP`): train with sample-level DP-SGD instead (Poisson
-    batches, per-example clipping and noise; ``cfg.grad_clip`` does not apply) and report
-    ``dp_steps``, ``dp_sample_rate`` and ``dp_noise_multiplier`` in the extras.
+    ``privacy`` (a `fedlora.clients.dp_sgd.LocalDP`): train with sample-level DP-SGD instead
+    (Poisson batches, per-example clipping and noise; ``cfg.grad_clip`` does not apply) and
+    report     ``dp_steps``, ``dp_sample_rate`` and ``dp_noise_multiplier`` in the extras.
 
     ``examples``: pre-tokenized dicts (``input_ids`` and ``labels`` with -100 on ignored
     positions for causal LMs; ``input_ids`` and an int ``label``/``labels`` for classifiers),
@@ -406,10 +413,10 @@ def _client_side(
 def _train_dp(
     model, opt, data, cfg, gen, privacy, pad_id, seed, amp
 ) -> tuple[list[float], dict[str, float]]:
-    """The local steps under DP-SGD (`fedlora.dp_sgd`): each non-empty batch's mean
+    """The local steps under DP-SGD (`fedlora.clients.dp_sgd`): each non-empty batch's mean
     per-example loss, and the accounting extras."""
-    from fedlora.dp_sgd import DPSGD, poisson_batches
-    from fedlora.privacy import local_sample_rate, local_steps
+    from fedlora.clients.dp_sgd import DPSGD, poisson_batches
+    from fedlora.core.privacy import local_sample_rate, local_steps
 
     n = len(data)
     q = local_sample_rate(n, cfg.batch_size)

@@ -1,0 +1,102 @@
+"""The run directory of the in-process engine: refusing to clobber a run, clearing one on
+``overwrite``, checking that a checkpoint belongs to the configuration, and the JSONL files a
+run appends to."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fedlora.core.contract import FedLoraError
+from fedlora.federation.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT, atomic_write_text
+from fedlora.federation.config import ConfigError, ExperimentConfig, diff, from_dict, to_dict
+
+#: files whose presence means a directory holds a run (refused without resume or overwrite)
+RUN_FILES = ("metrics.jsonl", "summary.json", CHECKPOINT, LEGACY_CHECKPOINT)
+#: what a run writes there, removed by ``overwrite`` (nothing else in the directory is touched)
+RUN_OUTPUTS = (
+    "config.toml",
+    "partition.json",
+    "spectrum.json",
+    "adapter",
+    "merged",
+    "plots",
+    *RUN_FILES,
+)
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run over one that is there, unless told to resume or overwrite."""
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite: choose one (continue the run, or replace it)")
+    held = [n for n in RUN_FILES if (run_dir / n).exists()]
+    if held and not resume and not overwrite:
+        raise FedLoraError(
+            f"{run_dir} already holds a run ({', '.join(held)}); continue it with "
+            f"`fedlora run --resume {run_dir}`, replace it with --overwrite, or choose another "
+            "--output-dir"
+        )
+
+
+def clear_run_dir(run_dir: Path, log: logging.Logger) -> None:
+    """Remove what an earlier run wrote in `run_dir` (``overwrite``), and nothing else."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        p = run_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        log.info("overwrite: removed %s from %s", ", ".join(removed), run_dir)
+
+
+def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, run_dir: Path) -> None:
+    """The checkpoint in `run_dir` was written by this configuration (`rounds` may grow)."""
+    saved = from_dict(state["config"])
+    changed = diff(saved, cfg, ignore=("output_dir", "threads", "rounds"))
+    if cfg.rounds < int(state["round"]):
+        raise ConfigError(
+            f"rounds = {cfg.rounds}: the checkpoint in {run_dir} is already at round "
+            f"{state['round']}; resume with rounds >= {state['round']} or use a new output_dir"
+        )
+    if changed:
+        raise ConfigError(
+            f"cannot resume {run_dir}: the configuration differs from the checkpointed "
+            f"one in {', '.join(changed)} (checkpointed: "
+            + ", ".join(f"{k} = {_get(saved, k)!r}" for k in changed[:3])
+            + "); use the original values or a new output_dir"
+        )
+
+
+class Jsonl:
+    """An append-only JSONL file, rewritten from `rows` when opened."""
+
+    def __init__(self, path: Path, rows: list[dict[str, Any]]) -> None:
+        self.path = path
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def append(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def rows_before(path: Path, start: int) -> list[dict[str, Any]]:
+    """The rows of a JSONL file from rounds before `start` (a resumed run rewrites the rest)."""
+    if start <= 1 or not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["round"] < start]
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node: Any = to_dict(cfg)
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node

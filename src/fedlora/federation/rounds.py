@@ -1,0 +1,249 @@
+"""One round of federated training, as steps both engines call.
+
+An engine samples (`sample`), configures each chosen client (`configure`), reaches the
+clients its own way (in process, or through Flower messages), and hands their answers to
+`close_round` as `Reply` objects, lazily if it likes (the in-process engine trains each client
+when the aggregation asks for its update). `close_round` then, for every reply:
+
+1. `accept`: count its bytes, account its privacy cost (local DP: every client that was sent
+   a payload, with the steps the server asked for), check it against its payload
+   (`fedlora.core.contract.check_update`); a failure is a drop with its reason;
+2. `screen`: the norm bounds (`fedlora.core.robust.screen_updates`);
+3. `aggregate`: fold the kept updates into the strategy (none: the global model is unchanged);
+4. `round_row`: the round's metrics row, with the epsilon spent so far.
+
+One policy each, the same in every engine (docs/INTERFACES.md):
+
+* a client that fails (raises, no reply, a check or a bound) is dropped for the round with a
+  reason; ``robust.fatal_drops`` makes the first drop stop the run;
+* an aggregation error stops the run: every update had passed its checks, so the error is
+  the method's or the server state's, and the strategy may be half-updated; the last
+  checkpoint (the round before) is intact;
+* local DP accounts every client that was sent a payload, whether or not its update is used
+  and whatever it reports, with the DP-SGD steps its spec implies; central DP accounts a round
+  when noise was released.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedlora.core.contract import (
+    ClientSpec,
+    ClientUpdate,
+    FedLoraError,
+    Payload,
+    Strategy,
+    check_update,
+    payload_nbytes,
+    update_nbytes,
+)
+from fedlora.core.privacy import PrivacyLedger
+from fedlora.core.robust import NormBound, Start, screen_updates, start_of
+
+LOG = logging.getLogger("fedlora.federation")
+
+
+@dataclass
+class Server:
+    """The server side of a federation: the strategy, the norm bounds of the screen, the
+    privacy ledger (None without DP), whether a drop stops the run, and the bytes of a float32
+    full fine-tuning update of the same modules (one way), for the communication ratio."""
+
+    strategy: Strategy
+    bound: NormBound = field(default_factory=NormBound)
+    ledger: PrivacyLedger | None = None
+    fatal_drops: bool = False
+    full_ft: int = 0
+    shapes: dict[str, tuple[int, int]] | None = None  # checked against, when set
+
+
+@dataclass
+class Reply:
+    """A sampled client's answer to `payload`: its update, or why it has none (``error``)."""
+
+    spec: ClientSpec
+    payload: Payload
+    update: ClientUpdate | None = None
+    error: str | None = None
+
+
+@dataclass
+class RoundTally:
+    """What a round's steps count: bytes (as data: `payload_nbytes`, `update_nbytes`),
+    replies, training time, and per client its loss and contribution norm (kept updates), why
+    it was dropped, or the fraction kept by a clip."""
+
+    down: int = 0
+    up: int = 0
+    replies: int = 0
+    t_train: float = 0.0
+    clients: list[str] = field(default_factory=list)
+    losses: list[tuple[float, int]] = field(default_factory=list)
+    used: list[str] = field(default_factory=list)
+    norms: dict[str, float] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    clipped: dict[str, float] = field(default_factory=dict)
+    sent: list[ClientSpec] = field(default_factory=list)  # accounted under local DP
+
+
+def new_totals() -> dict[str, int]:
+    """The running totals a run carries from round to round (and checkpoints)."""
+    return {"bytes_down": 0, "bytes_up": 0, "participations": 0}
+
+
+def sample(sampler: np.random.Generator, candidates: Sequence[Any], k: int) -> list[Any]:
+    """Step 1: `k` of `candidates` drawn without replacement by `sampler` (seeded and
+    checkpointed by the engine), in the candidates' order."""
+    picked = sampler.choice(len(candidates), k, replace=False)
+    return [candidates[int(i)] for i in sorted(picked)]
+
+
+def drop(server: Server, tally: RoundTally, rnd: int, client: str, reason: str) -> None:
+    """Drop `client` for round `rnd` with `reason` (stops the run under ``fatal_drops``)."""
+    tally.dropped[client] = reason
+    LOG.warning("round %d: client %s dropped: %s", rnd, client, reason)
+    if server.fatal_drops:
+        raise FedLoraError(f"round {rnd}: client {client} dropped: {reason} (robust.fatal_drops)")
+
+
+def configure(server: Server, rnd: int, spec: ClientSpec, tally: RoundTally) -> Payload | None:
+    """Step 2: the payload of `spec` for round `rnd`, counted; None (and the client's drop)
+    when the strategy cannot configure it: nothing is sent to it."""
+    tally.clients.append(spec.client_id)
+    try:
+        payload = server.strategy.configure(spec, rnd)
+    except FedLoraError as e:
+        drop(server, tally, rnd, spec.client_id, f"cannot configure: {e}")
+        return None
+    tally.down += payload_nbytes(payload)
+    tally.sent.append(spec)
+    return payload
+
+
+def accept(
+    server: Server, rnd: int, reply: Reply, tally: RoundTally
+) -> tuple[ClientUpdate, Start] | None:
+    """Step 3: count `reply` and check its update against its payload; None (and a drop with
+    the reason) when it has no usable update."""
+    spec, update = reply.spec, reply.update
+    if update is not None:
+        tally.replies += 1
+        tally.up += update_nbytes(update, reply.payload.trainable)
+    if reply.error is not None or update is None:
+        drop(server, tally, rnd, spec.client_id, reply.error or "no reply")
+        return None
+    try:
+        check_update(server.strategy, rnd, spec, reply.payload, update, shapes=server.shapes)
+    except FedLoraError as e:
+        drop(server, tally, rnd, spec.client_id, str(e))
+        return None
+    return update, start_of(update, reply.payload)
+
+
+def screen(
+    server: Server, rnd: int, items: Iterable[tuple[ClientUpdate, Start]], tally: RoundTally
+) -> Iterator[ClientUpdate]:
+    """Step 4: the norm bounds (`fedlora.core.robust.screen_updates`). A relative bound needs
+    the round's norms, so the round is gathered first; an absolute one screens the stream."""
+    batches = [list(items)] if server.bound.needs_round else ([item] for item in items)
+    for batch in batches:
+        result = screen_updates(batch, server.bound)
+        tally.norms.update(result.norms)
+        tally.clipped.update(result.clipped)
+        for client, reason in result.dropped.items():
+            drop(server, tally, rnd, client, reason)
+        for u in result.kept:
+            tally.losses.append((float(u.extras.get("train_loss", math.nan)), u.num_examples))
+            tally.used.append(u.client_id)
+            yield u
+
+
+def aggregate(server: Server, rnd: int, updates: Iterator[ClientUpdate]) -> bool:
+    """Step 5: fold the kept updates into the strategy; with none, leave the global model
+    unchanged. Returns whether anything was aggregated. An aggregation error stops the run
+    (see the module docstring)."""
+    first = next(updates, None)
+    if first is None:
+        LOG.warning("round %d: no usable update; the global model is unchanged", rnd)
+        return False
+    try:
+        server.strategy.aggregate(rnd, itertools.chain([first], updates))
+    except FedLoraError as e:
+        raise FedLoraError(f"round {rnd}: aggregation failed: {e}") from None
+    return True
+
+
+def account(server: Server, tally: RoundTally, aggregated: bool) -> dict[str, float]:
+    """The round's privacy records: ``{"epsilon": ...}`` (nothing without DP)."""
+    ledger = server.ledger
+    if ledger is None:
+        return {}
+    if ledger.mode == "local":
+        for spec in tally.sent:
+            ledger.record_local(spec.client_id, spec.num_examples or 1)
+        return {"epsilon": ledger.epsilon()}
+    if aggregated:  # central: a round counts when noise was released
+        ledger.record_central()
+    return {"epsilon": ledger.epsilon()}
+
+
+def round_row(
+    server: Server, rnd: int, tally: RoundTally, aggregated: bool, totals: dict[str, int]
+) -> dict[str, Any]:
+    """Step 6: the round's metrics row (``kind="round"``), after `account`; `totals` grow."""
+    totals["bytes_down"] += tally.down
+    totals["bytes_up"] += tally.up
+    totals["participations"] += tally.replies
+    n_total = sum(n for _, n in tally.losses)
+    privacy = account(server, tally, aggregated)
+    return {
+        "kind": "round",
+        "round": rnd,
+        "clients": list(tally.clients),
+        "replies": tally.replies,
+        "used": len(tally.losses),
+        "aggregated": aggregated,
+        "dropped": dict(tally.dropped),
+        "clipped": dict(tally.clipped),
+        "update_norms": dict(tally.norms),
+        "train_loss": sum(v * n for v, n in tally.losses) / n_total if n_total else None,
+        "bytes_down": tally.down,
+        "bytes_up": tally.up,
+        "bytes_down_total": totals["bytes_down"],
+        "bytes_up_total": totals["bytes_up"],
+        "full_ft_bytes_total": 2 * server.full_ft * totals["participations"],
+        **privacy,
+    }
+
+
+def close_round(
+    server: Server,
+    rnd: int,
+    replies: Iterable[Reply],
+    tally: RoundTally,
+    totals: dict[str, int],
+) -> dict[str, Any]:
+    """Steps 3-6 over `replies` (consumed lazily: a streaming strategy holds one update at a
+    time): the round's row. The same in every engine."""
+    items = (item for r in replies if (item := accept(server, rnd, r, tally)) is not None)
+    aggregated = aggregate(server, rnd, screen(server, rnd, items, tally))
+    return round_row(server, rnd, tally, aggregated, totals)
+
+
+def fmt_bytes(n: float | None) -> str:
+    """A byte count for logs and tables (``160.6 MB``; ``-`` for none)."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
