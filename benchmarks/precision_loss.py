@@ -28,9 +28,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from fedlora.clients.device import float32_outputs  # noqa: E402
-from fedlora.clients.train import _features, _pad_id, train_client  # noqa: E402
+from fedlora.clients.train import _features, train_client  # noqa: E402
 from fedlora.core.contract import Payload  # noqa: E402
-from fedlora.data import collate  # noqa: E402
+from fedlora.data import (
+    collate,  # noqa: E402
+    pad_id,  # noqa: E402
+)
 from fedlora.federation.build import build_clients  # noqa: E402
 from fedlora.federation.config import load_preset, override  # noqa: E402
 
@@ -76,7 +79,7 @@ def main() -> None:
             host, tok = fed.host, fed.tokenizer
             spec, data = fed.specs[c], fed.client_data(c)
             feats = _features(data, tok, fed.train_cfg.max_length, "benchmark")
-            pad = _pad_id(tok, host.model)
+            pad = pad_id(tok, host.model)
             if "LoRA sums" in v:
                 for h in host.output_hooks:
                     h.remove()

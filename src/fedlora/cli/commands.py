@@ -186,7 +186,7 @@ def _seeds(text: str | None, default: int) -> list[int]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedlora.federation.config import HOMOGENEOUS_ONLY
+    import fedlora.strategies as registry
 
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     base = _load_config(args)  # validates the shared part before any training
@@ -207,7 +207,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if name != base.strategy.name:  # the base's options belong to its own strategy
                 extra["strategy.options"] = {}
             label = name
-            if name in HOMOGENEOUS_ONLY and base.heterogeneous():
+            known = name in registry.names()
+            if known and registry.get_class(name).homogeneous_only and base.heterogeneous():
                 # the bucket-effect baseline: every client trains the smallest rank
                 extra["resources.distribution"] = "homogeneous"
                 extra["resources.homogeneous_type"] = 1

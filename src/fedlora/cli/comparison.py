@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+import fedlora.strategies as registry
 from fedlora.cli.report import eval_curve, pyplot, save_figure
 from fedlora.clients.evaluate import METRICS, metric_terms
 from fedlora.core.contract import FedLoraError
@@ -35,7 +36,6 @@ from fedlora.core.stats import (
     paired_permutation_test,
     t_interval,
 )
-from fedlora.federation.config import HOMOGENEOUS_ONLY
 from fedlora.federation.rounds import fmt_bytes
 
 LEVEL = 0.95
@@ -68,7 +68,7 @@ def group_runs(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
 def default_baseline(labels: Sequence[str], strategies: Sequence[str]) -> str:
     """The homogeneous-rank FedIT-style run if there is one, else the first label."""
     for label, strategy in zip(labels, strategies):
-        if strategy in HOMOGENEOUS_ONLY:
+        if strategy in registry.names() and registry.get_class(strategy).homogeneous_only:
             return label
     return labels[0]
 

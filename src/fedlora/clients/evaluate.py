@@ -169,14 +169,6 @@ def model_kind(model: Any) -> str:
     return "classifier" if name.endswith("ForSequenceClassification") else "causal"
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if v is not None:
-            return int(v)
-    return 0
-
-
 def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -374,10 +366,10 @@ def _spread(items: Sequence[int], k: int | None) -> list[int]:
 def _eval_causal(model, tokenizer, examples, metrics, batch_size, max_new_tokens, max_length,
                  labels, max_generations=None):  # fmt: skip
     from fedlora.data.examples import Example
-    from fedlora.data.prompts import encode_example
+    from fedlora.data.prompts import encode_example, pad_id
 
     device = model_device(model)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer, model)
     rows: list[dict[str, Any]] = [{"task": e.task} for e in examples]
     if "loss" in metrics or "perplexity" in metrics:
         enc = [encode_example(tokenizer, e, max_length) for e in examples]
@@ -438,13 +430,13 @@ def _eval_causal(model, tokenizer, examples, metrics, batch_size, max_new_tokens
 
 
 def _eval_classifier(model, tokenizer, examples, batch_size, max_length, label_to_id):
-    from fedlora.data.prompts import encode_classification, label_mapping
+    from fedlora.data.prompts import encode_classification, label_mapping, pad_id
 
     examples = [e for e in examples if e.label is not None]
     label_to_id = dict(label_to_id or label_mapping(examples))
     id_to_label = {i: lab for lab, i in label_to_id.items()}
     device = model_device(model)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer, model)
     rows: list[dict[str, Any]] = []
     enc = [encode_classification(tokenizer, e, label_to_id, max_length) for e in examples]
     for idx in _batches(list(range(len(enc))), batch_size):

@@ -55,6 +55,7 @@ from fedlora.core.contract import (
     module_seed,
 )
 from fedlora.data import collate, encode_example
+from fedlora.data import pad_id as padding_id
 from fedlora.strategies.hetlora import pruned_rank, self_pruning_penalty
 from fedlora.strategies.lora_a2 import masked_upload, select_slots
 
@@ -206,17 +207,6 @@ def _steps(micro: list[list[int]], k: int) -> list[list[list[int]]]:
     return [micro[i : i + k] for i in range(0, len(micro), k)]
 
 
-def _pad_id(tokenizer: Any, model: torch.nn.Module) -> int:
-    for source in (tokenizer, getattr(model, "config", None)):
-        pid = getattr(source, "pad_token_id", None) if source is not None else None
-        if pid is not None:
-            return int(pid)
-    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    return int(eos) if eos is not None else 0
-
-
 # -- training ----------------------------------------------------------------------------------
 
 
@@ -293,7 +283,7 @@ def train_client(
     model = host.prepare(spec, payload)
     before = host.read_adapter() if budget is not None else None
     opt, params = _optimizer(host, cfg, who, payload)
-    pad_id = _pad_id(tokenizer, model)
+    pad_id = padding_id(tokenizer, model)
     lam = float(het.get("lambda", 0.0)) if het else 0.0
     gamma = float(het.get("gamma", 1.0)) if het else 1.0
     lora = host.lora_weights() if lam > 0 else {}

@@ -21,7 +21,9 @@ Conventions
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -176,6 +178,49 @@ class Strategy(ABC):
     #: "delta"; empty: the strategy refuses central DP (`dp_refusal` says why)
     dp_released: ClassVar[str] = ""
     dp_refusal: ClassVar[str] = "it does not implement central DP"
+    #: averages A and B separately, so every client must train the same ranks
+    homogeneous_only: ClassVar[bool] = False
+    #: options the engine sets from the experiment (never the user's)
+    engine_options: ClassVar[frozenset[str]] = frozenset({"shapes", "seed"})
+
+    @classmethod
+    def option_names(cls) -> set[str] | None:
+        """Keyword options the class accepts (its ``__init__`` chain up to `Strategy`), or
+        None when one of them takes arbitrary keywords that do not reach `Strategy`."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            params = inspect.signature(init).parameters.values()
+            kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            names |= {q.name for q in params if q.kind in kinds} - {"self"}
+            if not any(q.kind is q.VAR_KEYWORD for q in params):
+                return names
+        return names
+
+    @classmethod
+    def option_problems(cls, options: Mapping[str, Any], privacy_mode: str = "none") -> list[str]:
+        """What is wrong with `options` (``strategy.options``) for this method under
+        ``privacy.mode`` `privacy_mode`, one message per problem naming its key; subclasses
+        add their own rules (calling this first)."""
+        problems = []
+        accepted = cls.option_names()
+        for key in options:
+            if key in cls.engine_options:
+                problems.append(f"strategy.options.{key}: set by the engine; remove it")
+            elif accepted is not None and key not in accepted:
+                hint = difflib.get_close_matches(key, sorted(accepted), n=1)
+                problems.append(
+                    f"strategy.options.{key}: {cls.name} has no option {key!r}"
+                    + (f"; did you mean {hint[0]!r}?" if hint else "")
+                    + f" (options: {', '.join(sorted(accepted - cls.engine_options))})"
+                )
+        if privacy_mode == "central" and not cls.dp_released:
+            problems.append(
+                f"privacy.mode = 'central': strategy {cls.name} refuses it: {cls.dp_refusal}"
+            )
+        return problems
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ from fedlora.data.prompts import (
     encode_classification,
     encode_example,
     label_mapping,
+    pad_id,
     plain_prompt,
     prompt_text,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "TaskInfo",
     "builtin_tasks",
     "collate",
+    "pad_id",
     "encode_classification",
     "encode_example",
     "label_mapping",

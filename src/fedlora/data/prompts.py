@@ -120,6 +120,24 @@ def encode_classification(
     return out
 
 
+def pad_id(tokenizer: Any, model: Any = None) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else the model config's, else
+    the end-of-sequence token (the first of a list), else 0."""
+    config = getattr(model, "config", None)
+    for source, attr in (
+        (tokenizer, "pad_token_id"),
+        (config, "pad_token_id"),
+        (tokenizer, "eos_token_id"),
+        (config, "eos_token_id"),
+    ):
+        v = getattr(source, attr, None) if source is not None else None
+        if isinstance(v, (list, tuple)):
+            v = v[0] if v else None
+        if v is not None:
+            return int(v)
+    return 0
+
+
 def collate(
     batch: Sequence[Mapping[str, Any]], pad_token_id: int, *, padding_side: str = "right"
 ) -> dict[str, Any]:

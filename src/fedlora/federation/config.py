@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import inspect
 import json
 import math
 import types
@@ -44,7 +43,6 @@ METRICS = ("loss", "perplexity", "rouge_l", "accuracy", "f1")
 DEFAULT_METRICS = ("loss", "rouge_l", "accuracy", "f1")
 TINY_MODELS = ("tiny-llama", "tiny-bert")
 # strategies that average A and B separately and so need one rank for every client
-HOMOGENEOUS_ONLY = ("fedit", "fedex_lora")
 NUM_TYPES = 4  # resource types of fedlora.federation.resources
 
 
@@ -563,119 +561,157 @@ def validate_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def _problems(cfg: ExperimentConfig) -> list[str]:
-    p: list[str] = []
-    m, d, r, t, e = cfg.model, cfg.data, cfg.resources, cfg.train, cfg.eval
+class _Problems(list):
+    """The problems found so far, one message each (naming its key and the fix)."""
 
-    def need(ok: bool, msg: str) -> None:
+    def need(self, ok: bool, msg: str) -> None:
         if not ok:
-            p.append(msg)
+            self.append(msg)
 
-    def fraction(key: str, v: float, lo_open=True, hi_closed=True):
+    def fraction(self, key: str, v: float, lo_open: bool = True, hi_closed: bool = True) -> None:
         lo = v > 0 if lo_open else v >= 0
         hi = v <= 1 if hi_closed else v < 1
         if not (lo and hi and math.isfinite(v)):
             interval = ("(" if lo_open else "[") + "0, 1" + ("]" if hi_closed else ")")
-            p.append(f"{key} = {v}: must be a fraction in {interval}")
+            self.append(f"{key} = {v}: must be a fraction in {interval}")
 
-    need(cfg.rounds >= 1, f"rounds = {cfg.rounds}: must be >= 1")
-    need(cfg.threads >= 0, f"threads = {cfg.threads}: must be >= 0 (0 = all cores)")
-    need(bool(cfg.output_dir), "output_dir: must not be empty")
-    # model
-    need(bool(m.name), "model.name: must not be empty (e.g. 'smollm2', 'minilm', 'tiny-llama')")
-    need(m.alpha > 0 and math.isfinite(m.alpha), f"model.alpha = {m.alpha}: must be > 0")
-    need(0 <= m.dropout < 1, f"model.dropout = {m.dropout}: must be in [0, 1)")
+
+def _problems(cfg: ExperimentConfig) -> list[str]:
+    """Every problem of `cfg`, section by section."""
+    p = _Problems()
+    p.need(cfg.rounds >= 1, f"rounds = {cfg.rounds}: must be >= 1")
+    p.need(cfg.threads >= 0, f"threads = {cfg.threads}: must be >= 0 (0 = all cores)")
+    p.need(bool(cfg.output_dir), "output_dir: must not be empty")
+    for section in (
+        _model_problems,
+        _data_problems,
+        _sampling_problems,
+        _resources_problems,
+        _train_problems,
+        _eval_problems,
+        _robust_problems,
+        _strategy_problems,
+        _privacy_problems,
+    ):
+        section(cfg, p)
+    return p
+
+
+def _model_problems(cfg: ExperimentConfig, p: _Problems) -> None:
+    m = cfg.model
+    p.need(bool(m.name), "model.name: must not be empty (e.g. 'smollm2', 'minilm', 'tiny-llama')")
+    p.need(m.alpha > 0 and math.isfinite(m.alpha), f"model.alpha = {m.alpha}: must be > 0")
+    p.need(0 <= m.dropout < 1, f"model.dropout = {m.dropout}: must be in [0, 1)")
     if m.target_modules is not None:
-        need(len(m.target_modules) > 0, "model.target_modules: empty; leave it out for defaults")
+        p.need(len(m.target_modules) > 0, "model.target_modules: empty; leave it out for defaults")
     if m.modules_to_save is not None:
-        need(
+        p.need(
             all(isinstance(x, str) and x for x in m.modules_to_save),
             f"model.modules_to_save = {m.modules_to_save!r}: must be module names",
         )
-    if m.name == "tiny-bert" or m.name == "minilm":
-        need(m.kind == "classifier", f"model.kind: {m.name} is an encoder; set kind = 'classifier'")
+    if m.name in ("tiny-bert", "minilm"):
+        p.need(
+            m.kind == "classifier", f"model.kind: {m.name} is an encoder; set kind = 'classifier'"
+        )
     if m.name in ("tiny-llama", "smollm2"):
-        need(m.kind == "causal", f"model.kind: {m.name} is a causal LM; set kind = 'causal'")
-    # data
-    need(d.num_clients >= 1, f"data.num_clients = {d.num_clients}: must be >= 1")
-    need(
+        p.need(m.kind == "causal", f"model.kind: {m.name} is a causal LM; set kind = 'causal'")
+    if m.quantization != "none":
+        p.need(
+            m.name not in TINY_MODELS,
+            f"model.quantization = {m.quantization!r}: {m.name} is built in memory; quantize a "
+            "saved model (model.name = a path or hub id)",
+        )
+
+
+def _data_problems(cfg: ExperimentConfig, p: _Problems) -> None:
+    d = cfg.data
+    p.need(d.num_clients >= 1, f"data.num_clients = {d.num_clients}: must be >= 1")
+    p.need(
         d.dirichlet_alpha > 0 and math.isfinite(d.dirichlet_alpha),
         f"data.dirichlet_alpha = {d.dirichlet_alpha}: must be > 0 (small = skewed)",
     )
-    need(d.classes_per_client >= 1, f"data.classes_per_client = {d.classes_per_client}: >= 1")
-    fraction("data.test_fraction", d.test_fraction, hi_closed=False)
-    fraction("data.heldout_clients", d.heldout_clients, lo_open=False, hi_closed=False)
+    p.need(d.classes_per_client >= 1, f"data.classes_per_client = {d.classes_per_client}: >= 1")
+    p.fraction("data.test_fraction", d.test_fraction, hi_closed=False)
+    p.fraction("data.heldout_clients", d.heldout_clients, lo_open=False, hi_closed=False)
     if d.max_examples_per_client is not None:
-        need(
+        p.need(
             d.max_examples_per_client >= 1,
             f"data.max_examples_per_client = {d.max_examples_per_client}: must be >= 1 "
             "(leave it out for no limit)",
         )
     if d.tasks is not None:
-        need(len(d.tasks) > 0, "data.tasks: empty; leave it out for every task")
+        p.need(len(d.tasks) > 0, "data.tasks: empty; leave it out for every task")
         missing = sorted(set(d.heldout_tasks) - set(d.tasks))
-        need(
+        p.need(
             not missing,
             f"data.heldout_tasks: {missing} are not in data.tasks; add them there "
             "(data.tasks lists every task loaded, held-out ones included)",
         )
-        need(
+        p.need(
             set(d.tasks) - set(d.heldout_tasks) != set(),
             "data.heldout_tasks: every task in data.tasks is held out; keep one to train on",
         )
     if d.num_clients >= 1 and d.heldout_clients > 0:
-        need(
+        p.need(
             cfg.num_train_clients() >= 1,
             f"data.heldout_clients = {d.heldout_clients} leaves no training client; lower it",
         )
-    # sampling
-    c = cfg.clients_per_round
+
+
+def _sampling_problems(cfg: ExperimentConfig, p: _Problems) -> None:
+    c, d = cfg.clients_per_round, cfg.data
     if isinstance(c, float):
-        fraction("clients_per_round", c)
-    else:
-        need(c >= 1, f"clients_per_round = {c}: must be >= 1 (or a fraction in (0, 1])")
-        n = cfg.num_train_clients()
-        need(
-            c <= n,
-            f"clients_per_round = {c}: more than the {n} training clients "
-            f"(data.num_clients = {d.num_clients}"
-            + (f", {cfg.num_heldout_clients()} held out" if cfg.num_heldout_clients() else "")
-            + f"); lower it to <= {n} or raise data.num_clients",
-        )
-    # resources
+        p.fraction("clients_per_round", c)
+        return
+    p.need(c >= 1, f"clients_per_round = {c}: must be >= 1 (or a fraction in (0, 1])")
+    n = cfg.num_train_clients()
+    p.need(
+        c <= n,
+        f"clients_per_round = {c}: more than the {n} training clients "
+        f"(data.num_clients = {d.num_clients}"
+        + (f", {cfg.num_heldout_clients()} held out" if cfg.num_heldout_clients() else "")
+        + f"); lower it to <= {n} or raise data.num_clients",
+    )
+
+
+def _resources_problems(cfg: ExperimentConfig, p: _Problems) -> None:
+    r = cfg.resources
     for key in ("ranks", "mlp_ranks", "custom_share"):
         v = getattr(r, key)
         if v is not None:
-            need(
+            p.need(
                 len(v) == NUM_TYPES,
                 f"resources.{key} has {len(v)} entries; give one per resource type "
                 f"({NUM_TYPES}), or leave it out for the defaults",
             )
     for key in ("ranks", "mlp_ranks"):
         for i, k in enumerate(getattr(r, key) or []):
-            need(k >= 1, f"resources.{key}[{i}] = {k}: a LoRA rank must be >= 1")
+            p.need(k >= 1, f"resources.{key}[{i}] = {k}: a LoRA rank must be >= 1")
     if r.rank_divisor is not None:
-        need(
+        p.need(
             r.rank_divisor > 0 and math.isfinite(r.rank_divisor),
             f"resources.rank_divisor = {r.rank_divisor}: must be > 0",
         )
-    if r.rank_cap_fraction is not None:
-        fraction("resources.rank_cap_fraction", r.rank_cap_fraction)
-    if r.share is not None:
-        fraction("resources.share", r.share)
+    for key in ("rank_cap_fraction", "share"):
+        if getattr(r, key) is not None:
+            p.fraction(f"resources.{key}", getattr(r, key))
     if r.homogeneous_rank is not None:
-        need(
+        p.need(
             r.homogeneous_rank >= 1,
             f"resources.homogeneous_rank = {r.homogeneous_rank}: a LoRA rank must be >= 1",
         )
     if r.homogeneous_type is not None:
-        need(
+        p.need(
             1 <= r.homogeneous_type <= NUM_TYPES,
             f"resources.homogeneous_type = {r.homogeneous_type}: must be a type 1..{NUM_TYPES}",
         )
+    _distribution_problems(r, p)
+
+
+def _distribution_problems(r: ResourcesConfig, p: _Problems) -> None:
     if r.distribution != "homogeneous":
         for key in ("homogeneous_rank", "homogeneous_type"):
-            need(
+            p.need(
                 getattr(r, key) is None,
                 f"resources.{key}: only used with distribution = 'homogeneous' (it is "
                 f"{r.distribution!r}); remove it or set resources.distribution = 'homogeneous'",
@@ -687,7 +723,7 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
                 f"clients per type, {NUM_TYPES} numbers)"
             )
         else:
-            need(
+            p.need(
                 all(x >= 0 for x in r.custom_share) and sum(r.custom_share) > 0,
                 f"resources.custom_share = {r.custom_share}: shares must be >= 0, not all 0",
             )
@@ -696,45 +732,47 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
             f"resources.custom_share: only used with distribution = 'custom' (it is "
             f"{r.distribution!r}); remove it or set resources.distribution = 'custom'"
         )
-    # train
-    need(t.local_steps >= 1, f"train.local_steps = {t.local_steps}: must be >= 1")
-    need(t.batch_size >= 1, f"train.batch_size = {t.batch_size}: must be >= 1")
-    need(t.lr > 0 and math.isfinite(t.lr), f"train.lr = {t.lr}: must be > 0")
-    need(t.weight_decay >= 0, f"train.weight_decay = {t.weight_decay}: must be >= 0")
-    need(t.max_length >= 8, f"train.max_length = {t.max_length}: must be >= 8 tokens")
+
+
+def _train_problems(cfg: ExperimentConfig, p: _Problems) -> None:
+    t = cfg.train
+    p.need(t.local_steps >= 1, f"train.local_steps = {t.local_steps}: must be >= 1")
+    p.need(t.batch_size >= 1, f"train.batch_size = {t.batch_size}: must be >= 1")
+    p.need(t.lr > 0 and math.isfinite(t.lr), f"train.lr = {t.lr}: must be > 0")
+    p.need(t.weight_decay >= 0, f"train.weight_decay = {t.weight_decay}: must be >= 0")
+    p.need(t.max_length >= 8, f"train.max_length = {t.max_length}: must be >= 8 tokens")
     if t.epochs is not None:
-        need(t.epochs >= 1, f"train.epochs = {t.epochs}: must be >= 1 (or none: local_steps)")
-    need(t.b_lr_multiplier > 0, f"train.b_lr_multiplier = {t.b_lr_multiplier}: must be > 0")
-    need(t.grad_clip >= 0, f"train.grad_clip = {t.grad_clip}: must be >= 0 (0: no clipping)")
-    need(
+        p.need(t.epochs >= 1, f"train.epochs = {t.epochs}: must be >= 1 (or none: local_steps)")
+    p.need(t.b_lr_multiplier > 0, f"train.b_lr_multiplier = {t.b_lr_multiplier}: must be > 0")
+    p.need(t.grad_clip >= 0, f"train.grad_clip = {t.grad_clip}: must be >= 0 (0: no clipping)")
+    p.need(
         bool(DEVICE_PATTERN.match(t.device)),
         f"train.device = {t.device!r}: choose 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
     )
-    need(t.grad_accum_steps >= 1, f"train.grad_accum_steps = {t.grad_accum_steps}: must be >= 1")
-    need(t.warmup_steps >= 0, f"train.warmup_steps = {t.warmup_steps}: must be >= 0")
+    p.need(
+        t.grad_accum_steps >= 1, f"train.grad_accum_steps = {t.grad_accum_steps}: must be >= 1"
+    )
+    p.need(t.warmup_steps >= 0, f"train.warmup_steps = {t.warmup_steps}: must be >= 0")
     if t.epochs is None:
-        need(
+        p.need(
             t.warmup_steps < t.local_steps or t.warmup_steps == 0,
             f"train.warmup_steps = {t.warmup_steps}: must be below train.local_steps "
             f"({t.local_steps}), or the schedule never leaves warm-up",
         )
-    if m.quantization != "none":
-        need(
-            m.name not in TINY_MODELS,
-            f"model.quantization = {m.quantization!r}: {m.name} is built in memory; quantize a "
-            "saved model (model.name = a path or hub id)",
-        )
-    # eval
-    need(e.every >= 1, f"eval.every = {e.every}: must be >= 1")
-    need(e.max_examples >= 1, f"eval.max_examples = {e.max_examples}: must be >= 1")
-    need(e.batch_size >= 1, f"eval.batch_size = {e.batch_size}: must be >= 1")
-    need(e.max_new_tokens >= 1, f"eval.max_new_tokens = {e.max_new_tokens}: must be >= 1")
+
+
+def _eval_problems(cfg: ExperimentConfig, p: _Problems) -> None:
+    e = cfg.eval
+    p.need(e.every >= 1, f"eval.every = {e.every}: must be >= 1")
+    p.need(e.max_examples >= 1, f"eval.max_examples = {e.max_examples}: must be >= 1")
+    p.need(e.batch_size >= 1, f"eval.batch_size = {e.batch_size}: must be >= 1")
+    p.need(e.max_new_tokens >= 1, f"eval.max_new_tokens = {e.max_new_tokens}: must be >= 1")
     if e.max_generations is not None:
-        need(
+        p.need(
             e.max_generations >= 1,
             f"eval.max_generations = {e.max_generations}: must be >= 1 (none: every example)",
         )
-    need(e.bootstrap >= 0, f"eval.bootstrap = {e.bootstrap}: must be >= 0 (0: no CIs)")
+    p.need(e.bootstrap >= 0, f"eval.bootstrap = {e.bootstrap}: must be >= 0 (0: no CIs)")
     for i, name in enumerate(e.metrics):
         if name not in METRICS:
             hint = difflib.get_close_matches(name, METRICS, n=1)
@@ -743,138 +781,89 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
                 + (f"; did you mean {hint[0]!r}?" if hint else "")
                 + f" (metrics: {', '.join(METRICS)})"
             )
-    # robust
+
+
+def _robust_problems(cfg: ExperimentConfig, p: _Problems) -> None:
     rb = cfg.robust
     if rb.max_update_norm is not None:
-        need(
+        p.need(
             rb.max_update_norm > 0 and math.isfinite(rb.max_update_norm),
             f"robust.max_update_norm = {rb.max_update_norm}: must be a number > 0 (leave it "
             "out for no absolute bound)",
         )
-    need(
+    p.need(
         rb.max_norm_ratio >= 0 and math.isfinite(rb.max_norm_ratio),
         f"robust.max_norm_ratio = {rb.max_norm_ratio}: must be a number >= 0 (0: no relative "
         "bound)",
     )
-    p += _strategy_problems(cfg)
-    p += _privacy_problems(cfg)
-    return p
 
 
-def _privacy_problems(cfg: ExperimentConfig) -> list[str]:
+def _local_dp_conflicts(t: TrainSection) -> list[tuple[str, bool, str]]:
+    """The train settings local DP-SGD cannot use: (key, allowed?, the rule)."""
+    return [
+        ("grad_accum_steps", t.grad_accum_steps == 1, "1 (a DP-SGD step is one Poisson batch)"),
+        ("gradient_checkpointing", not t.gradient_checkpointing, "false (Opacus hooks)"),
+        ("compile", not t.compile, "false (Opacus hooks)"),
+        ("lr_scheduler", t.lr_scheduler == "constant", "'constant'"),
+        ("warmup_steps", t.warmup_steps == 0, "0"),
+        ("precision", t.precision != "fp16", "not 'fp16' (no gradient scaler under DP-SGD)"),
+    ]
+
+
+def _privacy_problems(cfg: ExperimentConfig, p: _Problems) -> None:
     v = cfg.privacy
     if v.mode == "none":
-        return []
-    p = []
-    if not (v.clip_norm > 0 and math.isfinite(v.clip_norm)):
-        p.append(f"privacy.clip_norm = {v.clip_norm}: must be > 0")
-    if (v.noise_multiplier is None) == (v.target_epsilon is None):
-        p.append(
-            f"privacy.mode = {v.mode!r}: set exactly one of privacy.noise_multiplier and "
-            "privacy.target_epsilon"
+        return
+    p.need(
+        v.clip_norm > 0 and math.isfinite(v.clip_norm),
+        f"privacy.clip_norm = {v.clip_norm}: must be > 0",
+    )
+    p.need(
+        (v.noise_multiplier is None) != (v.target_epsilon is None),
+        f"privacy.mode = {v.mode!r}: set exactly one of privacy.noise_multiplier and "
+        "privacy.target_epsilon",
+    )
+    if v.noise_multiplier is not None:
+        p.need(
+            v.noise_multiplier >= 0 and math.isfinite(v.noise_multiplier),
+            f"privacy.noise_multiplier = {v.noise_multiplier}: must be >= 0",
         )
-    if v.noise_multiplier is not None and not (
-        v.noise_multiplier >= 0 and math.isfinite(v.noise_multiplier)
-    ):
-        p.append(f"privacy.noise_multiplier = {v.noise_multiplier}: must be >= 0")
-    if v.target_epsilon is not None and not (
-        v.target_epsilon > 0 and math.isfinite(v.target_epsilon)
-    ):
-        p.append(f"privacy.target_epsilon = {v.target_epsilon}: must be > 0")
-    if v.delta is not None and not 0 < v.delta < 1:
-        p.append(f"privacy.delta = {v.delta}: must be in (0, 1)")
-    import fedlora.strategies as registry  # torch only
-
-    s = cfg.strategy
-    if s.name in registry.names():
-        cls = registry.get_class(s.name)
-        if v.mode == "central" and not cls.dp_released:
-            p.append(f"privacy.mode = 'central': strategy {s.name} refuses it: {cls.dp_refusal}")
-        if v.mode == "central" and s.name == "lora_a2" and s.options.get("renormalize"):
-            p.append(
-                "strategy.options.renormalize: lora_a2's per-slot renormalisation is a "
-                "data-dependent denominator; set it to false with privacy.mode = 'central'"
-            )
-        if v.mode == "local":
-            t = cfg.train
-            for key, ok, rule in (
-                (
-                    "grad_accum_steps",
-                    t.grad_accum_steps == 1,
-                    "1 (a DP-SGD step is one Poisson batch)",
-                ),
-                ("gradient_checkpointing", not t.gradient_checkpointing, "false (Opacus hooks)"),
-                ("compile", not t.compile, "false (Opacus hooks)"),
-                ("lr_scheduler", t.lr_scheduler == "constant", "'constant'"),
-                ("warmup_steps", t.warmup_steps == 0, "0"),
-                (
-                    "precision",
-                    t.precision != "fp16",
-                    "not 'fp16' (no gradient scaler under DP-SGD)",
-                ),
-            ):
-                if not ok:
-                    p.append(f"train.{key}: must be {rule} with privacy.mode = 'local'")
-        if v.mode == "local" and s.name == "hetlora" and s.options.get("prune_lambda", 0) > 0:
-            p.append(
-                "strategy.options.prune_lambda: hetlora's self-pruning penalty is not "
-                "supported with privacy.mode = 'local' (set it to 0)"
-            )
-    return p
+    if v.target_epsilon is not None:
+        p.need(
+            v.target_epsilon > 0 and math.isfinite(v.target_epsilon),
+            f"privacy.target_epsilon = {v.target_epsilon}: must be > 0",
+        )
+    if v.delta is not None:
+        p.need(0 < v.delta < 1, f"privacy.delta = {v.delta}: must be in (0, 1)")
+    if v.mode == "local":
+        for key, ok, rule in _local_dp_conflicts(cfg.train):
+            p.need(ok, f"train.{key}: must be {rule} with privacy.mode = 'local'")
 
 
-def _strategy_problems(cfg: ExperimentConfig) -> list[str]:
+def _strategy_problems(cfg: ExperimentConfig, p: _Problems) -> None:
+    """The strategy's name, and what the strategy itself says of its options and of the
+    resources and privacy it is run with (`Strategy.option_problems`, `homogeneous_only`)."""
     import fedlora.strategies as registry  # torch only
 
     s = cfg.strategy
     if s.name not in registry.names():
         hint = difflib.get_close_matches(s.name, registry.names(), n=1)
-        return [
+        p.append(
             f"strategy.name = {s.name!r}: unknown strategy"
             + (f"; did you mean {hint[0]!r}?" if hint else "")
             + f" (strategies: {', '.join(registry.names())})"
-        ]
-    p = []
+        )
+        return
     cls = registry.get_class(s.name)
-    needs_homogeneous = getattr(cls, "requires_homogeneous_ranks", s.name in HOMOGENEOUS_ONLY)
-    if needs_homogeneous and cfg.heterogeneous():
+    if cls.homogeneous_only and cfg.heterogeneous():
         p.append(
             f"strategy.name = {s.name!r} averages A and B separately and needs one rank for "
             f"every client, but resources.distribution = {cfg.resources.distribution!r} gives "
             "heterogeneous ranks; set resources.distribution = 'homogeneous' (with "
-            "resources.homogeneous_rank or homogeneous_type) or use flexlora, flora, hetlora "
-            "or zero_pad"
+            "resources.homogeneous_rank or homogeneous_type) or use "
+            + ", ".join(n for n in registry.names() if not registry.get_class(n).homogeneous_only)
         )
-    accepted = _strategy_options(cls)
-    engine_set = {"shapes", "seed"}
-    for key in s.options:
-        if key in engine_set:
-            p.append(f"strategy.options.{key}: set by the engine; remove it")
-        elif accepted is not None and key not in accepted:
-            hint = difflib.get_close_matches(key, sorted(accepted), n=1)
-            p.append(
-                f"strategy.options.{key}: {s.name} has no option {key!r}"
-                + (f"; did you mean {hint[0]!r}?" if hint else "")
-                + f" (options: {', '.join(sorted(accepted - engine_set))})"
-            )
-    return p
-
-
-def _strategy_options(cls: type) -> set[str] | None:
-    """Keyword options a strategy class accepts (its __init__ chain up to Strategy), or None
-    when one of them takes arbitrary keywords that do not reach Strategy."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        names |= {q.name for q in params if q.kind in (q.KEYWORD_ONLY, q.POSITIONAL_OR_KEYWORD)} - {
-            "self"
-        }
-        if not any(q.kind is q.VAR_KEYWORD for q in params):
-            return names
-    return names
+    p += cls.option_problems(s.options, cfg.privacy.mode)
 
 
 # -- dumping --------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ class FedExLoRA(FedIT):
     """Average A and B; fold the residual of the average into the base."""
 
     name = "fedex_lora"
+    homogeneous_only = True
     dp_released = ""
     dp_refusal = (
         "it broadcasts both the factor averages and the exact average of the clients' "

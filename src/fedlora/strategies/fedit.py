@@ -32,6 +32,7 @@ class FedIT(Strategy):
     """Average A and B separately (homogeneous ranks)."""
 
     name = "fedit"
+    homogeneous_only = True
     dp_released = "factors"
 
     def __init__(self, **options) -> None:

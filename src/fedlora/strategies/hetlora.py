@@ -19,6 +19,8 @@ EMNLP 2024, sec. 3.2-3.3.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,6 +46,16 @@ class HetLoRA(ZeroPad):
         self.pruned: dict[str, dict[str, int]] = {}  # client -> module -> rank
         self.tail_norms: dict[str, dict[str, float]] = {}
 
+
+    @classmethod
+    def option_problems(cls, options: Mapping[str, Any], privacy_mode: str = "none") -> list[str]:
+        problems = super().option_problems(options, privacy_mode)
+        if privacy_mode == "local" and options.get("prune_lambda", 0) > 0:
+            problems.append(
+                "strategy.options.prune_lambda: hetlora's self-pruning penalty is not "
+                "supported with privacy.mode = 'local' (set it to 0)"
+            )
+        return problems
     def client_ranks(self, client: ClientSpec) -> dict[str, int]:
         pruned = self.pruned.get(client.client_id, {})
         return {m: min(r, pruned.get(m, r)) for m, r in client.ranks.items()}

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -88,6 +89,16 @@ class LoRAA2(Strategy):
         }
         self.budgets: dict[str, int] = {}
         self.scales: dict[str, dict[str, float]] = {}  # client -> module -> its LoRA scale
+
+    @classmethod
+    def option_problems(cls, options: Mapping[str, Any], privacy_mode: str = "none") -> list[str]:
+        problems = super().option_problems(options, privacy_mode)
+        if privacy_mode == "central" and options.get("renormalize"):
+            problems.append(
+                "strategy.options.renormalize: lora_a2's per-slot renormalisation is a "
+                "data-dependent denominator; set it to false with privacy.mode = 'central'"
+            )
+        return problems
 
     def trainable(self, server_round: int) -> Trainable:
         odd = server_round % 2 == 1
