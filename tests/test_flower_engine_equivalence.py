@@ -157,6 +157,44 @@ def test_flower_applies_the_same_privacy_as_the_engine(mode, strategy, tmp_path)
         assert (got - exp).norm() <= 1e-5 * exp.norm(), m
 
 
+def test_one_round_close_for_both_engines_with_a_dropped_client_under_local_dp(
+    tmp_path, monkeypatch
+):
+    """The federation core closes the round in both engines: client 2 sends NaN factors every
+    round (dropped by the update check), the rest train with DP-SGD. The round rows are the
+    same (clients, drops with their reasons, norms, losses, bytes, epsilon), and so are the
+    privacy records: every client sent a payload is accounted, the dropped one too."""
+    from fedlora.clients import train as client_train
+    from fedlora.federation.checkpoint import load_checkpoint
+
+    honest = client_train.train_client
+
+    def poisoned(host, spec, payload, examples, *a, **k):
+        u = honest(host, spec, payload, examples, *a, **k)
+        if spec.client_id == "2":
+            m = next(iter(u.adapter))
+            f = u.adapter[m]
+            u.adapter[m] = type(f)(f.A, torch.full_like(f.B, float("nan")), f.scale)
+        return u
+
+    monkeypatch.setattr(client_train, "train_client", poisoned)
+    extra = "privacy.mode=local privacy.clip_norm=0.5 privacy.noise_multiplier=1.0"
+    ref = _engine("flexlora", tmp_path, extra)
+    result, _, _ = _flower("flexlora", tmp_path, extra)
+    rows = ref.round_rows()
+    assert [sorted(r["dropped"]) for r in rows] == [["2"], ["2"]]
+    assert "non-finite" in rows[0]["dropped"]["2"] or "NaN" in rows[0]["dropped"]["2"]
+    assert [r["used"] for r in rows] == [3, 3] and all(r["aggregated"] for r in rows)
+    for want, got in zip(rows, result["rounds"]):
+        want = {k: v for k, v in want.items() if not k.startswith(("time_", "mem_"))}
+        assert {k: got[k] for k in want} == want
+    ledger = load_checkpoint(ref.run_dir)["privacy"]
+    assert result["privacy_ledger"] == json.loads(json.dumps(ledger))
+    assert sorted(ledger["clients"]) == ["0", "1", "2", "3"]  # the dropped client too
+    assert all(len(h) == 2 for h in ledger["clients"].values())
+    assert result["privacy"] == ref.summary["privacy"]
+
+
 def test_flower_evaluates_the_global_delta_on_nodes(tmp_path):
     """``fraction-evaluate``: nodes evaluate the global delta on their held-out examples."""
     rc = {

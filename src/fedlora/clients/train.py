@@ -246,6 +246,21 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _check_dp(host: LoraHost, cfg: TrainConfig, lam: float, who: str) -> None:
+    """What local DP-SGD cannot train: a dense module, a compiled forward, HetLoRA's penalty."""
+    if lam > 0:
+        raise FedLoraError(
+            f"{who}: HetLoRA's self-pruning penalty is not supported with local DP-SGD"
+        )
+    if host.dense_parameters():
+        raise FedLoraError(
+            f"{who}: DP-SGD covers the LoRA factors only, not dense modules (a "
+            "classifier head); set model.modules_to_save = [] to run it"
+        )
+    if cfg.compile:
+        raise FedLoraError(f"{who}: TrainConfig.compile is not supported with DP-SGD")
+
+
 def train_client(
     host: LoraHost,
     spec: ClientSpec,
@@ -261,7 +276,7 @@ def train_client(
 
     ``privacy`` (a `fedlora.clients.dp_sgd.LocalDP`): train with sample-level DP-SGD instead
     (Poisson batches, per-example clipping and noise; ``cfg.grad_clip`` does not apply) and
-    report     ``dp_steps``, ``dp_sample_rate`` and ``dp_noise_multiplier`` in the extras.
+    report ``dp_steps``, ``dp_sample_rate`` and ``dp_noise_multiplier`` in the extras.
 
     ``examples``: pre-tokenized dicts (``input_ids`` and ``labels`` with -100 on ignored
     positions for causal LMs; ``input_ids`` and an int ``label``/``labels`` for classifiers),
@@ -287,10 +302,8 @@ def train_client(
     lam = float(het.get("lambda", 0.0)) if het else 0.0
     gamma = float(het.get("gamma", 1.0)) if het else 1.0
     lora = host.lora_weights() if lam > 0 else {}
-    if privacy is not None and lam > 0:
-        raise FedLoraError(
-            f"{who}: HetLoRA's self-pruning penalty is not supported with local DP-SGD"
-        )
+    if privacy is not None:
+        _check_dp(host, cfg, lam, who)
 
     def penalty() -> torch.Tensor:
         return sum(self_pruning_penalty(a, b, gamma, s) for a, b, s in lora.values())
@@ -315,13 +328,6 @@ def train_client(
             mask = _SlotMask(host, slots, payload.trainable, opt)
         dp_extras: dict[str, float] = {}
         try:
-            if privacy is not None and host.dense_parameters():
-                raise FedLoraError(
-                    f"{who}: DP-SGD covers the LoRA factors only, not dense modules (a "
-                    "classifier head); set model.modules_to_save = [] to run it"
-                )
-            if privacy is not None and cfg.compile:
-                raise FedLoraError(f"{who}: TrainConfig.compile is not supported with DP-SGD")
             if privacy is not None:  # DP-SGD runs its own loop (Poisson batches)
                 losses, dp_extras = _train_dp(
                     model, opt, data, cfg, gen, privacy, pad_id, seed, amp
@@ -350,16 +356,20 @@ def train_client(
             opt.zero_grad(set_to_none=True)
 
     adapter, extras = _client_side(payload, before, host.read_adapter(), gamma, penalties, slots)
-    extras.update(dp_extras)
-    nan = float("nan")  # DP-SGD: every Poisson batch may have been empty
-    extras.update(
-        train_loss=sum(losses) / len(losses) if losses else nan,
-        first_loss=losses[0] if losses else nan,
-        last_loss=losses[-1] if losses else nan,
-        steps=float(len(losses)),
-        train_seconds=time.perf_counter() - t0,
-    )
+    extras.update(dp_extras, **_loss_extras(losses), train_seconds=time.perf_counter() - t0)
     return ClientUpdate(spec.client_id, adapter, len(data), extras, host.read_dense())
+
+
+def _loss_extras(losses: Sequence[float]) -> dict[str, float]:
+    """The training losses a client reports (NaN under DP-SGD when every Poisson batch was
+    empty)."""
+    nan = float("nan")
+    return {
+        "train_loss": sum(losses) / len(losses) if losses else nan,
+        "first_loss": losses[0] if losses else nan,
+        "last_loss": losses[-1] if losses else nan,
+        "steps": float(len(losses)),
+    }
 
 
 def _client_side(

@@ -291,8 +291,8 @@ def _round(run: _Run, rnd: int, on_update, progress: bool, profile_memory: bool)
 def _finish(run: _Run, result: RunResult, save_final: bool) -> None:
     """summary.json, and the final adapter (and merged model) of the run."""
     fed, cfg = run.fed, run.fed.cfg
-    result.summary = _summary(
-        cfg, run.rows, run.totals, fed.server.full_ft, fed.specs, fed.clients.split
+    result.summary = rounds.run_summary(
+        cfg, run.rows, run.totals, fed.server.full_ft, fed.specs, len(fed.clients.train_clients)
     )
     if fed.ledger is not None:
         result.summary["privacy"] = fed.ledger.summary()
@@ -353,44 +353,6 @@ def run_experiment(
             bar.close()
     _finish(run, result, save_final)
     return result
-
-
-def _summary(cfg, rows, totals, full_ft, specs, split) -> dict[str, Any]:
-    final: dict[str, dict[str, float]] = {}
-    for r in rows:
-        if r["kind"] == "eval":
-            final[r["set"]] = {
-                k: v
-                for k, v in r.items()
-                if k not in ("kind", "set") and not k.startswith(MEASURED)
-            }
-    rounds = [r for r in rows if r["kind"] == "round"]
-    lora = totals["bytes_down"] + totals["bytes_up"]
-    full = 2 * full_ft * totals["participations"]
-    ranks = [sum(s.ranks.values()) / len(s.ranks) for s in specs]
-    return {
-        "name": cfg.name,
-        "strategy": cfg.strategy.name,
-        "model": cfg.model.name,
-        "rounds": len(rounds),
-        "num_clients": len(specs),
-        "training_clients": len(split.training_clients),
-        "mean_rank": sum(ranks) / len(ranks),
-        "bytes_down": totals["bytes_down"],
-        "bytes_up": totals["bytes_up"],
-        "bytes_total": lora,
-        "full_ft_bytes": full,
-        "comm_ratio_vs_full_ft": lora / full if full else None,
-        "final": final,
-        # per round with any: client -> why it was dropped / the fraction of it kept by a clip
-        "dropped": {str(r["round"]): r["dropped"] for r in rounds if r.get("dropped")},
-        "clipped": {str(r["round"]): r["clipped"] for r in rounds if r.get("clipped")},
-        "rounds_without_update": [r["round"] for r in rounds if not r.get("aggregated", True)],
-        "time_train": sum(r["time_train"] for r in rounds),
-        "time_aggregate": sum(r["time_aggregate"] for r in rounds),
-        "time_eval": sum(r["time_eval"] for r in rounds),
-        "time_total": sum(r["time_round"] for r in rounds),
-    }
 
 
 def _rss_mb() -> float:

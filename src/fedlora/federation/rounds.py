@@ -238,6 +238,53 @@ def close_round(
     return round_row(server, rnd, tally, aggregated, totals)
 
 
+def run_summary(
+    cfg: Any,
+    rows: Sequence[dict[str, Any]],
+    totals: dict[str, int],
+    full_ft: int,
+    specs: Sequence[ClientSpec],
+    training_clients: int,
+) -> dict[str, Any]:
+    """A run's ``summary.json`` from its rows: the final evaluation per set, bytes against
+    full fine-tuning, drops and clips per round, times (rows without times count 0)."""
+    final: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["kind"] == "eval":
+            final[r["set"]] = {
+                k: v
+                for k, v in r.items()
+                if k not in ("kind", "set") and not k.startswith(("time_", "mem_"))
+            }
+    rounds = [r for r in rows if r["kind"] == "round"]
+    lora = totals["bytes_down"] + totals["bytes_up"]
+    full = 2 * full_ft * totals["participations"]
+    ranks = [sum(s.ranks.values()) / len(s.ranks) for s in specs]
+    return {
+        "name": cfg.name,
+        "strategy": cfg.strategy.name,
+        "model": cfg.model.name,
+        "rounds": len(rounds),
+        "num_clients": len(specs),
+        "training_clients": training_clients,
+        "mean_rank": sum(ranks) / len(ranks),
+        "bytes_down": totals["bytes_down"],
+        "bytes_up": totals["bytes_up"],
+        "bytes_total": lora,
+        "full_ft_bytes": full,
+        "comm_ratio_vs_full_ft": lora / full if full else None,
+        "final": final,
+        # per round with any: client -> why it was dropped / the fraction of it kept by a clip
+        "dropped": {str(r["round"]): r["dropped"] for r in rounds if r.get("dropped")},
+        "clipped": {str(r["round"]): r["clipped"] for r in rounds if r.get("clipped")},
+        "rounds_without_update": [r["round"] for r in rounds if not r.get("aggregated", True)],
+        "time_train": sum(r.get("time_train", 0.0) for r in rounds),
+        "time_aggregate": sum(r.get("time_aggregate", 0.0) for r in rounds),
+        "time_eval": sum(r.get("time_eval", 0.0) for r in rounds),
+        "time_total": sum(r.get("time_round", 0.0) for r in rounds),
+    }
+
+
 def fmt_bytes(n: float | None) -> str:
     """A byte count for logs and tables (``160.6 MB``; ``-`` for none)."""
     if n is None:

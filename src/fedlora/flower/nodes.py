@@ -76,60 +76,35 @@ def parse_ranks(text: str, who: str) -> dict[str, int]:
     return out
 
 
-def resolve_spec(
-    declared: Mapping[str, Any],
-    node_id: int,
-    shapes: Mapping[str, tuple[int, int]],
-    *,
-    rank_types: Sequence[int] = (),
-    default_rank: int | None = None,
-    default_alpha: float = 16.0,
-    configured: Mapping[int, ClientSpec] | None = None,
-) -> ClientSpec:
-    """The `ClientSpec` of a node from its declared config, validated against `shapes`
-    (and, with ``configured``, defaulted from the experiment's client; see the module doc)."""
-    pid = declared.get("partition-id")
-    base: ClientSpec | None = None
-    if configured is not None:
-        who = f"node {node_id}"
-        if pid is None:
-            raise FedLoraError(f"{who}: declare partition-id (the experiment's client index)")
-        p = _int(pid, "partition-id", who)
-        if p not in configured:
-            ids = sorted(configured)
-            raise FedLoraError(
-                f"{who}: partition-id {p} is not a training client of the experiment "
-                f"(training clients: {ids[0]}..{ids[-1]})"
-                if ids
-                else f"{who}: the experiment has no training clients"
-            )
-        base = configured[p]
-    cid = declared.get("client-id") or (
-        base.client_id if base is not None else f"partition-{pid}" if pid is not None else None
-    )
-    client_id = str(cid or f"node-{node_id}")
-    who = f"node {node_id} (client {client_id})"
-    if not shapes:
-        raise FedLoraError(f"{who}: the server knows no modules to assign ranks to")
-    explicit = any(k in declared for k in ("rank", "ranks", "rank-type"))
-    if base is not None and not explicit:
-        ranks = dict(base.ranks)
-        for module, r in ranks.items():  # the configured ranks are checked like declared ones
-            if module not in shapes or not 1 <= r <= min(shapes[module]):
-                raise FedLoraError(f"{who}, module {module}: configured rank {r} does not fit")
-        n = declared.get("num-examples")
-        rslora = declared.get("rslora")
-        return ClientSpec(
-            client_id,
-            ranks,
-            float(declared.get("alpha", base.alpha)),
-            base.rslora if rslora is None else str(rslora).lower() in ("1", "true", "yes"),
-            base.num_examples if n is None else _int(n, "num-examples", who),
-            base.resource_type,
+def _configured_client(
+    pid: Any, node_id: int, configured: Mapping[int, ClientSpec] | None
+) -> ClientSpec | None:
+    """The experiment's client of partition id `pid` (None without ``configured``)."""
+    if configured is None:
+        return None
+    who = f"node {node_id}"
+    if pid is None:
+        raise FedLoraError(f"{who}: declare partition-id (the experiment's client index)")
+    p = _int(pid, "partition-id", who)
+    if p not in configured:
+        ids = sorted(configured)
+        raise FedLoraError(
+            f"{who}: partition-id {p} is not a training client of the experiment "
+            f"(training clients: {ids[0]}..{ids[-1]})"
+            if ids
+            else f"{who}: the experiment has no training clients"
         )
-    if base is not None:
-        default_alpha = base.alpha
+    return configured[p]
 
+
+def _declared_ranks(
+    declared: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, int]],
+    who: str,
+    rank_types: Sequence[int],
+    default_rank: int | None,
+) -> dict[str, int]:
+    """Every module's rank from a node's ``ranks`` / ``rank`` / ``rank-type`` declaration."""
     fallback = default_rank
     if "rank-type" in declared:
         t = _int(declared["rank-type"], "rank-type", who)
@@ -169,6 +144,50 @@ def resolve_spec(
             raise FedLoraError(
                 f"{who}, module {module}: rank {r} exceeds min(d_out, d_in) = {limit}"
             )
+    return ranks
+
+
+def resolve_spec(
+    declared: Mapping[str, Any],
+    node_id: int,
+    shapes: Mapping[str, tuple[int, int]],
+    *,
+    rank_types: Sequence[int] = (),
+    default_rank: int | None = None,
+    default_alpha: float = 16.0,
+    configured: Mapping[int, ClientSpec] | None = None,
+) -> ClientSpec:
+    """The `ClientSpec` of a node from its declared config, validated against `shapes`
+    (and, with ``configured``, defaulted from the experiment's client; see the module doc)."""
+    pid = declared.get("partition-id")
+    base = _configured_client(pid, node_id, configured)
+    cid = declared.get("client-id") or (
+        base.client_id if base is not None else f"partition-{pid}" if pid is not None else None
+    )
+    client_id = str(cid or f"node-{node_id}")
+    who = f"node {node_id} (client {client_id})"
+    if not shapes:
+        raise FedLoraError(f"{who}: the server knows no modules to assign ranks to")
+    explicit = any(k in declared for k in ("rank", "ranks", "rank-type"))
+    if base is not None and not explicit:
+        ranks = dict(base.ranks)
+        for module, r in ranks.items():  # the configured ranks are checked like declared ones
+            if module not in shapes or not 1 <= r <= min(shapes[module]):
+                raise FedLoraError(f"{who}, module {module}: configured rank {r} does not fit")
+        n = declared.get("num-examples")
+        rslora = declared.get("rslora")
+        return ClientSpec(
+            client_id,
+            ranks,
+            float(declared.get("alpha", base.alpha)),
+            base.rslora if rslora is None else str(rslora).lower() in ("1", "true", "yes"),
+            base.num_examples if n is None else _int(n, "num-examples", who),
+            base.resource_type,
+        )
+    if base is not None:
+        default_alpha = base.alpha
+
+    ranks = _declared_ranks(declared, shapes, who, rank_types, default_rank)
     alpha = float(declared.get("alpha", default_alpha))
     rslora_default = "true" if base is not None and base.rslora else "false"
     rslora = str(declared.get("rslora", rslora_default)).lower() in ("1", "true", "yes")

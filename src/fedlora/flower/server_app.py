@@ -91,8 +91,9 @@ def write_result(fs: FlowerStrategy, result_dir: str) -> None:
         "evaluate": fs.eval_rounds,
         "global_delta_fro": {m: float(f.delta().norm()) for m, f in delta.items()},
     }
-    if getattr(fs, "privacy", None) is not None:
+    if fs.privacy is not None:
         result["privacy"] = fs.privacy.summary()
+        result["privacy_ledger"] = fs.privacy.state_dict()  # every client's history
     with open(os.path.join(result_dir, "result.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     from fedlora.federation.config import dumps_toml
