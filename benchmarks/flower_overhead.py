@@ -73,12 +73,14 @@ def in_process(preset: str, text: str, out: str) -> dict:
 
 def _flower_rows(result_dir: Path) -> dict:
     rounds = json.loads((result_dir / "result.json").read_text())["rounds"]
-    clients = {c for r in rounds for c in r["clients"]}
-    loads = [m["model-load-seconds"] for r in rounds for m in r["clients"].values()]
-    slowest = [max(r["clients"].values(), key=lambda m: m["handler-seconds"]) for r in rounds]
+    clients = {c for r in rounds for c in r["client_metrics"]}
+    loads = [m["model-load-seconds"] for r in rounds for m in r["client_metrics"].values()]
+    slowest = [
+        max(r["client_metrics"].values(), key=lambda m: m["handler-seconds"]) for r in rounds
+    ]
     return {
         "walls": [r["seconds"] for r in rounds],
-        "train": [max(m["train_seconds"] for m in r["clients"].values()) for r in rounds],
+        "train": [max(m["train_seconds"] for m in r["client_metrics"].values()) for r in rounds],
         # the slowest node's handler beyond its training: decode, model build, encode
         "node": [m["handler-seconds"] - m["train_seconds"] for m in slowest],
         # send and receive beyond the slowest node's handler: transport, polling, process starts
@@ -88,7 +90,7 @@ def _flower_rows(result_dir: Path) -> dict:
         "server": [r["configure_seconds"] + r["aggregate_seconds"] for r in rounds],
         "used": [r["used"] for r in rounds],
         "builds": max(  # per node over the run (Flower keeps the count in its node state)
-            max(r["clients"][c]["model-builds"] for r in rounds if c in r["clients"])
+            max(r["client_metrics"][c]["model-builds"] for r in rounds if c in r["client_metrics"])
             for c in clients
         ),
         "load_s": max(loads),

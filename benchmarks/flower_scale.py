@@ -119,11 +119,11 @@ def simulation(text: str, clients: int, cpus: int, tmp: Path) -> dict:
     rounds = result["rounds"]
     return {
         "round_s": [r["seconds"] for r in rounds],
-        "train_s": [sum(c["train_seconds"] for c in r["clients"].values()) for r in rounds],
+        "train_s": [sum(c["train_seconds"] for c in r["client_metrics"].values()) for r in rounds],
         "used": [r["used"] for r in rounds],
         "builds": sum(
-            max(r["clients"][c]["model-builds"] for r in rounds if c in r["clients"])
-            for c in {c for r in rounds for c in r["clients"]}
+            max(r["client_metrics"][c]["model-builds"] for r in rounds if c in r["client_metrics"])
+            for c in {c for r in rounds for c in r["client_metrics"]}
         ),
         "peak_mb": peak[0] / 2**20,
         "total_s": total,

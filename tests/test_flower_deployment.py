@@ -284,7 +284,7 @@ def _check(result: dict, builds_per_round: bool = False) -> None:
         assert r["metrics"]["train_loss"] > 0
         # model builds per node in this run (counted in Flower's per-node context.state): a
         # fresh ClientApp process per message builds it every round; a long-lived one once
-        builds = {c: m["model-builds"] for c, m in r["clients"].items()}
+        builds = {c: m["model-builds"] for c, m in r["client_metrics"].items()}
         assert builds == dict.fromkeys(["0", "1"], r["round"] if builds_per_round else 1), r
     # 14 LoRA modules of the tiny Llama (2 layers x q,k,v,o,gate,up,down), all updated
     fro = result["global_delta_fro"]
@@ -381,4 +381,4 @@ def test_node_killed_mid_run_fault_report(tmp_path):
         assert r["aggregated"]
     assert "Node Unavailable" in rounds[2]["dropped"]["1"], rounds[2]
     # node 0 kept its one model for the whole run
-    assert [rounds[n]["clients"]["0"]["model-builds"] for n in (1, 2, 3)] == [1, 1, 1]
+    assert [rounds[n]["client_metrics"]["0"]["model-builds"] for n in (1, 2, 3)] == [1, 1, 1]

@@ -112,7 +112,7 @@ def test_simulation_runtime_equals_engine(simulation, simulated, strategy):
     builds = {}  # node -> its model builds in the run (cumulative, from Flower's node state)
     for r in result["rounds"]:
         assert r["dropped"] == {} and r["metrics"]["replies-received"] == 6
-        builds.update({c: m["model-builds"] for c, m in r["clients"].items()})
+        builds.update({c: m["model-builds"] for c, m in r["client_metrics"].items()})
     # Ray actors live for the run: the model was built at most once per actor (1 CPU each),
     # not once per message (12 train messages)
     assert 1 <= sum(builds.values()) <= min(os.cpu_count() or 1, 6), builds
