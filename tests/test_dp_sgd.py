@@ -3,8 +3,10 @@ gradients against a per-example loop, the noise of a step, reproducibility and e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -15,7 +17,8 @@ from fedlora import ClientSpec, Payload
 from fedlora.clients.dp_sgd import DPSGD, per_example_loss, poisson_batches
 from fedlora.clients.models import LoraHost, default_target_modules
 from fedlora.clients.train import TrainConfig, train_client
-from fedlora.core.privacy import LocalDP, epsilon
+from fedlora.core.accounting import epsilon
+from fedlora.core.privacy import LocalDP
 from fedlora.engine import RunStopped, deterministic, run_experiment
 from fedlora.federation.config import load_preset
 
@@ -140,23 +143,35 @@ def test_poisson_batches_sample_each_example_at_the_rate():
     assert min(sizes) < 10 < max(sizes)
 
 
-def test_train_client_with_local_dp_is_seeded_and_freezes_what_the_payload_freezes():
+def test_the_server_cannot_replay_a_clients_dp_sgd_without_its_secret():
+    """The attack: the server holds a client's inputs (data, payload, round) and the public
+    configuration, and reruns its DP-SGD to strip the noise. With the client's own secret
+    (drawn from its OS, never sent) the replay differs from the upload; with seeded noise
+    (the unprotected path, `seeded=True`) it matches bit for bit. The frozen A stays
+    bit-identical either way, and no raw loss leaves the client."""
     host = llama_host()
     spec = ClientSpec("0", {m: 2 for m in host.module_names()}, alpha=8.0)
     data = _llama_batch(8)
     cfg = TrainConfig(local_steps=3, batch_size=2)
-    runs = []
-    for _ in range(2):
+
+    def upload(privacy):
         payload = Payload(None, None, frozenset({"B"}), seed=4)
         start = host.prepare(spec, payload) and host.read_adapter()
-        u = train_client(host, spec, payload, data, cfg, server_round=2, privacy=LocalDP(0.5, 1.0))
-        runs.append(u)
+        u = train_client(host, spec, payload, data, cfg, server_round=2, privacy=privacy)
         for m, f in u.adapter.items():
             assert torch.equal(f.A, start[m].A)  # frozen A stays bit-identical
-    a, b = runs
-    assert all(torch.equal(a.adapter[m].B, b.adapter[m].B) for m in a.adapter)
-    assert a.extras["dp_steps"] == 3 and a.extras["dp_sample_rate"] == 0.25
-    assert a.extras["dp_noise_multiplier"] == 1.0
+        return u
+
+    def same(a, b):
+        return all(torch.equal(a.adapter[m].B, b.adapter[m].B) for m in a.adapter)
+
+    sent, replay = upload(LocalDP(0.5, 1.0)), upload(LocalDP(0.5, 1.0))
+    assert not same(sent, replay)
+    assert same(upload(LocalDP(0.5, 1.0, secret=7)), upload(LocalDP(0.5, 1.0, secret=7)))
+    assert same(upload(LocalDP(0.5, 1.0, seeded=True)), upload(LocalDP(0.5, 1.0, seeded=True)))
+    assert sent.extras["dp_steps"] == 3 and sent.extras["dp_sample_rate"] == 0.25
+    assert sent.extras["dp_noise_multiplier"] == 1.0
+    assert not {"train_loss", "first_loss", "last_loss"} & set(sent.extras)
 
 
 # -- runs --------------------------------------------------------------------------------------
@@ -179,31 +194,51 @@ def _cfg(out, mode, name="zero_pad", **extra):
     )
 
 
+A2_LOCAL = {"strategy.options": {"masked_training": False}}
+
+
 @pytest.mark.parametrize("mode, name", [("central", "flexlora"), ("local", "lora_a2")])
-def test_dp_run_is_reproducible_and_resumes_exactly(tmp_path, mode, name):
-    full = run_experiment(_cfg(tmp_path / "a", mode, name), progress=False, save_final=False)
-    again = run_experiment(_cfg(tmp_path / "b", mode, name), progress=False, save_final=False)
-    rows = [deterministic(r) for r in full.rows]
-    assert rows == [deterministic(r) for r in again.rows]
-    eps = [r["epsilon"] for r in full.round_rows()]
+def test_dp_run_draws_secret_noise_and_resumes_exactly(tmp_path, mode, name):
+    """Two runs of one configuration release different noise (the server's and the clients'
+    secrets come from the OS); a run cut after round 1 and resumed twice from the same
+    checkpoint gives the same result both times (the secrets are in the checkpoint); with
+    ``privacy.insecure_seeded_noise`` two runs are identical, and the summary says it is
+    not private."""
+    extra = A2_LOCAL if name == "lora_a2" else {}
+    a = run_experiment(_cfg(tmp_path / "a", mode, name, **extra), progress=False, save_final=False)
+    b = run_experiment(_cfg(tmp_path / "b", mode, name, **extra), progress=False, save_final=False)
+    assert any(
+        not torch.equal(f.delta(), b.strategy.global_delta()[m].delta())
+        for m, f in a.strategy.global_delta().items()
+    )
+    eps = [r["epsilon"] for r in a.round_rows()]
     assert all(math.isfinite(e) and e > 0 for e in eps) and eps == sorted(eps)
-    assert full.summary["privacy"]["epsilon"] == eps[-1]
+    assert a.summary["privacy"]["epsilon"] == eps[-1] and a.summary["privacy"]["private"]
 
     def stop(rnd, result):
         if rnd == 1:
             raise RunStopped("cut")
 
-    cut = _cfg(tmp_path / "c", mode, name)
+    cut = _cfg(tmp_path / "c", mode, name, **extra)
     with pytest.raises(RunStopped):
         run_experiment(cut, progress=False, on_round_end=stop, save_final=False)
-    assert ckpt.load_checkpoint(tmp_path / "c")["privacy"]
-    resumed = run_experiment(cut, resume=True, progress=False, save_final=False)
-    assert [deterministic(r) for r in resumed.rows] == rows
-    assert resumed.summary["privacy"] == full.summary["privacy"]
-    for m, f in full.strategy.global_delta().items():
-        assert torch.equal(f.delta(), resumed.strategy.global_delta()[m].delta())
-    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
-    assert summary["privacy"]["mode"] == mode
+    assert ckpt.load_checkpoint(tmp_path / "c")["privacy"]["secret"]
+    shutil.copytree(tmp_path / "c", tmp_path / "d")
+    resumed = [
+        run_experiment(dataclasses.replace(cut, output_dir=str(tmp_path / d)), resume=True,
+                       progress=False, save_final=False)
+        for d in ("c", "d")
+    ]  # fmt: skip
+    rows = [[deterministic(r) for r in res.rows] for res in resumed]
+    assert rows[0] == rows[1]
+    for m, f in resumed[0].strategy.global_delta().items():
+        assert torch.equal(f.delta(), resumed[1].strategy.global_delta()[m].delta())
+    seeded = {**extra, "privacy.insecure_seeded_noise": True}
+    s1 = run_experiment(_cfg(tmp_path / "s1", mode, name, **seeded), progress=False)
+    s2 = run_experiment(_cfg(tmp_path / "s2", mode, name, **seeded), progress=False)
+    assert [deterministic(r) for r in s1.rows] == [deterministic(r) for r in s2.rows]
+    summary = json.loads((tmp_path / "s1" / "summary.json").read_text())
+    assert summary["privacy"]["mode"] == mode and summary["privacy"]["private"] is False
 
 
 def test_central_epsilon_is_the_accountants_over_the_rounds(tmp_path):

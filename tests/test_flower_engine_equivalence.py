@@ -142,8 +142,10 @@ def test_engine_and_flower_give_the_same_global_delta(strategy, tmp_path):
 @pytest.mark.parametrize("mode, strategy", [("central", "flexlora"), ("local", "ffa_lora")])
 def test_flower_applies_the_same_privacy_as_the_engine(mode, strategy, tmp_path):
     """Central DP in the ServerApp's strategy adapter, DP-SGD in the ClientApp: the same global
-    delta (seeded noise) and the same epsilon as the in-process engine."""
+    delta (seeded noise, the reproducible and not-private opt-in) and the same epsilon as the
+    in-process engine."""
     extra = f"privacy.mode={mode} privacy.clip_norm=0.5 privacy.noise_multiplier=1.0"
+    extra += " privacy.insecure_seeded_noise=true"  # the same noise in both engines
     ref = _engine(strategy, tmp_path, extra)
     result, delta, _ = _flower(strategy, tmp_path, extra)
     assert result["privacy"] == ref.summary["privacy"]
@@ -179,6 +181,7 @@ def test_one_round_close_for_both_engines_with_a_dropped_client_under_local_dp(
 
     monkeypatch.setattr(client_train, "train_client", poisoned)
     extra = "privacy.mode=local privacy.clip_norm=0.5 privacy.noise_multiplier=1.0"
+    extra += " privacy.insecure_seeded_noise=true"  # the same noise in both engines
     ref = _engine("flexlora", tmp_path, extra)
     result, _, _ = _flower("flexlora", tmp_path, extra)
     rows = ref.round_rows()

@@ -4,6 +4,7 @@ strategies' central-DP aggregation."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -13,15 +14,13 @@ from helpers import SHAPES, np_delta, random_update, spec
 
 import fedlora.strategies as S
 from fedlora import ClientUpdate, LoraFactors
+from fedlora.core.accounting import Plan, PrivacyLedger, epsilon, noise_multiplier_for, plan
 from fedlora.core.privacy import (
     CentralDP,
-    PrivacyLedger,
     attach_central,
     clip_factor_update,
     delta_update_terms,
-    epsilon,
-    noise_multiplier_for,
-    plan,
+    release_shape,
 )
 from fedlora.federation.config import ConfigError, load_preset
 
@@ -50,17 +49,12 @@ def test_delta_clipping_in_factored_form_equals_clipping_the_dense_delta(clip):
     c = min(1.0, clip / norm)
     terms, got_norm = delta_update_terms(sent, start, clip)
     assert got_norm == pytest.approx(norm, rel=1e-10)
-    for m in SHAPES:
-        want = np_delta(start[m]) + c * diffs[m]
+    for m in SHAPES:  # the clipped change, c (D - T)
+        want = c * diffs[m]
         got = sum(w * (G @ A).numpy() for G, A, w in terms[m])
         assert np.abs(got - want).max() <= 1e-10 * np.abs(want).max()
     clipped = math.sqrt(
-        sum(
-            float(
-                ((sum(w * (G @ A).numpy() for G, A, w in terms[m]) - np_delta(start[m])) ** 2).sum()
-            )
-            for m in SHAPES
-        )
+        sum(float((sum(w * (G @ A).numpy() for G, A, w in terms[m]) ** 2).sum()) for m in SHAPES)
     )
     assert clipped <= clip * (1 + 1e-9) and (clipped == pytest.approx(norm) or c < 1)
 
@@ -100,31 +94,35 @@ def test_factor_clipping_clips_the_concatenated_factor_update(parts):
 # -- noise ------------------------------------------------------------------------------------
 
 
-def test_noise_std_matches_the_mechanism_and_is_seeded():
-    dp = CentralDP(clip_norm=0.5, noise_multiplier=1.3, clients_per_round=4, seed=11)
+def test_noise_has_the_mechanism_std_and_comes_from_the_secret():
+    dp = CentralDP(clip_norm=0.5, noise_multiplier=1.3, clients_per_round=4, secret=11)
     x = dp.noise((400, 500), 3, "G/m")
     assert x.std().item() == pytest.approx(1.3 * 0.5 / 4, rel=0.01)
     assert abs(x.mean().item()) < 5 * dp.noise_std / math.sqrt(x.numel())
-    assert torch.equal(x, dp.noise((400, 500), 3, "G/m"))
+    assert torch.equal(x, dp.noise((400, 500), 3, "G/m"))  # a resumed server draws the same
     assert not torch.equal(x, dp.noise((400, 500), 4, "G/m"))
     assert not torch.equal(x, dp.noise((400, 500), 3, "A/m"))
+    other = CentralDP(clip_norm=0.5, noise_multiplier=1.3, clients_per_round=4, secret=12)
+    assert not torch.equal(x, other.noise((400, 500), 3, "G/m"))
 
 
-def _run_round(strategy, specs, rng, rnd, send_start=False):
-    updates = []
+def _updates(strategy, specs, rng, rnd, send_start=False, size=0.1):
+    """Configure `specs` for round `rnd` and make their updates: each start plus a random
+    change of std `size` on the factors it trains (`send_start`: the start unchanged)."""
+    from fedlora.core.contract import payload_start
+
+    updates, starts = [], {}
     for s in specs:
         p = strategy.configure(s, rnd)
-        from fedlora.core.contract import payload_start
-
         start = payload_start(s, p, strategy.shapes, strategy.name)
-        if send_start:
-            adapter = {m: LoraFactors(f.A.float(), f.B.float(), f.scale) for m, f in start.items()}
-        else:
-            adapter = {}
-            for m, f in start.items():
-                A = f.A.float() + (0.1 * torch.randn_like(f.A.float()) if "A" in p.trainable else 0)
-                B = f.B.float() + (0.1 * torch.randn_like(f.B.float()) if "B" in p.trainable else 0)
-                adapter[m] = LoraFactors(A, B, f.scale)
+        starts[s.client_id] = (p, start)
+        adapter = {}
+        for m, f in start.items():
+            A, B = f.A.float(), f.B.float()
+            if not send_start:
+                A = A + (size * torch.randn_like(A) if "A" in p.trainable else 0)
+                B = B + (size * torch.randn_like(B) if "B" in p.trainable else 0)
+            adapter[m] = LoraFactors(A, B, f.scale)
         extras = {}
         if "budget" in p.extras:
             from fedlora.strategies.lora_a2 import masked_upload, select_slots
@@ -132,7 +130,18 @@ def _run_round(strategy, specs, rng, rnd, send_start=False):
             extras["slots"] = select_slots(p.adapter, adapter, p.trainable, p.extras["budget"])
             adapter = masked_upload(adapter, extras["slots"])
         updates.append(ClientUpdate(s.client_id, adapter, int(rng.integers(1, 50)), extras))
-    strategy.aggregate(rnd, updates)
+    return updates, starts
+
+
+def _run_round(strategy, specs, rng, rnd, send_start=False):
+    strategy.aggregate(rnd, _updates(strategy, specs, rng, rnd, send_start)[0])
+
+
+def _central(name, specs, clip, sigma, secret=5, shapes=SHAPES):
+    strategy = S.get(name, shapes=shapes, seed=3)
+    ranks, scales = release_shape(strategy, specs)
+    dp = CentralDP(clip, sigma, len(specs), secret=secret, ranks=ranks, scales=scales)
+    return attach_central(strategy, dp)
 
 
 CENTRAL = [n for n in S.names() if S.get_class(n).dp_released]
@@ -144,23 +153,80 @@ def _het(name):
     return [spec(str(i), {"attn": 1 + i, "mlp": 2 + i}, alpha=8.0) for i in range(3)]
 
 
+def _released(strategy) -> np.ndarray:
+    """The quantity central DP releases, float64, in a fixed order: the global delta per
+    module (delta strategies), else the global factors A then G = scale * B per module."""
+    if strategy.dp_released == "delta":
+        delta = sorted(strategy.global_delta().items())
+        return np.concatenate([np_delta(f).ravel() for _, f in delta])
+    parts = [t.double().numpy().ravel() for _, t in sorted(strategy.A.items())]
+    parts += [t.double().numpy().ravel() for _, t in sorted(strategy.G.items())]
+    return np.concatenate(parts)
+
+
+def _reference_change(strategy, u, start, clip, k) -> np.ndarray:
+    """float64 numpy: (1/K) c pad(sent - start) in `_released`'s layout, c = min(1, C/||.||),
+    the norm over what the strategy releases (LoRA-A2: the trained factor's uploaded slots, in
+    the client's units)."""
+    kind, mods = strategy.dp_released, sorted(strategy.shapes)
+    if kind == "delta":
+        d = {m: np_delta(u.adapter[m]) - np_delta(start[m]) for m in mods}
+        norm = math.sqrt(sum(float((x**2).sum()) for x in d.values()))
+        c = min(1.0, clip / norm) if norm > 0 else 1.0
+        return np.concatenate([c / k * d[m].ravel() for m in mods])
+    dA, dG, sq = {}, {}, 0.0
+    for m in mods:
+        R, d_in = strategy.A[m].shape
+        dA[m], dG[m] = np.zeros((R, d_in)), np.zeros((strategy.G[m].shape[0], R))
+        if m not in u.adapter:
+            continue
+        f, s0 = u.adapter[m], start[m]
+        idx = list(u.extras["slots"][m]) if "slots" in u.extras else list(range(f.rank))
+        a0, b0 = s0.A.double().numpy()[idx], s0.B.double().numpy()[:, idx]
+        da, db = f.A.double().numpy() - a0, f.B.double().numpy() - b0
+        if kind != "B":
+            dA[m][idx] = da
+        dG[m][:, idx] = f.scale * db
+        # the clipped norm: the factor vector (A, scale B); B only (ffa); LoRA-A2: client units
+        sq += float((da**2).sum()) * (kind != "B") + float(
+            ((db if kind == "trained" else f.scale * db) ** 2).sum()
+        )
+    c = min(1.0, clip / math.sqrt(sq)) if sq > 0 else 1.0
+    parts = [c / k * dA[m].ravel() for m in mods] + [c / k * dG[m].ravel() for m in mods]
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("send_start", [False, True])
 @pytest.mark.parametrize("name", CENTRAL)
-def test_central_dp_without_clipping_or_noise_is_the_strategy_with_uniform_weights(name):
-    """The DP hook changes nothing but the weights (fixed 1/K) when no clip binds (HetLoRA's
-    data-dependent sparsity weights become uniform: zero-padding's)."""
-    specs = _het(name)
-    ref = S.get(
-        "zero_pad" if name == "hetlora" else name, shapes=SHAPES, seed=3, weighting="uniform"
-    )
-    dp = attach_central(S.get(name, shapes=SHAPES, seed=3), CentralDP(1e9, 0.0, len(specs), 5))
-    for rnd in (1, 2):
-        torch.manual_seed(rnd)
-        _run_round(ref, specs, np.random.default_rng(rnd), rnd)
-        torch.manual_seed(rnd)
-        _run_round(dp, specs, np.random.default_rng(rnd), rnd)
-    for m, f in ref.global_delta().items():
-        want, got = f.delta(), dp.global_delta()[m].delta()
-        assert (got - want).norm() <= 1e-6 * want.norm(), (name, m)
+def test_central_release_moves_by_at_most_c_over_k_when_one_client_is_removed(name, send_start):
+    """Add/remove one client (heterogeneous ranks, clipping binding): the release changes by
+    exactly (1/K) c_j pad(change_j) of a float64 reference, whose norm is at most C/K (the
+    stated sensitivity; LoRA-A2's B in the client's units, its scale times that in G). A
+    client sending back its start moves nothing."""
+    specs, clip = _het(name), 0.5
+    k = len(specs)
+    strategy = _central(name, specs, clip, 0.0)
+    torch.manual_seed(0)
+    _run_round(strategy, specs, np.random.default_rng(0), 1, send_start)
+    with_j, without_j = copy.deepcopy(strategy), copy.deepcopy(strategy)
+    torch.manual_seed(1)
+    updates, starts = _updates(with_j, specs, np.random.default_rng(1), 2, send_start, size=3.0)
+    for s in specs[1:]:  # the same payloads: client "0" is not sampled here
+        without_j.configure(s, 2)
+    before = _released(with_j)
+    with_j.aggregate(2, updates)
+    without_j.aggregate(2, updates[1:])
+    diff = _released(with_j) - _released(without_j)
+    want = _reference_change(strategy, updates[0], starts["0"][1], clip, k)
+    # (float32 payloads: a start sent back differs from the float64 global by ~1e-9)
+    assert np.abs(diff - want).max() <= 1e-7 * max(1.0, np.abs(want).max()), name
+    unit = max(strategy.privacy.scales.values()) if name == "lora_a2" else 1.0
+    assert np.linalg.norm(diff) <= unit * clip / k * (1 + 1e-9)
+    if send_start:
+        assert np.abs(diff).max() <= 1e-7
+    else:  # the clip binds, and the release moved from the previous global
+        assert np.linalg.norm(diff) >= 0.5 * clip / k
+        assert np.abs(_released(without_j) - before).max() > 0
 
 
 BIG = {"attn": (40, 30), "mlp": (48, 36)}
@@ -183,22 +249,41 @@ def test_central_dp_noise_on_the_aggregate_has_the_mechanism_std(name):
     strategy holds is the noise, of std noise_multiplier * clip_norm / K per entry."""
     specs = _het(name)
     sigma, clip = 2.0, 0.5
-    dp = attach_central(S.get(name, shapes=BIG, seed=3), CentralDP(clip, sigma, len(specs), 9))
+    dp = _central(name, specs, clip, sigma, 9, BIG)
     torch.manual_seed(0)
     _run_round(dp, specs, np.random.default_rng(0), 1)
     state = dp.state_dict()
-    dp.privacy = CentralDP(clip, 0.0, len(specs), 9)
+    mechanism = dp.privacy
+    dp.privacy = copy.deepcopy(mechanism)
+    dp.privacy.noise_multiplier = 0.0
     torch.manual_seed(1)
     _run_round(dp, specs, np.random.default_rng(1), 2)
     quiet = _state(dp)
     dp.load_state_dict(state)  # the strategy's state, not its DP mechanism: set it again
-    dp.privacy = CentralDP(clip, sigma, len(specs), 9)
+    dp.privacy = mechanism
     torch.manual_seed(1)
     _run_round(dp, specs, np.random.default_rng(1), 2)
     diff = _state(dp) - quiet
     moved = diff[diff != 0]  # lora_a2 noises only the factor trained this round
     assert moved.numel() >= 0.2 * diff.numel()
+    # (lora_a2 trains A in round 2: its noise is in A's own units)
     assert moved.std().item() == pytest.approx(sigma * clip / len(specs), rel=0.08)
+
+
+@pytest.mark.parametrize("name", CENTRAL)
+def test_a_central_round_without_updates_still_releases_noise(name):
+    """Poisson sampling may draw nobody: the round releases the previous global plus noise
+    (the accountant counts it), and an empty round without noise changes nothing."""
+    specs = _het(name)
+    dp = _central(name, specs, 0.5, 2.0, 9, BIG)
+    _run_round(dp, specs, np.random.default_rng(0), 1)
+    before = _released(dp)
+    dp.begin_round(2)
+    dp.aggregate(2, [])
+    moved = _released(dp) - before
+    moved = moved[moved != 0]
+    assert moved.size > 0.2 * before.size
+    assert moved.std() == pytest.approx(2.0 * 0.5 / 3, rel=0.1)
 
 
 def test_strategies_refuse_central_dp_by_name():
@@ -269,12 +354,61 @@ def test_noise_multiplier_is_solved_from_the_target_epsilon():
     sigma = noise_multiplier_for(4.0, 1e-5, 0.02, 500)
     assert 3.9 <= epsilon([(sigma, 0.02, 500)], 1e-5) <= 4.0
     ledger = plan(
-        mode="central", clip_norm=1.0, noise_multiplier=None, target_epsilon=8.0, delta=None,
-        accountant="rdp", rounds=20, clients_per_round=5, num_clients=50, client_sizes=[],
-        batch_size=4, steps=3, epochs=None,
+        Plan(
+            mode="central", clip_norm=1.0, noise_multiplier=None, target_epsilon=8.0,
+            delta=None, accountant="rdp", rounds=20, clients_per_round=5, num_clients=50,
+            client_sizes=[], batch_size=4, steps=3, epochs=None,
+        )
     )  # fmt: skip
     assert ledger.delta == pytest.approx(1 / 500) and ledger.sample_rate == pytest.approx(0.1)
-    assert epsilon([(ledger.noise_multiplier, 0.1, 20)], ledger.delta) <= 8.0
+    assert 0.99 * 8.0 <= epsilon([(ledger.noise_multiplier, 0.1, 20)], ledger.delta) <= 8.0
+
+
+#: (sigma, q, T, delta): the issue's four settings
+SETTINGS = [(1.0, 0.5, 5, 1 / 60), (0.679, 0.5, 5, 1 / 60), (1.0, 0.01, 1000, 1e-5),
+            (0.8, 0.1, 200, 1e-3)]  # fmt: skip
+
+
+@pytest.mark.parametrize("sigma, q, steps, delta", SETTINGS)
+def test_fixed_size_sampling_is_accounted_under_replace_one_as_dp_accounting_does(
+    sigma, q, steps, delta
+):
+    """Exactly K of N clients: dp_accounting's RDP accountant for sampling without
+    replacement, replace-one neighbours (sensitivity 2C: multiplier sigma / 2); Poisson
+    sampling's add/remove epsilon is smaller (a weaker relation)."""
+    import dp_accounting
+
+    n = 60 if q >= 0.1 else 1000
+    acc = dp_accounting.rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+    )
+    event = dp_accounting.SampledWithoutReplacementDpEvent(
+        n, round(q * n), dp_accounting.GaussianDpEvent(sigma / 2)
+    )
+    acc.compose(event, steps)
+    fixed = epsilon([(sigma, q, steps)], delta, "rdp", "replace_one")
+    assert fixed == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
+    poisson = epsilon([(sigma, q, steps)], delta, "rdp", "add_remove")
+    assert 0 < poisson < fixed
+
+
+def test_bad_privacy_parameters_are_refused_not_accounted():
+    base = dict(
+        mode="central", clip_norm=1.0, noise_multiplier=1.0, target_epsilon=None, delta=None,
+        accountant="rdp", rounds=5, clients_per_round=2, num_clients=6, client_sizes=[],
+        batch_size=4, steps=3, epochs=None,
+    )  # fmt: skip
+    with pytest.raises(Exception, match=r"privacy.delta = 0.5: must be below 1/n"):
+        plan(Plan(**{**base, "delta": 0.5}))
+    with pytest.raises(Exception, match="noise_multiplier = 0.0: must be > 0"):
+        plan(Plan(**{**base, "noise_multiplier": 0.0}))
+    with pytest.raises(Exception, match="use privacy.accountant = 'rdp'"):
+        epsilon([(1.0, 0.1, 10_000)], 1e-5, "prv")
+    ledger = plan(Plan(**base))
+    assert ledger.epsilon() == 0.0 and ledger.record_central() > 0
+    assert ledger.secret != plan(Plan(**base)).secret  # drawn from the OS, never the seed
+    seeded = Plan(**{**base, "insecure_seeded_noise": True})
+    assert plan(seeded).secret == plan(seeded).secret and not plan(seeded).summary()["private"]
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -318,6 +452,39 @@ def test_noise_multiplier_is_solved_from_the_target_epsilon():
                 "strategy.options": {"prune_lambda": 0.1},
             },
             "prune_lambda",
+        ),
+        (
+            {
+                "privacy.mode": "central",
+                "privacy.noise_multiplier": 1.0,
+                "strategy.name": "hetlora",
+                "strategy.options": {"prune_lambda": 0.1},
+            },
+            "prune_lambda",
+        ),
+        ({"privacy.mode": "central", "privacy.noise_multiplier": 0.0}, "must be > 0 in a DP"),
+        (
+            {
+                "privacy.mode": "central",
+                "privacy.noise_multiplier": 1.0,
+                "privacy.sampling": "fixed",
+                "privacy.accountant": "prv",
+            },
+            "Poisson sampling only",
+        ),
+        (
+            {"privacy.mode": "central", "privacy.noise_multiplier": 1.0, "model.name": "tiny-bert",
+             "model.kind": "classifier"},
+            "classifier head",
+        ),
+        (
+            {"privacy.mode": "local", "privacy.noise_multiplier": 1.0, "strategy.name": "lora_a2"},
+            "masked_training",
+        ),
+        (
+            {"privacy.mode": "local", "privacy.noise_multiplier": 1.0, "privacy.clip_norm":
+             "adaptive"},
+            "only with privacy.mode = 'central'",
         ),
         (
             {"privacy.mode": "local", "privacy.noise_multiplier": 1.0, "train.grad_accum_steps": 2},

@@ -308,7 +308,7 @@ def train_client(
     def penalty() -> torch.Tensor:
         return sum(self_pruning_penalty(a, b, gamma, s) for a, b, s in lora.values())
 
-    seed = module_seed(cfg.seed, f"client/{spec.client_id}", server_round)
+    seed = module_seed(_seed_base(cfg, privacy), f"client/{spec.client_id}", server_round)
     was_training = model.training
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
@@ -356,8 +356,23 @@ def train_client(
             opt.zero_grad(set_to_none=True)
 
     adapter, extras = _client_side(payload, before, host.read_adapter(), gamma, penalties, slots)
-    extras.update(dp_extras, **_loss_extras(losses), train_seconds=time.perf_counter() - t0)
+    # under local DP a client's raw losses are not released (they are not privatised)
+    losses_out = _loss_extras(losses) if privacy is None else {"steps": float(len(losses))}
+    extras.update(dp_extras, **losses_out, train_seconds=time.perf_counter() - t0)
     return ClientUpdate(spec.client_id, adapter, len(data), extras, host.read_dense())
+
+
+def _seed_base(cfg: TrainConfig, privacy: Any) -> int:
+    """What a client's batches, dropout and DP-SGD noise are drawn from: the public training
+    seed, or under local DP the client's own secret (drawn from the OS when it has none), so
+    nobody holding its inputs and the configuration can replay its update."""
+    if privacy is None or privacy.seeded:
+        return cfg.seed
+    if privacy.secret is not None:
+        return int(privacy.secret)
+    import secrets
+
+    return secrets.randbits(128)
 
 
 def _loss_extras(losses: Sequence[float]) -> dict[str, float]:
@@ -416,7 +431,7 @@ def _train_dp(
     """The local steps under DP-SGD (`fedlora.clients.dp_sgd`): each non-empty batch's mean
     per-example loss, and the accounting extras."""
     from fedlora.clients.dp_sgd import DPSGD, poisson_batches
-    from fedlora.core.privacy import local_sample_rate, local_steps
+    from fedlora.core.accounting import local_sample_rate, local_steps
 
     n = len(data)
     q = local_sample_rate(n, cfg.batch_size)

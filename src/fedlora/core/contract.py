@@ -183,6 +183,11 @@ class Strategy(ABC):
     #: options the engine sets from the experiment (never the user's)
     engine_options: ClassVar[frozenset[str]] = frozenset({"shapes", "seed"})
 
+    def dp_scale(self, client: ClientSpec, module: str) -> float:
+        """The LoRA scale `client` trains `module` at (central DP bounds B's change in the
+        client's own units)."""
+        return client.scale(module)
+
     @classmethod
     def option_names(cls) -> set[str] | None:
         """Keyword options the class accepts (its ``__init__`` chain up to `Strategy`), or
@@ -328,9 +333,15 @@ class Strategy(ABC):
     def iter_checked(
         self, server_round: int, updates: Iterable[ClientUpdate], *, same_modules: bool = True
     ) -> Iterator[ClientUpdate]:
-        """`check_updates` one update at a time (for strategies that aggregate as a stream)."""
+        """`check_updates` one update at a time (for strategies that aggregate as a stream).
+        Under central DP a round may have no update: it still releases noise."""
         for u in iter_valid_updates(
-            server_round, updates, shapes=self.shapes, strategy=self.name, same_modules=same_modules
+            server_round,
+            updates,
+            shapes=self.shapes,
+            strategy=self.name,
+            same_modules=same_modules,
+            allow_empty=self.privacy is not None,
         ):
             self.check_update(server_round, u)
             yield u
@@ -433,8 +444,10 @@ def validate_updates(
     shapes: Mapping[str, tuple[int, int]] | None = None,
     strategy: str = "",
     same_modules: bool = True,
+    allow_empty: bool = False,
 ) -> list[ClientUpdate]:
-    """Check a round's updates: non-empty, positive sizes, finite factors, consistent shapes.
+    """Check a round's updates: non-empty (unless `allow_empty`), positive sizes, finite
+    factors, consistent shapes.
 
     Module shapes (d_out, d_in) must agree with `shapes` (when given) and across clients; with
     `same_modules`, every client must send the same modules. Every error names the round, the
@@ -442,7 +455,12 @@ def validate_updates(
     """
     return list(
         iter_valid_updates(
-            server_round, updates, shapes=shapes, strategy=strategy, same_modules=same_modules
+            server_round,
+            updates,
+            shapes=shapes,
+            strategy=strategy,
+            same_modules=same_modules,
+            allow_empty=allow_empty,
         )
     )
 
@@ -454,6 +472,7 @@ def iter_valid_updates(
     shapes: Mapping[str, tuple[int, int]] | None = None,
     strategy: str = "",
     same_modules: bool = True,
+    allow_empty: bool = False,
 ) -> Iterator[ClientUpdate]:
     """`validate_updates` one update at a time, so a strategy can stream over a round without
     holding every update: each is checked against the shapes and modules seen before it."""
@@ -491,7 +510,7 @@ def iter_valid_updates(
                 f"modules ({sorted(diff)[:3]} ...)"
             )
         yield u
-    if first is None:
+    if first is None and not allow_empty:
         raise FedLoraError(f"{where}: no client updates to aggregate")
 
 

@@ -1,17 +1,22 @@
-"""Differential privacy for federated LoRA: clipping, seeded Gaussian noise and accounting.
+"""Differential privacy for federated LoRA: the mechanisms (clipping, secret Gaussian noise,
+adaptive clipping); the accounting is `fedlora.core.accounting`.
 
 Two modes (``[privacy] mode``):
 
-* ``"central"`` (client-level DP, DP-FedAvg, McMahan et al., ICLR 2018): the server clips each
-  sampled client's contribution to `clip_norm` in the quantity its strategy releases, averages
-  with the fixed denominator K (clients sampled per round) and adds Gaussian noise of std
-  ``noise_multiplier * clip_norm / K`` where the strategy holds the aggregate. The clipped
-  quantity is the client's *update*: what it sends minus what it received (its start), so
-  ``contribution_k = start_k + c_k (sent_k - start_k)``, ``c_k = min(1, C / ||sent_k - start_k||)``;
-  the start is server state and public. Which quantity each strategy releases is
-  ``Strategy.dp_released`` (see docs/privacy.md):
+* ``"central"`` (client-level DP, DP-FedAvg, McMahan et al., ICLR 2018): the server releases
 
-  - ``"factors"`` (fedit, zero_pad, hetlora): the factor vector (A, scale * B) of every module;
+      new global = previous global + (1/K) sum_k clip_C(sent_k - start_k) + N(0, (sigma C / K)^2)
+
+  in the quantity its strategy releases, where ``start_k`` is what client k was sent (server
+  state), K the (expected) number of clients a round and C the clip norm. Nothing unclipped
+  depends on who was sampled: the released shape (the global rank, `CentralDP.ranks`) is the
+  configuration's largest rank, heterogeneous ranks are padded into it, and a client that was
+  sampled but sent nothing moves nothing. Adding or removing one client moves the release by
+  at most C / K. Which quantity each strategy releases is ``Strategy.dp_released`` (see
+  docs/privacy.md):
+
+  - ``"factors"`` (fedit, zero_pad, hetlora): the factor vector (A, scale * B) of every module,
+    padded to the global rank;
   - ``"B"`` (ffa_lora): scale * B only, A is public;
   - ``"trained"`` (lora_a2): the uploaded slots of the factor trained this round;
   - ``"delta"`` (flexlora, flora): the effective delta ``scale * B @ A``, whose norm comes from
@@ -21,15 +26,16 @@ Two modes (``[privacy] mode``):
   clipping and noise on the client's trainable LoRA factors; each client's epsilon
   accumulates over the rounds it takes part in.
 
-Noise comes from a `torch.Generator` seeded by (seed, round, tensor name): a run is
-reproducible and resumes exactly, which also means anyone who knows the seed can remove the
-noise; keep the seed secret in a real deployment. Accounting uses Opacus's RDP or PRV
-accountant (`epsilon`), not a hand-written bound; this module imports torch only and loads
-Opacus when an epsilon is asked for.
+Noise and client sampling come from a secret the party that adds the noise draws from the OS
+(`fedlora.core.accounting.draw_secret`): the server's is never sent and is kept in its
+checkpoint (a resumed run draws exactly what an uninterrupted one would); a client's is drawn
+by the client and never leaves it. Seeded, reproducible noise (from the public ``seed``) exists
+only behind ``privacy.insecure_seeded_noise = true``, and such a run says it is not private.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,264 +44,31 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedlora.core.contract import (
-    Adapter,
-    ClientUpdate,
-    FedLoraError,
-    LoraFactors,
-    init_lora,
-    module_seed,
-)
+from fedlora.core.contract import Adapter, ClientUpdate, FedLoraError, LoraFactors, init_lora
 from fedlora.core.norms import adapter_norm, clip_factor
 
 F64 = torch.float64
-MODES = ("none", "central", "local")
-ACCOUNTANTS = ("rdp", "prv")
-
-# (noise_multiplier, sample_rate, steps): one entry of a subsampled Gaussian mechanism history
-Step = tuple[float, float, int]
 
 
-# -- accounting ------------------------------------------------------------------------------
-
-
-def _accountant(name: str):
-    try:
-        from opacus.accountants import PRVAccountant, RDPAccountant
-    except ImportError:  # pragma: no cover - opacus is in the `privacy` extra (and `all`)
-        raise FedLoraError(
-            "privacy: the accountant needs opacus; pip install 'fedlora[privacy]'"
-        ) from None
-    if name not in ACCOUNTANTS:
-        raise FedLoraError(f"privacy.accountant: {name!r} is not one of {', '.join(ACCOUNTANTS)}")
-    return RDPAccountant() if name == "rdp" else PRVAccountant()
-
-
-def epsilon(history: Sequence[Step], delta: float, accountant: str = "rdp") -> float:
-    """Epsilon of the composition of subsampled Gaussian mechanisms in `history` at `delta`,
-    from Opacus's accountant (``"rdp"``: Mironov et al. 2019; ``"prv"``: Gopi et al. 2021).
-    0 for an empty history; inf when a noise multiplier is 0."""
-    history = [(float(s), float(q), int(n)) for s, q, n in history if n > 0 and q > 0]
-    if not history:
-        return 0.0
-    if any(s <= 0 for s, _, _ in history):
-        return math.inf
-    acc = _accountant(accountant)
-    acc.history = _merged(history)
-    import warnings
-
-    with warnings.catch_warnings():  # PRV's log(0) at q = 1 is handled inside it; RDP's
-        warnings.simplefilter("ignore", RuntimeWarning)  # largest-alpha notice is a valid bound
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(acc.get_epsilon(delta))
-
-
-def _merged(history: Sequence[Step]) -> list[Step]:
-    """Consecutive entries with the same (sigma, q) merged into one (same composition)."""
-    out: list[Step] = []
-    for s, q, n in history:
-        if out and out[-1][0] == s and out[-1][1] == q:
-            out[-1] = (s, q, out[-1][2] + n)
-        else:
-            out.append((s, q, n))
-    return out
-
-
-def noise_multiplier_for(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
-) -> float:
-    """The smallest noise multiplier whose `steps`-fold subsampled Gaussian mechanism at rate
-    `sample_rate` stays within (`target_epsilon`, `delta`) (Opacus's `get_noise_multiplier`)."""
-    _accountant(accountant)
-    import warnings
-
-    from opacus.accountants.utils import get_noise_multiplier
-
-    with warnings.catch_warnings():  # "optimal order is the largest alpha": a valid bound
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        sigma = get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=min(1.0, sample_rate),
-            steps=int(steps),
-            accountant=accountant,
-            epsilon_tolerance=0.01 * target_epsilon,
-        )
-    return float(sigma)
-
-
-def local_sample_rate(n: int, batch_size: int) -> float:
-    """DP-SGD's Poisson sampling rate on a client of n examples: expected batch
-    ``min(batch_size, n)``."""
-    return min(1.0, batch_size / n)
-
-
-def local_steps(n: int, batch_size: int, steps: int, epochs: int | None) -> int:
-    """DP-SGD steps of one client round: `steps`, or `epochs` passes of expected batches."""
-    if epochs is None:
-        return steps
-    return epochs * math.ceil(n / min(batch_size, n))
-
-
-def default_delta(population: int) -> float:
-    """``1 / (10 n)``: below 1/n for n protected units (clients, or a client's examples)."""
-    return 1.0 / (10.0 * max(1, int(population)))
-
-
-@dataclass
-class PrivacyLedger:
-    """The run's privacy accounting, the same in every engine.
-
-    Central mode: one history for the whole population (each round: noise multiplier,
-    client sampling rate, 1 step). Local mode: a history per client, extended each round it
-    is sent a payload by the DP-SGD steps its size implies (`record_local`: the server's own
-    count, never what the client reports). `state_dict` / `load_state_dict` make a resumed run
-    account exactly as an uninterrupted one.
-    """
-
-    mode: str
-    noise_multiplier: float
-    clip_norm: float
-    delta: float
-    accountant: str = "rdp"
-    sample_rate: float = 1.0  # central: clients_per_round / num_clients
-    history: list[Step] = field(default_factory=list)
-    clients: dict[str, list[Step]] = field(default_factory=dict)
-    # local mode: a client's DP-SGD batch size, steps (or epochs) per round
-    batch_size: int = 1
-    steps: int = 1
-    epochs: int | None = None
-
-    def record_central(self) -> float:
-        """Account for one released round of central mode; returns the running epsilon."""
-        self.history.append((self.noise_multiplier, self.sample_rate, 1))
-        return self.epsilon()
-
-    def record_local(self, client_id: str, num_examples: int) -> None:
-        """Account for one round of DP-SGD on client `client_id` of `num_examples` examples:
-        Poisson rate `local_sample_rate`, `local_steps` steps (as `fedlora.clients.train`
-        runs them)."""
-        n = max(1, int(num_examples))
-        step = (
-            self.noise_multiplier,
-            local_sample_rate(n, self.batch_size),
-            local_steps(n, self.batch_size, self.steps, self.epochs),
-        )
-        self.clients.setdefault(client_id, []).append(step)
-
-    def client_epsilons(self) -> dict[str, float]:
-        return {c: epsilon(h, self.delta, self.accountant) for c, h in self.clients.items()}
-
-    def epsilon(self) -> float:
-        """Central: the population's epsilon; local: the largest client epsilon."""
-        if self.mode == "central":
-            return epsilon(self.history, self.delta, self.accountant)
-        return max(self.client_epsilons().values(), default=0.0)
-
-    def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "mode": self.mode,
-            "epsilon": self.epsilon(),
-            "delta": self.delta,
-            "noise_multiplier": self.noise_multiplier,
-            "clip_norm": self.clip_norm,
-            "accountant": self.accountant,
-        }
-        if self.mode == "central":
-            out["client_sampling_rate"] = self.sample_rate
-            out["rounds_accounted"] = sum(n for _, _, n in self.history)
-        else:
-            eps = sorted(self.client_epsilons().values())
-            out["client_epsilons"] = {
-                "clients": len(eps),
-                "min": eps[0] if eps else 0.0,
-                "median": eps[len(eps) // 2] if eps else 0.0,
-                "max": eps[-1] if eps else 0.0,
-            }
-        return out
-
-    def central_dp(self, clients_per_round: int, seed: int) -> CentralDP:
-        """The server-side mechanism of central mode."""
-        return CentralDP(self.clip_norm, self.noise_multiplier, clients_per_round, seed)
-
-    def local_dp(self) -> LocalDP:
-        """The clients' DP-SGD options of local mode."""
-        return LocalDP(self.clip_norm, self.noise_multiplier)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The histories and the noise multiplier (kept on resume, even if rounds grow)."""
-        return {
-            "noise_multiplier": self.noise_multiplier,
-            "history": [list(h) for h in self.history],
-            "clients": {k: [list(h) for h in v] for k, v in self.clients.items()},
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.noise_multiplier = float(state.get("noise_multiplier", self.noise_multiplier))
-        self.history = [_step(h) for h in state.get("history", [])]
-        self.clients = {k: [_step(h) for h in v] for k, v in state.get("clients", {}).items()}
-
-
-def _step(h: Sequence[Any]) -> Step:
-    return (float(h[0]), float(h[1]), int(h[2]))
-
-
-def plan(
-    *,
-    mode: str,
-    clip_norm: float,
-    noise_multiplier: float | None,
-    target_epsilon: float | None,
-    delta: float | None,
-    accountant: str,
-    rounds: int,
-    clients_per_round: int,
-    num_clients: int,
-    client_sizes: Sequence[int],
-    batch_size: int,
-    steps: int,
-    epochs: int | None,
-) -> PrivacyLedger:
-    """The run's resolved privacy: delta (default `default_delta` of the training clients for
-    central mode, of the largest client's examples for local mode) and the noise multiplier
-    (given, or solved from `target_epsilon` over the whole run: central, `rounds` steps at
-    client sampling rate ``clients_per_round / num_clients``; local, the worst case of the
-    smallest client taking part in every round)."""
-    if mode not in ("central", "local"):
-        raise FedLoraError(f"privacy.mode: {mode!r} is not 'central' or 'local'")
-    if mode == "central":
-        q = min(1.0, clients_per_round / num_clients)
-        delta = delta if delta is not None else default_delta(num_clients)
-        total_steps = rounds
-    else:
-        smallest = min(client_sizes)
-        q = local_sample_rate(smallest, batch_size)
-        delta = delta if delta is not None else default_delta(max(client_sizes))
-        total_steps = rounds * local_steps(smallest, batch_size, steps, epochs)
-    if noise_multiplier is None:
-        if target_epsilon is None:
-            raise FedLoraError("privacy: set privacy.noise_multiplier or privacy.target_epsilon")
-        noise_multiplier = noise_multiplier_for(target_epsilon, delta, q, total_steps, accountant)
-    return PrivacyLedger(
-        mode=mode,
-        noise_multiplier=float(noise_multiplier),
-        clip_norm=float(clip_norm),
-        delta=float(delta),
-        accountant=accountant,
-        sample_rate=q if mode == "central" else 1.0,
-        batch_size=int(batch_size),
-        steps=int(steps),
-        epochs=epochs,
-    )
+def secret_generator(secret: int, *names: Any) -> torch.Generator:
+    """A torch generator seeded from `secret` and `names` (a round, a tensor name): without
+    the secret its stream cannot be told from any other seed's."""
+    text = "/".join(str(n) for n in (format(secret, "x"), *names))
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
 @dataclass(frozen=True)
 class LocalDP:
-    """DP-SGD options of a client (`fedlora.clients.dp_sgd`): per-example clip norm and noise
-    multiplier."""
+    """DP-SGD options of a client (`fedlora.clients.dp_sgd`): per-example clip norm, noise
+    multiplier, and where its noise and batch sampling come from: ``secret`` (the client's
+    own; None: drawn from the OS at every call, never sent) or, with ``seeded``, the public
+    training seed (``privacy.insecure_seeded_noise``: reproducible, NOT private)."""
 
     clip_norm: float
     noise_multiplier: float
+    secret: int | None = None
+    seeded: bool = False
 
     def __post_init__(self) -> None:
         if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
@@ -308,15 +81,46 @@ class LocalDP:
 
 
 @dataclass(frozen=True)
+class AdaptiveClip:
+    """Adaptive clipping (Andrew et al., NeurIPS 2021): the clip norm follows the
+    `quantile` of the clients' update norms, ``C <- C exp(-lr (b - quantile))`` with b the
+    noisy fraction of clients at or under C (noise std `count_noise` / K). The update's noise
+    multiplier becomes ``(z^-2 - (2 count_noise)^-2)^-1/2`` so that the pair of releases costs
+    what one Gaussian mechanism of multiplier z does (their Theorem 1)."""
+
+    quantile: float = 0.5
+    lr: float = 0.2
+    count_noise: float = 1.0
+
+    def update_multiplier(self, z: float) -> float:
+        if not 2 * self.count_noise > z:
+            raise FedLoraError(
+                f"privacy.adaptive_count_noise = {self.count_noise}: must exceed half the noise "
+                f"multiplier ({z / 2:.3g}) to leave noise for the update"
+            )
+        return (z**-2 - (2 * self.count_noise) ** -2) ** -0.5
+
+
+@dataclass
 class CentralDP:
-    """Client-level DP on the server: clip each client's update to `clip_norm`, average with
-    the fixed denominator `clients_per_round`, add noise of std
-    ``noise_multiplier * clip_norm / clients_per_round`` to the average."""
+    """Client-level DP on the server: clip each client's update to `clip_norm`, add the
+    average with the fixed denominator `clients_per_round` to the previous global, add noise
+    of std ``noise_multiplier * clip_norm / clients_per_round`` (`noise_std`).
+
+    ``secret``: the server's (`fedlora.core.accounting.PrivacyLedger.secret`). ``ranks``:
+    per module, the released (global) rank, the configuration's largest; ``scales``: per
+    module, the largest LoRA scale a client can have (B's clip is in its own units).
+    ``adaptive``: the clip norm follows a quantile of the update norms (`AdaptiveClip`); the
+    norms a round clips are collected in ``norms``."""
 
     clip_norm: float
     noise_multiplier: float
     clients_per_round: int
-    seed: int = 0
+    secret: int = 0
+    ranks: dict[str, int] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
+    adaptive: AdaptiveClip | None = None
+    norms: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
@@ -335,15 +139,34 @@ class CentralDP:
     @property
     def noise_std(self) -> float:
         """Std of the noise on each entry of the averaged released quantity."""
-        return self.noise_multiplier * self.clip_norm / self.clients_per_round
+        z = self.noise_multiplier
+        if self.adaptive is not None and z > 0:
+            z = self.adaptive.update_multiplier(z)
+        return z * self.clip_norm / self.clients_per_round
 
     def noise(self, shape: Sequence[int], server_round: int, name: str) -> Tensor:
-        """Seeded N(0, noise_std^2) of `shape` (float64) for tensor `name` of `server_round`."""
-        g = torch.Generator().manual_seed(
-            module_seed(self.seed, f"dp-noise/{name}", server_round) % (2**63)
-        )
+        """N(0, noise_std^2) of `shape` (float64) for tensor `name` of `server_round`, from
+        the server's secret."""
+        g = secret_generator(self.secret, "dp-noise", server_round, name)
         return torch.randn(tuple(shape), generator=g, dtype=F64) * self.noise_std
 
+    def clip(self, norm: float) -> float:
+        """The factor that clips an update of `norm` to `clip_norm` (and records the norm for
+        the adaptive clip)."""
+        self.norms.append(float(norm))
+        return clip_factor(norm, self.clip_norm)
+
+    def end_round(self, server_round: int) -> None:
+        """After a release: move an adaptive clip norm toward its quantile (noisy count from
+        the secret), forget the round's norms."""
+        if self.adaptive is not None:
+            a = self.adaptive
+            g = secret_generator(self.secret, "dp-count", server_round)
+            count = sum(n <= self.clip_norm for n in self.norms)
+            noisy = count + float(torch.randn((), generator=g, dtype=F64)) * a.count_noise
+            b = noisy / self.clients_per_round
+            self.clip_norm = float(self.clip_norm * math.exp(-a.lr * (b - a.quantile)))
+        self.norms = []
 
 def fresh_start(
     ranks: Mapping[str, int],
@@ -389,7 +212,7 @@ def factor_update_norm(
 def clip_factor_update(
     update: ClientUpdate,
     start: Mapping[str, LoraFactors],
-    clip_norm: float,
+    clip_norm: float | CentralDP,
     parts: str = "AB",
 ) -> tuple[ClientUpdate, float]:
     """The update with its factor change clipped to `clip_norm`: ``start + c (sent - start)``
@@ -397,7 +220,7 @@ def clip_factor_update(
     Shapes and scales are unchanged, so the strategy aggregates it as it would the original."""
     who = f"client {update.client_id}"
     norm = factor_update_norm(update.adapter, start, parts, who)
-    c = clip_factor(norm, clip_norm)
+    c = clip_norm.clip(norm) if isinstance(clip_norm, CentralDP) else clip_factor(norm, clip_norm)
     if c == 1.0:
         return update, norm
     out: Adapter = {}
@@ -411,31 +234,44 @@ def clip_factor_update(
 
 
 def delta_update_terms(
-    update: ClientUpdate, start: Mapping[str, LoraFactors], clip_norm: float
+    update: ClientUpdate, start: Mapping[str, LoraFactors], clip_norm: float | CentralDP
 ) -> tuple[dict[str, list[tuple[Tensor, Tensor, float]]], float]:
-    """Per module, the terms ``(G, A, w)`` of ``start + c (delta - start)`` (effective deltas
-    ``G @ A``, G = scale * B), with c clipping the update's global delta norm
-    ``||delta - start||`` (from r x r Grams, `fedlora.core.norms.adapter_norm`). Returns (terms,
-    norm before clipping)."""
+    """Per module, the terms ``(G, A, w)`` of the clipped change ``c (delta - start)``
+    (effective deltas ``G @ A``, G = scale * B), with c clipping the update's global delta
+    norm ``||delta - start||`` (from r x r Grams, `fedlora.core.norms.adapter_norm`). Returns
+    (terms, norm before clipping)."""
     who = f"client {update.client_id}"
     starts = {m: start.get(m) for m in update.adapter}
     for m, s in starts.items():
         if s is None:
             raise FedLoraError(f"{who}, module {m}: no record of the factors it was sent")
     norm = adapter_norm(update.adapter, {m: s for m, s in starts.items() if s is not None})
-    c = clip_factor(norm, clip_norm)
+    c = clip_norm.clip(norm) if isinstance(clip_norm, CentralDP) else clip_factor(norm, clip_norm)
     terms: dict[str, list[tuple[Tensor, Tensor, float]]] = {}
     for m, f in update.adapter.items():
         s = starts[m]
         assert s is not None
         parts = [(f.scaled_B(), f.A.to(F64), c)]
-        if c < 1.0 and s.rank and bool(s.B.any()):
-            parts.append((s.scaled_B(), s.A.to(F64), 1.0 - c))
+        if s.rank and bool(s.B.any()):
+            parts.append((s.scaled_B(), s.A.to(F64), -c))
         terms[m] = parts
     return terms, norm
 
 
 # -- central DP inside a strategy --------------------------------------------------------------
+
+
+def release_shape(
+    strategy: Any, specs: Sequence[Any]
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Per module, the rank central DP releases (the largest any of `specs` is configured
+    with: fixed by the configuration, never by who is sampled) and the largest LoRA scale a
+    client trains it at (`Strategy.dp_scale`)."""
+    ranks = {m: max(s.ranks.get(m, 0) for s in specs) for m in strategy.shapes}
+    scales = {
+        m: max(strategy.dp_scale(s, m) for s in specs if m in s.ranks) for m in ranks if ranks[m]
+    }
+    return {m: r for m, r in ranks.items() if r > 0}, scales
 
 
 def attach_central(strategy: Any, dp: CentralDP) -> Any:
@@ -452,36 +288,63 @@ def attach_central(strategy: Any, dp: CentralDP) -> Any:
     return strategy
 
 
-def _take_starts(strategy: Any, updates: Sequence[ClientUpdate]) -> tuple[dict, list]:
-    """(starts of the updates' clients, starts of configured clients that sent nothing)."""
-    starts = strategy.dp_starts
-    got = {u.client_id for u in updates}
-    missing = [(cid, s) for cid, s in sorted(starts.items()) if cid not in got]
-    strategy.dp_starts = {}
-    return starts, missing
+def pop_start(strategy: Any, client_id: str) -> Adapter:
+    """The start recorded for `client_id` this round (`Strategy.expect`), removed."""
+    start = strategy.dp_starts.pop(client_id, None)
+    if start is None:
+        raise FedLoraError(
+            f"{strategy.name}: client {client_id} sent an update but was not configured this "
+            "round"
+        )
+    return start
 
 
-def private_factor_updates(
-    strategy: Any, updates: list[ClientUpdate], parts: str = "AB"
-) -> list[ClientUpdate]:
-    """Under central DP (``strategy.privacy`` set): every update clipped relative to its
-    start (`clip_factor_update`), plus an unchanged start for each configured client that sent
-    nothing (a zero update: with the fixed denominator a missing client moves nothing).
-    Without central DP, `updates` unchanged."""
-    dp = strategy.privacy
-    if dp is None:
-        return updates
-    starts, missing = _take_starts(strategy, updates)
-    out = []
-    for u in updates:
-        if u.client_id not in starts:
+def take_starts(strategy: Any, who: Sequence[str]) -> dict[str, Adapter]:
+    """The starts `strategy` recorded for this round's configured clients (`Strategy.expect`),
+    checked to cover the clients `who` that sent updates; the record is cleared."""
+    starts, strategy.dp_starts = strategy.dp_starts, {}
+    for cid in who:
+        if cid not in starts:
             raise FedLoraError(
-                f"{strategy.name}: client {u.client_id} sent an update but was not configured "
-                "this round"
+                f"{strategy.name}: client {cid} sent an update but was not configured this round"
             )
-        out.append(clip_factor_update(u, starts[u.client_id], dp.clip_norm, parts)[0])
-    out += [ClientUpdate(cid, dict(s), 1, {"dp_missing": 1.0}) for cid, s in missing]
-    return out
+    return starts
+
+
+def private_factor_release(
+    strategy: Any, server_round: int, updates: Sequence[ClientUpdate], parts: str = "AB"
+) -> None:
+    """Central DP for a strategy that holds global factors ``strategy.A`` (r, d_in) and
+    ``strategy.G`` (d_out, r; scale * B): at the global rank ``dp.ranks[m]`` of every module,
+    ``global + (1/K) sum_k c_k pad(sent_k - start_k) + noise`` on the `parts` it releases
+    (the others stay). A first round starts from the fresh factors every client starts from
+    (`init_lora_A` of the shared seed, B = 0). The clip factor c_k bounds the client's change
+    over all modules and parts by ``dp.clip_norm``."""
+    from fedlora.core.contract import init_lora_A
+
+    dp: CentralDP = strategy.privacy
+    starts = take_starts(strategy, [u.client_id for u in updates])
+    A, G = {}, {}
+    for m, R in dp.ranks.items():
+        d_out, d_in = strategy.shapes[m]
+        a = strategy.A.get(m, torch.zeros(0, d_in, dtype=F64)).to(F64)[:R]
+        g = strategy.G.get(m, torch.zeros(d_out, 0, dtype=F64)).to(F64)[:, :R]
+        extra = init_lora_A(strategy.seed, m, R - a.shape[0], d_in, a.shape[0], F64)
+        A[m] = torch.cat([a, extra])
+        G[m] = torch.cat([g, torch.zeros(d_out, R - g.shape[1], dtype=F64)], 1)
+    for u in updates:
+        who = f"client {u.client_id}"
+        c = dp.clip(factor_update_norm(u.adapter, starts[u.client_id], parts, who))
+        for m, f in u.adapter.items():
+            s, r = _start_for(f, starts[u.client_id].get(m), m, who), f.rank
+            if "A" in parts:
+                A[m][:r] += dp.weight * c * (f.A.to(F64) - s.A.to(F64))
+            if "B" in parts:
+                G[m][:, :r] += dp.weight * c * (f.scaled_B() - s.scaled_B())
+    if "A" in parts:
+        add_noise_(A, dp, server_round, "A")
+    add_noise_(G, dp, server_round, "G")
+    strategy.A, strategy.G = A, G
 
 
 def add_noise_(

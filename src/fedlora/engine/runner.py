@@ -49,6 +49,7 @@ import numpy as np
 
 from fedlora.clients.device import precision_name
 from fedlora.core.contract import ClientSpec, ClientUpdate, FedLoraError, Strategy
+from fedlora.core.privacy import LocalDP
 from fedlora.engine.rundir import (
     Jsonl,
     check_resumable,
@@ -143,9 +144,12 @@ def train_clients(
 
 
 def _local_dp(fed: Federation):
-    """The clients' DP-SGD options in local privacy mode, else None."""
+    """The simulated clients' DP-SGD options in local privacy mode (their own secret), else
+    None."""
     ledger = fed.ledger
-    return ledger.local_dp() if ledger is not None and ledger.mode == "local" else None
+    if ledger is None or ledger.mode != "local":
+        return None
+    return LocalDP(ledger.clip_norm, ledger.noise_multiplier, fed.clients.secret, ledger.seeded)
 
 
 def checkpoint(fed: Federation, run_dir: Path, rnd: int, sampler, rows, totals) -> None:
@@ -160,28 +164,17 @@ def checkpoint(fed: Federation, run_dir: Path, rnd: int, sampler, rows, totals) 
             "totals": totals,
             "config": to_dict(fed.cfg),
             "privacy": fed.ledger.state_dict() if fed.ledger is not None else {},
+            # the simulated clients' own secret (local DP-SGD noise): theirs, not the server's
+            "clients_secret": format(fed.clients.secret, "x"),
         },
     )
 
 
 def report_round(log, cfg, row: dict[str, Any], eval_rows, bar) -> None:
-    """Step 6: one log line (and the progress bar) for the round."""
-    seen = next((r for r in eval_rows if r["set"] == "seen_clients"), None)
-    loss = row["train_loss"]
-    log.info(
-        "round %d/%d: train loss %s%s, %d of %d clients used%s, up %s down %s, %.1fs",
-        row["round"],
-        cfg.rounds,
-        "-" if loss is None else f"{loss:.4f}",
-        f", eval loss {seen['loss']:.4f}" if seen and "loss" in seen else "",
-        row["used"],
-        len(row["clients"]),
-        "" if row["aggregated"] else " (no usable update: global model unchanged)",
-        rounds.fmt_bytes(row["bytes_up"]),
-        rounds.fmt_bytes(row["bytes_down"]),
-        row["time_round"],
-    )
+    """Step 6: one log line (`fedlora.federation.rounds.round_line`) and the progress bar."""
+    log.info("%s", rounds.round_line(row, cfg.rounds, eval_rows))
     if bar is not None:
+        loss = row["train_loss"]
         bar.set_postfix(loss="-" if loss is None else f"{loss:.3f}")
         bar.update(1)
 
@@ -219,14 +212,18 @@ def _open(cfg: ExperimentConfig, resume: bool, overwrite: bool, log) -> _Run:
     threads = set_threads(cfg.threads)
     t_setup = time.perf_counter()
     fed = build_federation(cfg)
-    run = _Run(fed, run_dir, np.random.default_rng([cfg.seed, 7]), [], rounds.new_totals(), 1)
+    sampler = rounds.make_sampler(cfg.seed, fed.ledger)
+    run = _Run(fed, run_dir, sampler, [], rounds.new_totals(), 1)
     if state is not None:
         fed.strategy.load_state_dict(state["strategy"])
         set_rng_state(state["rng"], sampler=run.sampler)
         run.rows = list(state["rows"])
         run.totals = dict(state["totals"])
-        if fed.ledger is not None:
+        if fed.ledger is not None:  # its secret, sigma and clip norm: the mechanism's too
             fed.ledger.load_state_dict(state.get("privacy", {}))
+            rounds.sync_privacy(fed.server)
+        if "clients_secret" in state:
+            fed.clients.secret = int(str(state["clients_secret"]), 16)
         run.start = int(state["round"]) + 1
         log.info("resuming %s after round %d", run_dir, state["round"])
     elif overwrite:
@@ -237,6 +234,8 @@ def _open(cfg: ExperimentConfig, resume: bool, overwrite: bool, log) -> _Run:
     run.per_example = Jsonl(
         run_dir / EXAMPLES_FILE, rows_before(run_dir / EXAMPLES_FILE, run.start)
     )
+    if fed.ledger is not None and fed.ledger.seeded:
+        log.warning("privacy.insecure_seeded_noise = true: this run is NOT private")
     where, c = fed.clients.where, fed.clients
     log.info(
         "%s: %s on %s (%s, %s, %s weights), %d clients (%d train, %d per round), %d modules, "
@@ -254,8 +253,10 @@ def _round(run: _Run, rnd: int, on_update, progress: bool, profile_memory: bool)
     row (with its times) and the evaluation rows."""
     fed = run.fed
     t0 = time.perf_counter()
-    chosen = rounds.sample(run.sampler, fed.clients.train_clients, fed.cfg.sampled_per_round())
     tally = rounds.RoundTally()
+    chosen = rounds.draw(
+        fed.server, run.sampler, fed.clients.train_clients, fed.cfg.sampled_per_round(), tally
+    )
     cbar = _bar(progress, len(chosen), 1, leave=False, desc=f"round {rnd}", unit="client")
     if profile_memory:
         tracemalloc.start()

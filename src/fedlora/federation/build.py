@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from fedlora.clients.tiny import TINY_MODELS, build_tiny
+from fedlora.core.accounting import Plan, PrivacyLedger, draw_secret, seeded_secret
+from fedlora.core.accounting import plan as privacy_plan
 from fedlora.core.contract import ClientSpec, ClientUpdate, Payload, Strategy
-from fedlora.core.privacy import PrivacyLedger, attach_central
-from fedlora.core.privacy import plan as privacy_plan
+from fedlora.core.privacy import AdaptiveClip, CentralDP, attach_central, release_shape
 from fedlora.core.robust import NormBound
 from fedlora.federation.config import ConfigError, ExperimentConfig, to_dict
 from fedlora.federation.rounds import Server
@@ -241,7 +242,8 @@ def modules_to_save(cfg: ExperimentConfig, model) -> list[str]:
 def build_strategy(
     cfg: ExperimentConfig, shapes, specs: Sequence[ClientSpec], privacy: PrivacyLedger | None = None
 ) -> Strategy:
-    """The configured strategy; with a central-mode `privacy` ledger, central DP is on."""
+    """The configured strategy; with a central-mode `privacy` ledger, central DP is on
+    (`central_dp`)."""
     import fedlora.strategies as registry
 
     options = dict(cfg.strategy.options)
@@ -249,33 +251,67 @@ def build_strategy(
         options.setdefault("global_rank", max(max(s.ranks.values()) for s in specs))
     strategy = registry.get(cfg.strategy.name, seed=cfg.seed, shapes=shapes, **options)
     if privacy is not None and privacy.mode == "central":
-        attach_central(strategy, privacy.central_dp(cfg.sampled_per_round(), cfg.seed))
+        attach_central(strategy, central_dp(cfg, strategy, specs, privacy))
     return strategy
+
+
+def central_dp(
+    cfg: ExperimentConfig, strategy: Strategy, specs: Sequence[ClientSpec], ledger: PrivacyLedger
+) -> CentralDP:
+    """The server's mechanism: the ledger's secret and noise multiplier, the fixed
+    denominator K, the released rank per module (the largest any client is configured with,
+    whoever is sampled) and the largest LoRA scale per module; adaptive clipping when
+    ``privacy.clip_norm = "adaptive"``."""
+    v, k = cfg.privacy, cfg.sampled_per_round()
+    ranks, scales = release_shape(strategy, specs)
+    adaptive = None
+    if v.clip_norm == "adaptive":
+        count_noise = v.adaptive_count_noise or max(k / 20.0, ledger.noise_multiplier)
+        adaptive = AdaptiveClip(v.adaptive_quantile, v.adaptive_lr, count_noise)
+    return CentralDP(
+        ledger.clip if ledger.clip is not None else ledger.clip_norm,
+        ledger.noise_multiplier,
+        k,
+        secret=ledger.secret,
+        ranks=ranks,
+        scales=scales,
+        adaptive=adaptive,
+    )
 
 
 def build_privacy(
     cfg: ExperimentConfig, specs: Sequence[ClientSpec], train_clients: Sequence[int]
 ) -> PrivacyLedger | None:
-    """The run's resolved privacy (`fedlora.core.privacy.plan`), None when ``privacy.mode`` is
-    "none"; a deterministic function of the configuration, so every engine and node agrees."""
+    """The run's resolved privacy (`fedlora.core.accounting.plan`), None when
+    ``privacy.mode`` is "none": sigma and delta are a deterministic function of the
+    configuration (every engine and node agrees); the server's secret is drawn here."""
     v = cfg.privacy
     if v.mode == "none":
         return None
-    return privacy_plan(
-        mode=v.mode,
-        clip_norm=v.clip_norm,
-        noise_multiplier=v.noise_multiplier,
-        target_epsilon=v.target_epsilon,
-        delta=v.delta,
-        accountant=v.accountant,
-        rounds=cfg.rounds,
-        clients_per_round=cfg.sampled_per_round(),
-        num_clients=len(train_clients),
-        client_sizes=[specs[c].num_examples or 1 for c in train_clients],
-        batch_size=cfg.train.batch_size,
-        steps=cfg.train.local_steps,
-        epochs=cfg.train.epochs,
+    adaptive = v.clip_norm == "adaptive"
+    ledger = privacy_plan(
+        Plan(
+            mode=v.mode,
+            clip_norm=v.adaptive_initial_clip if adaptive else float(v.clip_norm),
+            noise_multiplier=v.noise_multiplier,
+            target_epsilon=v.target_epsilon,
+            delta=v.delta,
+            accountant=v.accountant,
+            rounds=cfg.rounds,
+            clients_per_round=cfg.sampled_per_round(),
+            num_clients=len(train_clients),
+            client_sizes=[specs[c].num_examples or 1 for c in train_clients],
+            batch_size=cfg.train.batch_size,
+            steps=cfg.train.local_steps,
+            epochs=cfg.train.epochs,
+            sampling=v.sampling,
+            seed=cfg.seed,
+            insecure_seeded_noise=v.insecure_seeded_noise,
+        )
     )
+    if adaptive:
+        ledger.clip = ledger.clip_norm
+    return ledger
 
 
 def norm_bound(cfg: ExperimentConfig) -> NormBound:
@@ -334,6 +370,8 @@ class Clients:
     where: Placement
     label_to_id: dict[str, int] | None
     labels: Any
+    # the simulated clients' own secret (local DP-SGD noise and batches; never the server's)
+    secret: int = 0
 
     @property
     def train_clients(self) -> list[int]:
@@ -458,6 +496,11 @@ def build_clients(cfg: ExperimentConfig) -> Clients:
         where=where,
         label_to_id=label_to_id,
         labels=task_labels(examples),
+        secret=(
+            seeded_secret(cfg.seed, "clients")
+            if cfg.privacy.insecure_seeded_noise
+            else draw_secret()
+        ),
     )
 
 
@@ -482,6 +525,8 @@ def build_server(
         ledger=ledger,
         fatal_drops=cfg.robust.fatal_drops,
         full_ft=full_ft_nbytes(shapes),
+        shapes=dict(shapes),
+        sampling=cfg.privacy.sampling if ledger is not None else "fixed",
     )
 
 

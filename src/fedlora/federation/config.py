@@ -176,11 +176,22 @@ class PrivacyConfig:
     ("central") or sample-level DP-SGD on each client ("local")."""
 
     mode: Literal["none", "central", "local"] = "none"  # central: server-side; local: DP-SGD
-    clip_norm: float = 1.0  # central: bound on a client's update; local: on an example's gradient
+    # central: bound on a client's update ("adaptive": follows a quantile of the update norms,
+    # Andrew et al. 2021); local: on an example's gradient
+    clip_norm: float | Literal["adaptive"] = 1.0
     noise_multiplier: float | None = None  # noise std / clip_norm (or set target_epsilon)
     target_epsilon: float | None = None  # solve noise_multiplier for this epsilon over the run
     delta: float | None = None  # none: 1 / (10 n), n = training clients or largest client's data
     accountant: Literal["rdp", "prv"] = "rdp"  # Opacus's RDP or PRV accountant
+    # clients drawn independently with probability clients_per_round / N (add/remove
+    # neighbours), or exactly clients_per_round of them (replace-one neighbours)
+    sampling: Literal["poisson", "fixed"] = "poisson"
+    # noise and sampling from the public seed: reproducible, and NOT private (tests, debugging)
+    insecure_seeded_noise: bool = False
+    adaptive_initial_clip: float = 0.1  # clip_norm = "adaptive": the first round's clip norm
+    adaptive_quantile: float = 0.5  # ... the quantile of update norms it tracks
+    adaptive_lr: float = 0.2  # ... its geometric learning rate
+    adaptive_count_noise: float | None = None  # ... the count's noise std (none: max(K/20, z))
 
 
 @dataclass
@@ -814,10 +825,13 @@ def _privacy_problems(cfg: ExperimentConfig, p: _Problems) -> None:
     v = cfg.privacy
     if v.mode == "none":
         return
-    p.need(
-        v.clip_norm > 0 and math.isfinite(v.clip_norm),
-        f"privacy.clip_norm = {v.clip_norm}: must be > 0",
-    )
+    if v.clip_norm == "adaptive":
+        _adaptive_problems(cfg, p)
+    else:
+        p.need(
+            v.clip_norm > 0 and math.isfinite(v.clip_norm),
+            f"privacy.clip_norm = {v.clip_norm}: must be > 0",
+        )
     p.need(
         (v.noise_multiplier is None) != (v.target_epsilon is None),
         f"privacy.mode = {v.mode!r}: set exactly one of privacy.noise_multiplier and "
@@ -825,8 +839,9 @@ def _privacy_problems(cfg: ExperimentConfig, p: _Problems) -> None:
     )
     if v.noise_multiplier is not None:
         p.need(
-            v.noise_multiplier >= 0 and math.isfinite(v.noise_multiplier),
-            f"privacy.noise_multiplier = {v.noise_multiplier}: must be >= 0",
+            v.noise_multiplier > 0 and math.isfinite(v.noise_multiplier),
+            f"privacy.noise_multiplier = {v.noise_multiplier}: must be > 0 in a DP mode "
+            "(0 releases the data unprotected: set privacy.mode = 'none')",
         )
     if v.target_epsilon is not None:
         p.need(
@@ -835,9 +850,49 @@ def _privacy_problems(cfg: ExperimentConfig, p: _Problems) -> None:
         )
     if v.delta is not None:
         p.need(0 < v.delta < 1, f"privacy.delta = {v.delta}: must be in (0, 1)")
+    p.need(
+        not (v.accountant == "prv" and v.sampling == "fixed" and v.mode == "central"),
+        "privacy.accountant = 'prv' accounts Poisson sampling only; with privacy.sampling = "
+        "'fixed' use privacy.accountant = 'rdp' (dp_accounting, replace-one neighbours)",
+    )
+    m = cfg.model
+    head = m.modules_to_save if m.modules_to_save is not None else (
+        ["the classifier head"] if m.kind == "classifier" else []
+    )  # fmt: skip
+    p.need(
+        not head,
+        f"privacy.mode = {v.mode!r}: {', '.join(head)} (model.modules_to_save) would be "
+        "trained in full and released without protection; set model.modules_to_save = [] "
+        "(the head stays as initialised) or privacy.mode = 'none'",
+    )
     if v.mode == "local":
         for key, ok, rule in _local_dp_conflicts(cfg.train):
             p.need(ok, f"train.{key}: must be {rule} with privacy.mode = 'local'")
+
+
+def _adaptive_problems(cfg: ExperimentConfig, p: _Problems) -> None:
+    v = cfg.privacy
+    p.need(
+        v.mode == "central",
+        "privacy.clip_norm = 'adaptive': only with privacy.mode = 'central' (DP-SGD clips "
+        "examples at a fixed norm)",
+    )
+    p.need(
+        v.adaptive_initial_clip > 0 and math.isfinite(v.adaptive_initial_clip),
+        f"privacy.adaptive_initial_clip = {v.adaptive_initial_clip}: must be > 0",
+    )
+    p.fraction("privacy.adaptive_quantile", v.adaptive_quantile, hi_closed=False)
+    p.need(
+        v.adaptive_lr > 0 and math.isfinite(v.adaptive_lr),
+        f"privacy.adaptive_lr = {v.adaptive_lr}: must be > 0",
+    )
+    sigma_b, z = v.adaptive_count_noise, v.noise_multiplier
+    if sigma_b is not None:
+        p.need(
+            sigma_b > 0 and (z is None or 2 * sigma_b > z),
+            f"privacy.adaptive_count_noise = {sigma_b}: must be > 0 and above half the noise "
+            "multiplier (the rest of the noise goes to the update)",
+        )
 
 
 def _strategy_problems(cfg: ExperimentConfig, p: _Problems) -> None:

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from fedlora.core.accounting import PrivacyLedger
 from fedlora.core.contract import (
     ClientSpec,
     ClientUpdate,
@@ -45,7 +45,6 @@ from fedlora.core.contract import (
     payload_nbytes,
     update_nbytes,
 )
-from fedlora.core.privacy import PrivacyLedger
 from fedlora.core.robust import NormBound, Start, screen_updates, start_of
 
 LOG = logging.getLogger("fedlora.federation")
@@ -63,6 +62,7 @@ class Server:
     fatal_drops: bool = False
     full_ft: int = 0
     shapes: dict[str, tuple[int, int]] | None = None  # checked against, when set
+    sampling: str = "fixed"  # "poisson": each client with probability k / candidates
 
 
 @dataclass
@@ -92,6 +92,7 @@ class RoundTally:
     dropped: dict[str, str] = field(default_factory=dict)
     clipped: dict[str, float] = field(default_factory=dict)
     sent: list[ClientSpec] = field(default_factory=list)  # accounted under local DP
+    sample_rate: float = 1.0  # this round's client sampling rate (central DP's accountant)
 
 
 def new_totals() -> dict[str, int]:
@@ -99,11 +100,50 @@ def new_totals() -> dict[str, int]:
     return {"bytes_down": 0, "bytes_up": 0, "participations": 0}
 
 
+def make_sampler(seed: int, ledger: PrivacyLedger | None = None) -> np.random.Generator:
+    """The run's client sampler: from the public seed, or under a privacy mode from the
+    server's secret (who is sampled is part of what the accountant assumes is random)."""
+    if ledger is None:
+        return np.random.default_rng([seed, 7])
+    s, mask = ledger.secret, (1 << 64) - 1
+    return np.random.default_rng([s & mask, (s >> 64) & mask, 7])
+
+
+def sync_privacy(server: Server) -> None:
+    """After a ledger was restored (resume): the central mechanism draws from the ledger's
+    secret with its noise multiplier and clip norm (a run whose rounds grew keeps the sigma
+    it was accounted with)."""
+    dp, ledger = server.strategy.privacy, server.ledger
+    if dp is None or ledger is None:
+        return
+    dp.secret, dp.noise_multiplier = ledger.secret, ledger.noise_multiplier
+    if ledger.clip is not None:
+        dp.clip_norm = ledger.clip
+
+
 def sample(sampler: np.random.Generator, candidates: Sequence[Any], k: int) -> list[Any]:
-    """Step 1: `k` of `candidates` drawn without replacement by `sampler` (seeded and
-    checkpointed by the engine), in the candidates' order."""
+    """`k` of `candidates` drawn without replacement by `sampler` (seeded and checkpointed by
+    the engine), in the candidates' order."""
     picked = sampler.choice(len(candidates), k, replace=False)
     return [candidates[int(i)] for i in sorted(picked)]
+
+
+def draw(
+    server: Server,
+    sampler: np.random.Generator,
+    candidates: Sequence[Any],
+    k: int,
+    tally: RoundTally,
+) -> list[Any]:
+    """Step 1: the round's clients: `k` of `candidates` (all when fewer), or with Poisson
+    sampling each independently with probability ``k / len(candidates)`` (possibly none); the
+    rate goes to the tally for the accountant."""
+    n = len(candidates)
+    tally.sample_rate = min(1.0, k / n) if n else 0.0
+    if server.sampling == "poisson":
+        keep = sampler.random(n) < tally.sample_rate
+        return [c for c, x in zip(candidates, keep) if x]
+    return sample(sampler, candidates, min(k, n))
 
 
 def drop(server: Server, tally: RoundTally, rnd: int, client: str, reason: str) -> None:
@@ -161,28 +201,32 @@ def screen(
         for client, reason in result.dropped.items():
             drop(server, tally, rnd, client, reason)
         for u in result.kept:
-            tally.losses.append((float(u.extras.get("train_loss", math.nan)), u.num_examples))
+            if "train_loss" in u.extras:  # a local-DP client releases none
+                tally.losses.append((float(u.extras["train_loss"]), u.num_examples))
             tally.used.append(u.client_id)
             yield u
 
 
 def aggregate(server: Server, rnd: int, updates: Iterator[ClientUpdate]) -> bool:
     """Step 5: fold the kept updates into the strategy; with none, leave the global model
-    unchanged. Returns whether anything was aggregated. An aggregation error stops the run
-    (see the module docstring)."""
+    unchanged, except under central DP, where the round still releases (noise only). Returns
+    whether anything was released. An aggregation error stops the run (see the module
+    docstring)."""
     first = next(updates, None)
-    if first is None:
+    if first is None and server.strategy.privacy is None:
         LOG.warning("round %d: no usable update; the global model is unchanged", rnd)
         return False
+    stream = updates if first is None else itertools.chain([first], updates)
     try:
-        server.strategy.aggregate(rnd, itertools.chain([first], updates))
+        server.strategy.aggregate(rnd, stream)
     except FedLoraError as e:
         raise FedLoraError(f"round {rnd}: aggregation failed: {e}") from None
     return True
 
 
-def account(server: Server, tally: RoundTally, aggregated: bool) -> dict[str, float]:
-    """The round's privacy records: ``{"epsilon": ...}`` (nothing without DP)."""
+def account(server: Server, rnd: int, tally: RoundTally, aggregated: bool) -> dict[str, float]:
+    """The round's privacy records: ``{"epsilon": ...}`` (nothing without DP); an adaptive
+    clip norm moves (`fedlora.core.privacy.CentralDP.end_round`)."""
     ledger = server.ledger
     if ledger is None:
         return {}
@@ -190,9 +234,16 @@ def account(server: Server, tally: RoundTally, aggregated: bool) -> dict[str, fl
         for spec in tally.sent:
             ledger.record_local(spec.client_id, spec.num_examples or 1)
         return {"epsilon": ledger.epsilon()}
+    out: dict[str, float] = {}
     if aggregated:  # central: a round counts when noise was released
-        ledger.record_central()
-    return {"epsilon": ledger.epsilon()}
+        ledger.record_central(tally.sample_rate)
+        dp = server.strategy.privacy
+        out["dp_clip_norm"] = dp.clip_norm
+        dp.end_round(rnd)
+        if dp.adaptive is not None:
+            ledger.clip = dp.clip_norm
+    out["epsilon"] = ledger.epsilon()
+    return out
 
 
 def round_row(
@@ -203,13 +254,13 @@ def round_row(
     totals["bytes_up"] += tally.up
     totals["participations"] += tally.replies
     n_total = sum(n for _, n in tally.losses)
-    privacy = account(server, tally, aggregated)
+    privacy = account(server, rnd, tally, aggregated)
     return {
         "kind": "round",
         "round": rnd,
         "clients": list(tally.clients),
         "replies": tally.replies,
-        "used": len(tally.losses),
+        "used": len(tally.used),
         "aggregated": aggregated,
         "dropped": dict(tally.dropped),
         "clipped": dict(tally.clipped),
@@ -283,6 +334,20 @@ def run_summary(
         "time_eval": sum(r.get("time_eval", 0.0) for r in rounds),
         "time_total": sum(r.get("time_round", 0.0) for r in rounds),
     }
+
+
+def round_line(row: dict[str, Any], total: int, eval_rows: Sequence[dict[str, Any]] = ()) -> str:
+    """A round row (and its seen-clients evaluation) as one log line."""
+    seen = next((r for r in eval_rows if r["set"] == "seen_clients"), None)
+    loss = row["train_loss"]
+    return (
+        f"round {row['round']}/{total}: train loss {'-' if loss is None else f'{loss:.4f}'}"
+        + (f", eval loss {seen['loss']:.4f}" if seen and "loss" in seen else "")
+        + f", {row['used']} of {len(row['clients'])} clients used"
+        + ("" if row["aggregated"] else " (no usable update: global model unchanged)")
+        + f", up {fmt_bytes(row['bytes_up'])} down {fmt_bytes(row['bytes_down'])}"
+        + (f", {row['time_round']:.1f}s" if "time_round" in row else "")
+    )
 
 
 def fmt_bytes(n: float | None) -> str:

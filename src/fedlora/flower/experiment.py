@@ -140,6 +140,7 @@ class ExperimentBackend:
     def local_dp(self, cfg: ExperimentConfig):
         """The DP-SGD options of `cfg`'s local privacy mode (None in other modes), resolved
         exactly as the in-process engine resolves them (`build_privacy`), cached per setting."""
+        from fedlora.core.privacy import LocalDP
         from fedlora.federation.build import build_privacy
 
         if cfg.privacy.mode != "local":
@@ -148,7 +149,12 @@ class ExperimentBackend:
         cache = self.__dict__.setdefault("_local_dp", {})
         if key not in cache:
             ledger = build_privacy(cfg, self.specs, self.split.training_clients)
-            cache[key] = ledger.local_dp() if ledger is not None else None
+            # the node's own noise: a secret drawn from its OS at each call, never sent
+            cache[key] = (
+                LocalDP(ledger.clip_norm, ledger.noise_multiplier, None, ledger.seeded)
+                if ledger is not None
+                else None
+            )
         return cache[key]
 
     def train(

@@ -25,7 +25,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -104,7 +103,7 @@ class FlowerStrategy(FlwrStrategy):
         self.sample_seed = sample_seed
         self.client_specs = None if client_specs is None else dict(client_specs)
         self.clients_per_round = clients_per_round
-        self.sampler = np.random.default_rng([sample_seed, 7])
+        self.sampler = rounds.make_sampler(sample_seed, self.server.ledger)
         self._sent: dict[int, tuple[ClientSpec, Payload, int]] = {}  # node -> spec, payload, bytes
         self._messages: dict[int, Message] = {}  # node -> the train message sent to it this round
         self._tally = rounds.RoundTally()
@@ -226,7 +225,7 @@ class FlowerStrategy(FlwrStrategy):
         """``clients_per_round`` of `nodes`, drawn as the in-process engine draws clients."""
         k = int(self.clients_per_round or 0)
         ordered = sorted(nodes, key=lambda n: _natural(self.specs[n].client_id))
-        if len(ordered) < k:
+        if len(ordered) < k and self.server.sampling != "poisson":
             log(
                 WARNING,
                 "fedlora: round %s: %d nodes ready, fewer than clients_per_round = %d; "
@@ -235,8 +234,8 @@ class FlowerStrategy(FlwrStrategy):
                 len(ordered),
                 k,
             )
-            return ordered
-        return rounds.sample(self.sampler, ordered, k)
+        # the rate is k of the nodes actually ready (the accountant's q)
+        return rounds.draw(self.server, self.sampler, ordered, k, self._tally)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -247,13 +246,13 @@ class FlowerStrategy(FlwrStrategy):
             grid, [n for n in nodes if n not in self.specs and n not in self.rejected], server_round
         )
         ready = [n for n in nodes if n in self.specs]
+        self._tally = rounds.RoundTally()
         if self.clients_per_round:
             chosen = self._sample_clients(ready, server_round)
         else:
             chosen = self._sample(ready, self.fraction_train, server_round)
         self._sent = {}
         self._messages = {}
-        self._tally = rounds.RoundTally()
         messages = []
         self.strategy.begin_round(server_round)
         for node in chosen:

@@ -72,6 +72,8 @@ def truncate_for(
 
 def homogeneous_ranks(updates: list[ClientUpdate], strategy: str, server_round: int) -> None:
     """Raise unless every client sent the same rank per module (FedIT, FedEx-LoRA)."""
+    if not updates:
+        return
     first = updates[0]
     for u in updates[1:]:
         for module, f in u.adapter.items():
@@ -95,6 +97,7 @@ def streamed_sums(
     server_round: int,
     updates: Iterable[ClientUpdate],
     dense_rank: int | None = None,
+    previous: dict[str, LowRankSum] | None = None,
 ) -> dict[str, LowRankSum]:
     """Per module, ``sum_k p_k scale_k B_k A_k`` over the round's updates, streamed: each
     update is validated, folded into the accumulators and dropped, so memory is bounded by the
@@ -102,13 +105,13 @@ def streamed_sums(
     weights are normalised once the stream ends. The updates' dense tensors (a classifier
     head) are averaged in the same pass and become the strategy's global ones at the end.
 
-    Under central DP (``strategy.privacy``) each client's delta is clipped relative to the
-    delta it started from (`fedlora.core.privacy.delta_update_terms`), weighted by the fixed
-    1 / clients_per_round, configured clients that sent nothing count as their start, and the
-    round's seeded Gaussian noise (dense: every module's sum becomes dense) is added."""
-    dp = strategy.privacy
-    if dp is not None:
-        return _private_sums(strategy, server_round, updates, dense_rank)
+    Under central DP (``strategy.privacy``) the sum is instead ``previous + (1/K) sum_k
+    c_k (delta_k - start_k)`` (`fedlora.core.privacy.delta_update_terms`; `previous`: the
+    global delta the clients started from, none for a strategy that adds the round's sum to
+    its own total) plus the round's noise (dense: every module's sum becomes dense), for
+    every module, whoever was sampled."""
+    if strategy.privacy is not None:
+        return _private_sums(strategy, server_round, updates, dense_rank, previous)
     sums: dict[str, LowRankSum] = {}
     total = 0.0
     dense = strategy.dense_mean(server_round)
@@ -123,35 +126,28 @@ def streamed_sums(
     return {m: acc.scale_(1.0 / total) for m, acc in sums.items()}
 
 
-def _private_sums(strategy, server_round, updates, dense_rank) -> dict[str, LowRankSum]:
-    from fedlora.core.privacy import delta_update_terms
+def _private_sums(strategy, server_round, updates, dense_rank, previous) -> dict[str, LowRankSum]:
+    from fedlora.core.privacy import delta_update_terms, pop_start
 
     dp = strategy.privacy
-    sums: dict[str, LowRankSum] = {}
-    seen: set[str] = set()
-
-    def fold(terms) -> None:
+    sums = {m: LowRankSum(strategy.shapes[m], dense_rank=dense_rank) for m in dp.ranks}
+    for m, prev in (previous or {}).items():
+        if prev.is_dense:
+            sums[m].add_dense(prev.dense())
+        else:
+            for g, h in zip(prev.G, prev.H):
+                sums[m].add(g, h)
+    dense = strategy.dense_mean(server_round)
+    for u in strategy.iter_checked(server_round, updates):
+        dense.add(u, 1.0)
+        # clients are configured as the stream trains them: each start is taken when used
+        terms = delta_update_terms(u, pop_start(strategy, u.client_id), dp)[0]
         for module, parts in terms.items():
             for G, A, c in parts:
-                shape = (G.shape[0], A.shape[1])
-                acc = sums.setdefault(module, LowRankSum(shape, dense_rank=dense_rank))
-                acc.add(G, A, dp.weight * c)
-
-    for u in strategy.iter_checked(server_round, updates):
-        starts = strategy.dp_starts  # filled by `configure` as the stream trains each client
-        if u.client_id not in starts:
-            raise FedLoraError(
-                f"{strategy.name}: client {u.client_id} sent an update but was not configured "
-                "this round"
-            )
-        seen.add(u.client_id)
-        fold(delta_update_terms(u, starts[u.client_id], dp.clip_norm)[0])
-    starts = strategy.dp_starts
-    for cid in sorted(set(starts) - seen):  # a missing client moves nothing: its start
-        fold({m: [(f.scaled_B(), f.A, 1.0)] for m, f in starts[cid].items()})
-    strategy.dp_starts = {}
+                sums[module].add(G, A, dp.weight * c)
+    strategy.commit_dense(dense)
+    strategy.dp_starts = {}  # a sampled client that sent nothing moves nothing
     if dp.noise_multiplier > 0:
         for module in sorted(sums):
-            acc = sums[module]
-            acc.add_dense(dp.noise(acc.shape, server_round, f"delta/{module}"))
+            sums[module].add_dense(dp.noise(sums[module].shape, server_round, f"delta/{module}"))
     return sums

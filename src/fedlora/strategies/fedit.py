@@ -22,7 +22,7 @@ from fedlora.core.contract import (
     Strategy,
     validate_updates,
 )
-from fedlora.core.privacy import add_noise_, private_factor_updates
+from fedlora.core.privacy import private_factor_release
 from fedlora.strategies import register
 from fedlora.strategies.base import factored, homogeneous_ranks, padded_mean, truncate_for
 
@@ -56,12 +56,12 @@ class FedIT(Strategy):
         updates = self.check_updates(server_round, updates)
         homogeneous_ranks(updates, self.name, server_round)
         self.aggregate_dense(server_round, updates)
-        updates = private_factor_updates(self, updates)
+        if self.privacy is not None:
+            private_factor_release(self, server_round, updates)
+            return
         w = self.weights(updates)
         for module, f in updates[0].adapter.items():
             self.A[module], self.G[module] = padded_mean(updates, w, module, f.rank)
-        add_noise_(self.A, self.privacy, server_round, "A")
-        add_noise_(self.G, self.privacy, server_round, "G")
 
     def global_delta(self) -> Adapter:
         return factored(self.A, self.G)

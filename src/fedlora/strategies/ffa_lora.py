@@ -23,7 +23,7 @@ from fedlora.core.contract import (
     Strategy,
     init_lora_A,
 )
-from fedlora.core.privacy import add_noise_, private_factor_updates
+from fedlora.core.privacy import private_factor_release
 from fedlora.strategies import register
 
 F64 = torch.float64
@@ -77,7 +77,11 @@ class FFALoRA(Strategy):
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
         updates = self.check_updates(server_round, updates)
         self.aggregate_dense(server_round, updates)
-        updates = private_factor_updates(self, updates, parts="B")
+        if self.privacy is not None:  # B only: A is the shared, public one
+            for module, rank in self.privacy.ranks.items():
+                self.shared_A(module, rank)
+            private_factor_release(self, server_round, updates, parts="B")
+            return
         weights = self.weights(updates)
         for module in updates[0].adapter:
             G = torch.zeros_like(self.G[module])
@@ -85,7 +89,6 @@ class FFALoRA(Strategy):
                 f = u.adapter[module]
                 G[:, : f.rank] += w * f.scaled_B()
             self.G[module] = G
-        add_noise_(self.G, self.privacy, server_round, "G")
 
     def global_delta(self) -> Adapter:
         return {m: LoraFactors(self.A[m].clone(), self.G[m].clone(), 1.0) for m in self.G}

@@ -76,7 +76,9 @@ class FlexLoRA(Strategy):
         return self.expect(client, Payload(None, adapter, seed=self.seed))
 
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
-        self.sums = streamed_sums(self, server_round, updates, self.dense_rank)
+        # central DP releases the change from the global delta the clients started from
+        previous = self.sums if self.privacy is not None else None
+        self.sums = streamed_sums(self, server_round, updates, self.dense_rank, previous)
         self._svd = {}
 
     def global_delta(self) -> Adapter:

@@ -50,10 +50,10 @@ class HetLoRA(ZeroPad):
     @classmethod
     def option_problems(cls, options: Mapping[str, Any], privacy_mode: str = "none") -> list[str]:
         problems = super().option_problems(options, privacy_mode)
-        if privacy_mode == "local" and options.get("prune_lambda", 0) > 0:
+        if privacy_mode != "none" and options.get("prune_lambda", 0) > 0:
             problems.append(
-                "strategy.options.prune_lambda: hetlora's self-pruning penalty is not "
-                "supported with privacy.mode = 'local' (set it to 0)"
+                "strategy.options.prune_lambda: hetlora's self-pruning lowers a client's rank "
+                f"from its data, outside what privacy.mode = {privacy_mode!r} bounds (set it to 0)"
             )
         return problems
     def client_ranks(self, client: ClientSpec) -> dict[str, int]:

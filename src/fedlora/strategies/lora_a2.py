@@ -93,6 +93,13 @@ class LoRAA2(Strategy):
     @classmethod
     def option_problems(cls, options: Mapping[str, Any], privacy_mode: str = "none") -> list[str]:
         problems = super().option_problems(options, privacy_mode)
+        if privacy_mode == "local" and options.get("masked_training", True):
+            problems.append(
+                "strategy.options.masked_training: lora_a2 picks the slots it trains from a "
+                "noise-free gradient on the client's data, which DP-SGD does not protect; set "
+                "it to false with privacy.mode = 'local' (slots are then picked from the "
+                "DP-trained update)"
+            )
         if privacy_mode == "central" and options.get("renormalize"):
             problems.append(
                 "strategy.options.renormalize: lora_a2's per-slot renormalisation is a "
@@ -117,6 +124,9 @@ class LoRAA2(Strategy):
         """The client's LoRA scale on the rank-r_G adapter: its alpha over r_G (or sqrt)."""
         r = self.global_rank
         return client.alpha_of(module) / (math.sqrt(r) if client.rslora else r)
+
+    def dp_scale(self, client: ClientSpec, module: str) -> float:
+        return self.client_scale(client, module)
 
     def configure(self, client: ClientSpec, server_round: int) -> Payload:
         self.budgets[client.client_id] = budget = self.budget(client)
@@ -168,12 +178,9 @@ class LoRAA2(Strategy):
                 delta /= torch.where(mass > 0, mass, torch.ones_like(mass))
             if self.privacy is not None and self.privacy.noise_multiplier > 0:
                 # clipping bounds B's change in the clients' units; G = scale * B, so the
-                # noise scales with the largest client scale (1 for A)
-                unit = (
-                    max(self.scales[u.client_id][module] for u in updates)
-                    if trained == "B"
-                    else 1.0
-                )
+                # noise scales with the largest scale any client can have (1 for A): the
+                # configuration's, not the round's (which would depend on who was sampled)
+                unit = self.privacy.scales.get(module, 1.0) if trained == "B" else 1.0
                 noise = self.privacy.noise(delta.shape, server_round, f"{trained}/{module}")
                 delta += unit * noise
             if trained == "B":
@@ -204,8 +211,6 @@ class LoRAA2(Strategy):
 
     def _dp_clip(self, u: ClientUpdate, trained: str) -> float:
         """The clip multiplier of `u`'s change of the trained factor on its uploaded slots."""
-        from fedlora.core.norms import clip_factor
-
         sq = 0.0
         for module, f in u.adapter.items():
             idx = torch.as_tensor(u.extras["slots"][module])
@@ -213,7 +218,7 @@ class LoRAA2(Strategy):
             old = self.G[module][:, idx] / scale if trained == "B" else self.A[module][idx]
             new = f.B.to(F64) if trained == "B" else f.A.to(F64)
             sq += float(((new - old) ** 2).sum())
-        return clip_factor(sq**0.5, self.privacy.clip_norm)
+        return self.privacy.clip(sq**0.5)
 
 
 def check_slots(u: ClientUpdate, global_rank: int, budget: int | None, server_round: int) -> None:

@@ -12,14 +12,15 @@ from collections.abc import Iterable
 import torch
 
 from fedlora.core.contract import Adapter, ClientSpec, ClientUpdate, Payload, Strategy
-from fedlora.core.privacy import add_noise_, private_factor_updates
+from fedlora.core.privacy import private_factor_release
 from fedlora.strategies import register
 from fedlora.strategies.base import factored, padded_mean, truncate_for
 
 
 @register
 class ZeroPad(Strategy):
-    """Pad to the round's largest rank, average A and B, truncate per client."""
+    """Pad to the round's largest rank, average A and B, truncate per client (under central
+    DP: the configuration's largest rank, `fedlora.core.privacy.private_factor_release`)."""
 
     name = "zero_pad"
     dp_released = "factors"
@@ -49,13 +50,13 @@ class ZeroPad(Strategy):
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
         updates = self.check_updates(server_round, updates)
         self.aggregate_dense(server_round, updates)
-        updates = private_factor_updates(self, updates)
+        if self.privacy is not None:  # the configured global rank, fixed 1 / K
+            private_factor_release(self, server_round, updates)
+            return
         w = self.aggregation_weights(updates)
         for module in updates[0].adapter:
             rank = max(u.adapter[module].rank for u in updates)
             self.A[module], self.G[module] = padded_mean(updates, w, module, rank)
-        add_noise_(self.A, self.privacy, server_round, "A")
-        add_noise_(self.G, self.privacy, server_round, "G")
 
     def global_delta(self) -> Adapter:
         return factored(self.A, self.G)
