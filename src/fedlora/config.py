@@ -31,6 +31,7 @@ from typing import Any, Literal, Union
 
 from fedlora.contract import FedLoraError
 from fedlora.device import DEVICE_PATTERN
+from fedlora.tracking import TrackingConfig
 
 try:  # Python >= 3.11
     import tomllib
@@ -87,6 +88,9 @@ class DataConfig:
     heldout_tasks: list[str] = field(default_factory=list)  # loaded, but no client trains on
     test_fraction: float = 0.1  # each client's held-out share (evaluation of seen clients)
     max_examples_per_client: int | None = None  # cap each client's training examples
+    # a flwr-datasets partitioner instead of `partition`: "flwr_datasets:DirichletPartitioner"
+    partitioner: str | None = None  # "flwr_datasets:<Class>" (docs/data.md); None: partition
+    partitioner_options: dict[str, Any] = field(default_factory=dict)  # its keyword options
 
 
 @dataclass
@@ -202,6 +206,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     # -- derived values -------------------------------------------------------------------
 
@@ -527,7 +532,7 @@ def apply_overrides(
                 node[part] = {}
             node = node[part]
         if isinstance(value, Mapping) and isinstance(node.get(parts[-1]), dict):
-            if dotted in ("strategy.options", "data.columns"):
+            if dotted in ("strategy.options", "data.columns", "data.partitioner_options"):
                 node[parts[-1]] = dict(value)
             else:
                 node[parts[-1]] = _merge(node[parts[-1]], value)
@@ -757,6 +762,11 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
     )
     p += _strategy_problems(cfg)
     p += _privacy_problems(cfg)
+    p += cfg.tracking.problems()
+    if d.partitioner is not None or d.partitioner_options:
+        from fedlora.data.flwr_partition import partitioner_problems
+
+        p += partitioner_problems(d.partitioner, d.partitioner_options)
     return p
 
 

@@ -80,6 +80,8 @@ from fedlora.engine.tiny import TINY_MODELS, build_tiny
 from fedlora.privacy import PrivacyLedger, attach_central
 from fedlora.privacy import plan as privacy_plan
 from fedlora.robust import NormBound, Start, screen_updates, start_of
+from fedlora.tracking import STATE_FILE as TRACKING_STATE
+from fedlora.tracking import TB_DIR, RunTracker
 
 LOG = logging.getLogger("fedlora.engine")
 EVAL_SETS = ("seen_clients", "unseen_clients", "unseen_tasks")
@@ -228,7 +230,11 @@ def build_split(cfg: ExperimentConfig, examples):
     from fedlora.data import make_federated_split
 
     d = cfg.data
-    scheme = "by_task" if d.partition == "natural" else d.partition
+    scheme: Any = "by_task" if d.partition == "natural" else d.partition
+    if d.partitioner is not None:  # a flwr-datasets partitioner instead
+        from fedlora.data.flwr_partition import FlwrPartitioner
+
+        scheme = FlwrPartitioner(d.partitioner, d.partitioner_options)
     try:
         split = make_federated_split(
             examples,
@@ -416,6 +422,8 @@ RUN_OUTPUTS = (
     "adapter",
     "merged",
     "plots",
+    TRACKING_STATE,
+    TB_DIR,
     *RUN_FILES,
 )
 
@@ -452,7 +460,8 @@ def clear_run_dir(run_dir: Path, log: logging.Logger) -> None:
 def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, run_dir: Path) -> None:
     """The checkpoint in `run_dir` was written by this configuration (`rounds` may grow)."""
     saved = from_dict(state["config"])
-    changed = diff(saved, cfg, ignore=("output_dir", "threads", "rounds"))
+    # trackers may be added or changed on resume: they do not change the run
+    changed = diff(saved, cfg, ignore=("output_dir", "threads", "rounds", "tracking"))
     if cfg.rounds < int(state["round"]):
         raise ConfigError(
             f"rounds = {cfg.rounds}: the checkpoint in {run_dir} is already at round "
@@ -827,6 +836,7 @@ def run_experiment(
     on_round_end: Callable[[int, RunResult], None] | None = None,
     profile_memory: bool = False,
     save_final: bool = True,
+    tracker: RunTracker | None = None,
 ) -> RunResult:
     """Run (or with ``resume=True`` continue) the experiment `cfg`; see the module docstring.
 
@@ -837,7 +847,8 @@ def run_experiment(
     `RunStopped` to stop there). ``profile_memory`` records the peak traced Python
     allocations of the round's streamed aggregation (clients train inside the stream, one at
     a time) (``mem_aggregate_peak_bytes``) and the process RSS (``mem_rss_mb``) in each round
-    row.
+    row. ``tracker`` (`fedlora.tracking.RunTracker`; default: the one ``cfg.tracking`` asks
+    for, closed at the end) gets the config, every round and the summary and adapter.
     """
     log = log or LOG
     validate_config(cfg)
@@ -874,6 +885,9 @@ def run_experiment(
     metrics = _Jsonl(run_dir / "metrics.jsonl", rows)
     per_example = _Jsonl(run_dir / EXAMPLES_FILE, _rows_before(run_dir / EXAMPLES_FILE, start))
     result = RunResult(run_dir, cfg, rows, {}, fed.strategy, fed.specs)
+    tracking = tracker or RunTracker.for_config(cfg, log=log)
+    tracking.start(cfg, rows, resumed=state is not None)
+    on_update = tracking.wrap_on_update(on_update)
     log.info(
         "%s: %s on %s (%s, %s, %s weights), %d clients (%d train, %d per round), %d modules, "
         "%d threads, setup %.1fs",
@@ -929,9 +943,14 @@ def run_experiment(
                 rows.append(r)
                 metrics.append(r)
             checkpoint(fed, run_dir, rnd, sampler, rows, totals)
+            tracking.log_round(rnd, [row, *eval_rows])
             report_round(log, cfg, row, eval_rows, bar)
             if on_round_end is not None:
                 on_round_end(rnd, result)
+    except BaseException:
+        if tracker is None:  # ours: mark it failed (a RunStopped run resumes it later)
+            tracking.close(failed=True)
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -946,6 +965,10 @@ def run_experiment(
             fed.host.save_adapter(delta, run_dir / "adapter", alpha=None, dense=dense)
             if cfg.model.save_merged:
                 fed.host.merge_and_save(delta, run_dir / "merged", fed.tokenizer, dense)
+    tracking.log_summary(result.summary, cfg.rounds)
+    tracking.log_artifacts([run_dir / "adapter", run_dir / "summary.json"])
+    if tracker is None:
+        tracking.close()
     return result
 
 
