@@ -85,7 +85,7 @@ def partitioner_problems(name: str | None, options: Mapping[str, Any]) -> list[s
             p.append(
                 f"data.partitioner_options.{key}: {name} has no option {key!r}"
                 + (f"; did you mean {hint[0]!r}?" if hint else "")
-                + f" (options: {', '.join(params)})"
+                + f" (options: {', '.join(k for k in params if k not in SET_BY_FEDLORA)})"
             )
     pb = options.get("partition_by")
     if pb is not None and pb not in COLUMNS:
