@@ -81,3 +81,21 @@ def test_a_tiny_run_on_a_flwr_datasets_dirichlet_split(tmp_path):
     assert result.round_rows()[0]["used"] == 3
     again = build_split(cfg, examples)  # seeded: the same split every time
     assert again.train == split.train and again.test == split.test
+
+
+def test_side_by_side_script_measures_both(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "partition_compare.py"
+    spec = importlib.util.spec_from_file_location("partition_compare", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.main(["--task", "wn_part_of_speech", "--clients", "4", "--seeds", "2",
+                     "--alphas", "0.5", "--classes-per-client", "1"])  # fmt: skip
+    rows = [line for line in text.splitlines() if line.startswith("| dirichlet")]
+    assert [r.split(":")[1].split("|")[0].strip() for r in rows] == ["fedlora", "flwr-datasets"]
+    # pathological with one class per client: exactly one class and zero entropy per client
+    fedlora_path = next(r for r in text.splitlines() if r.startswith("| pathological k=1: fedlora"))
+    assert "| 1.00 ± 0.00 | 0.00 ± 0.00 |" in fedlora_path
+    assert mod.label_stats(["a", "a", "b", "b"], [[0, 2], [1, 3]])["TV"] == 0.0
