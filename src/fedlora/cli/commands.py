@@ -129,15 +129,38 @@ def _logging(args: argparse.Namespace) -> None:
 
 
 def _run_one(
-    cfg, *, resume: bool, progress: bool, overwrite: bool = False, label: str | None = None
+    cfg,
+    *,
+    resume: bool,
+    progress: bool,
+    overwrite: bool = False,
+    label: str | None = None,
+    parent=None,
 ) -> dict[str, Any]:
-    """Run `cfg`, write extras and plots, return the loaded run."""
+    """Run `cfg`, write extras and plots, return the loaded run (`parent`: the comparison's
+    `fedlora.federation.tracking.Parent`)."""
+    from fedlora.federation.tracking import RunTracker
+
+    tracker = RunTracker.for_config(cfg, parent=parent, log=LOG)
+    try:
+        run = _run_tracked(cfg, tracker, resume, progress, overwrite, label)
+    except BaseException:
+        tracker.close(failed=True)
+        raise
+    tracker.log_artifacts([run["dir"] / "plots", run["dir"] / "partition.json"])
+    tracker.close()
+    return run
+
+
+def _run_tracked(cfg, tracker, resume, progress, overwrite, label) -> dict[str, Any]:
     import json
 
     from fedlora.cli import report
     from fedlora.engine import run_experiment
 
-    result = run_experiment(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    result = run_experiment(
+        cfg, resume=resume, overwrite=overwrite, progress=progress, tracker=tracker
+    )
     report.write_run_extras(
         result.run_dir, result.strategy.global_delta(), result.specs, result.partition
     )
@@ -217,6 +240,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.baseline and args.baseline not in names:
         raise FedLoraError(f"--baseline {args.baseline!r}: not one of --strategies {names}")
     LOG.info("comparing %s in %s, seeds %s", ", ".join(names), out, seeds)
+    from fedlora.federation.tracking import CompareTracker
+
+    tracking = CompareTracker(base.tracking, out, base.name, resume=args.resume, log=LOG)
     runs = []
     t0 = time.perf_counter()
     for cfg, label in cfgs:
@@ -228,9 +254,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite,
                 progress=not args.quiet,
                 label=label,
+                parent=tracking.parent,
             )
         )
     text = _write_comparison(runs, out, args.baseline)
+    tracking.log_artifacts([out / "compare.txt", out / "compare.json", out / "compare.png"])
+    tracking.close()
     print("\n" + text)
     print(
         f"\n{len(runs)} runs in {time.perf_counter() - t0:.0f} s; {out / 'compare.txt'}, "

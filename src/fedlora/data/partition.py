@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +64,7 @@ def _finish(parts: Sequence[Sequence[int]]) -> list[list[int]]:
 
 def partition(
     examples: Sequence[Example],
-    scheme: str,
+    scheme: str | Callable[[Sequence[Example], int, int], list[list[int]]],
     num_clients: int,
     *,
     alpha: float = 0.5,
@@ -75,9 +75,12 @@ def partition(
 ) -> list[list[int]]:
     """Split ``examples`` over ``num_clients`` clients with ``scheme`` (see module docstring).
 
+    ``scheme`` may also be a callable ``(examples, num_clients, seed) -> indices per client``.
     ``key`` ("label" or "task") is the class for dirichlet/pathological; default: "label" when
     every example has one, else "task". Returns the example indices of each client.
     """
+    if callable(scheme):  # e.g. a flwr-datasets partitioner (fedlora.data.flwr_partition)
+        return _finish(scheme(examples, num_clients, seed))
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: unknown {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
     if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:

@@ -50,13 +50,6 @@ import numpy as np
 from fedlora.clients.device import precision_name
 from fedlora.core.contract import ClientSpec, ClientUpdate, FedLoraError, Strategy
 from fedlora.core.privacy import LocalDP
-from fedlora.engine.rundir import (
-    Jsonl,
-    check_resumable,
-    check_run_dir,
-    clear_run_dir,
-    rows_before,
-)
 from fedlora.federation import rounds
 from fedlora.federation.build import Federation, build_federation, set_threads
 from fedlora.federation.checkpoint import (
@@ -68,6 +61,14 @@ from fedlora.federation.checkpoint import (
     set_rng_state,
 )
 from fedlora.federation.config import ExperimentConfig, dumps_toml, to_dict, validate_config
+from fedlora.federation.rundir import (
+    Jsonl,
+    check_resumable,
+    check_run_dir,
+    clear_run_dir,
+    rows_before,
+)
+from fedlora.federation.tracking import RunTracker
 
 LOG = logging.getLogger("fedlora.engine")
 EVAL_SETS = ("seen_clients", "unseen_clients", "unseen_tasks")
@@ -195,6 +196,7 @@ class _Run:
     start: int
     metrics: Jsonl | None = None
     per_example: Jsonl | None = None
+    resumed: bool = False
 
 
 def _open(cfg: ExperimentConfig, resume: bool, overwrite: bool, log) -> _Run:
@@ -224,7 +226,7 @@ def _open(cfg: ExperimentConfig, resume: bool, overwrite: bool, log) -> _Run:
             rounds.sync_privacy(fed.server)
         if "clients_secret" in state:
             fed.clients.secret = int(str(state["clients_secret"]), 16)
-        run.start = int(state["round"]) + 1
+        run.start, run.resumed = int(state["round"]) + 1, True
         log.info("resuming %s after round %d", run_dir, state["round"])
     elif overwrite:
         clear_run_dir(run_dir, log)
@@ -319,6 +321,7 @@ def run_experiment(
     on_round_end: Callable[[int, RunResult], None] | None = None,
     profile_memory: bool = False,
     save_final: bool = True,
+    tracker: RunTracker | None = None,
 ) -> RunResult:
     """Run (or with ``resume=True`` continue) the experiment `cfg`; see the module docstring.
 
@@ -329,7 +332,9 @@ def run_experiment(
     `RunStopped` to stop there). ``profile_memory`` records the peak traced Python
     allocations of the round's streamed aggregation (clients train inside the stream, one at
     a time) (``mem_aggregate_peak_bytes``) and the process RSS (``mem_rss_mb``) in each round
-    row.
+    row. ``tracker`` (`fedlora.federation.tracking.RunTracker`; default: the one
+    ``cfg.tracking`` asks for, closed at the end) gets the config, every round and the summary
+    and adapter.
     """
     log = log or LOG
     validate_config(cfg)
@@ -338,6 +343,9 @@ def run_experiment(
     result = RunResult(
         run.run_dir, cfg, run.rows, {}, fed.strategy, fed.specs, fed.clients.partition_summary()
     )
+    tracking = tracker or RunTracker.for_config(cfg, log=log)
+    tracking.start(cfg, run.rows, resumed=run.resumed)
+    on_update = tracking.wrap_on_update(on_update)
     bar = _bar(progress, cfg.rounds, run.start)
     try:
         for rnd in range(run.start, cfg.rounds + 1):
@@ -346,13 +354,22 @@ def run_experiment(
                 run.rows.append(r)
                 run.metrics.append(r)
             checkpoint(fed, run.run_dir, rnd, run.sampler, run.rows, run.totals)
+            tracking.log_round(rnd, [row, *eval_rows])
             report_round(log, cfg, row, eval_rows, bar)
             if on_round_end is not None:
                 on_round_end(rnd, result)
+    except BaseException:
+        if tracker is None:  # ours: mark it failed (a RunStopped run resumes it later)
+            tracking.close(failed=True)
+        raise
     finally:
         if bar is not None:
             bar.close()
     _finish(run, result, save_final)
+    tracking.log_summary(result.summary, cfg.rounds)
+    tracking.log_artifacts([run.run_dir / "adapter", run.run_dir / "summary.json"])
+    if tracker is None:
+        tracking.close()
     return result
 
 

@@ -141,7 +141,11 @@ def build_split(cfg: ExperimentConfig, examples):
     from fedlora.data import make_federated_split
 
     d = cfg.data
-    scheme = "by_task" if d.partition == "natural" else d.partition
+    scheme: Any = "by_task" if d.partition == "natural" else d.partition
+    if d.partitioner is not None:  # a flwr-datasets partitioner instead
+        from fedlora.data.flwr_partition import FlwrPartitioner
+
+        scheme = FlwrPartitioner(d.partitioner, d.partitioner_options)
     try:
         split = make_federated_split(
             examples,

@@ -85,6 +85,9 @@ class DataConfig:
     heldout_tasks: list[str] = field(default_factory=list)  # loaded, but no client trains on
     test_fraction: float = 0.1  # each client's held-out share (evaluation of seen clients)
     max_examples_per_client: int | None = None  # cap each client's training examples
+    # a flwr-datasets partitioner instead of `partition`: "flwr_datasets:DirichletPartitioner"
+    partitioner: str | None = None  # "flwr_datasets:<Class>" (docs/data.md); None: partition
+    partitioner_options: dict[str, Any] = field(default_factory=dict)  # its keyword options
 
 
 @dataclass
@@ -194,6 +197,38 @@ class PrivacyConfig:
     adaptive_count_noise: float | None = None  # ... the count's noise std (none: max(K/20, z))
 
 
+BACKENDS = ("tensorboard", "mlflow", "wandb")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment trackers (`fedlora.federation.tracking`, docs/tracking.md): the config,
+    every round's metrics and the run's files to TensorBoard, MLflow or W&B."""
+
+    backends: list[str] = field(default_factory=list)  # any of "tensorboard", "mlflow", "wandb"
+    project: str = "fedlora"  # MLflow experiment and W&B project
+    per_client: bool = False  # also each client's train loss, update norm, clip and drop
+    artifacts: bool = True  # upload the adapter, plots and compare tables
+    mlflow_uri: str | None = None  # None: sqlite:///<run dir's parent>/mlflow.db (embedded)
+    wandb_mode: Literal["offline", "online"] = "offline"  # online needs `wandb login`
+    wandb_entity: str | None = None  # W&B user or team (online)
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, each naming its ``tracking.`` key."""
+        p = []
+        for i, name in enumerate(self.backends):
+            if name not in BACKENDS:
+                p.append(
+                    f"tracking.backends[{i}] = {name!r}: unknown backend "
+                    f"(backends: {', '.join(BACKENDS)})"
+                )
+        if len(set(self.backends)) != len(self.backends):
+            p.append(f"tracking.backends = {self.backends}: a backend is listed twice")
+        if not self.project.strip():
+            p.append("tracking.project: must not be empty (e.g. 'fedlora')")
+        return p
+
+
 @dataclass
 class ExperimentConfig:
     """A whole experiment."""
@@ -212,6 +247,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     # -- derived values -------------------------------------------------------------------
 
@@ -537,7 +573,7 @@ def apply_overrides(
                 node[part] = {}
             node = node[part]
         if isinstance(value, Mapping) and isinstance(node.get(parts[-1]), dict):
-            if dotted in ("strategy.options", "data.columns"):
+            if dotted in ("strategy.options", "data.columns", "data.partitioner_options"):
                 node[parts[-1]] = dict(value)
             else:
                 node[parts[-1]] = _merge(node[parts[-1]], value)
@@ -603,9 +639,19 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
         _robust_problems,
         _strategy_problems,
         _privacy_problems,
+        _tracking_problems,
     ):
         section(cfg, p)
     return p
+
+
+def _tracking_problems(cfg: ExperimentConfig, p: _Problems) -> None:
+    p += cfg.tracking.problems()
+    d = cfg.data
+    if d.partitioner is not None or d.partitioner_options:
+        from fedlora.data.flwr_partition import partitioner_problems
+
+        p += partitioner_problems(d.partitioner, d.partitioner_options)
 
 
 def _model_problems(cfg: ExperimentConfig, p: _Problems) -> None:

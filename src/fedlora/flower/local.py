@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -72,9 +72,10 @@ def simulation_env(home: Path, port: int, control_port: int) -> dict[str, str]:
     }
 
 
-def simulation_superlink(home: Path, log: IO, timeout: float = 60.0):
+def simulation_superlink(home: Path, log: IO, timeout: float = 60.0, extra: Sequence[str] = ()):
     """Start a local simulation SuperLink (what ``flwr`` starts for ``":local:"``) on free
-    loopback ports; ``(process, env)`` with the environment for ``flwr run``."""
+    loopback ports, with `extra` arguments; ``(process, env)`` with the environment for
+    ``flwr run``."""
     import httpx
 
     port, control = free_port(), free_port()
@@ -82,7 +83,7 @@ def simulation_superlink(home: Path, log: IO, timeout: float = 60.0):
     proc = start(
         [exe("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
          "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1",
-         "--port", str(port), "--database", str(home / "local-superlink.db")],
+         "--port", str(port), "--database", str(home / "local-superlink.db"), *extra],
         env, log,
     )  # fmt: skip
     deadline = time.monotonic() + timeout

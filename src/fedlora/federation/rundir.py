@@ -1,4 +1,5 @@
-"""The run directory of the in-process engine: refusing to clobber a run, clearing one on
+"""A run directory (the in-process engine's; any engine's that keeps one): refusing to clobber a
+run, clearing one on
 ``overwrite``, checking that a checkpoint belongs to the configuration, and the JSONL files a
 run appends to."""
 
@@ -13,6 +14,8 @@ from typing import Any
 from fedlora.core.contract import FedLoraError
 from fedlora.federation.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT, atomic_write_text
 from fedlora.federation.config import ConfigError, ExperimentConfig, diff, from_dict, to_dict
+from fedlora.federation.tracking import STATE_FILE as TRACKING_STATE
+from fedlora.federation.tracking import TB_DIR
 
 #: files whose presence means a directory holds a run (refused without resume or overwrite)
 RUN_FILES = ("metrics.jsonl", "summary.json", CHECKPOINT, LEGACY_CHECKPOINT)
@@ -24,6 +27,8 @@ RUN_OUTPUTS = (
     "adapter",
     "merged",
     "plots",
+    TRACKING_STATE,
+    TB_DIR,
     *RUN_FILES,
 )
 
@@ -60,7 +65,8 @@ def clear_run_dir(run_dir: Path, log: logging.Logger) -> None:
 def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, run_dir: Path) -> None:
     """The checkpoint in `run_dir` was written by this configuration (`rounds` may grow)."""
     saved = from_dict(state["config"])
-    changed = diff(saved, cfg, ignore=("output_dir", "threads", "rounds"))
+    # trackers may be added or changed on resume: they do not change the run
+    changed = diff(saved, cfg, ignore=("output_dir", "threads", "rounds", "tracking"))
     if cfg.rounds < int(state["round"]):
         raise ConfigError(
             f"rounds = {cfg.rounds}: the checkpoint in {run_dir} is already at round "
