@@ -135,6 +135,9 @@ class TrainSection:
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # over a client's steps
     warmup_steps: int = 0  # linear warm-up steps at the start of each client's local training
     compile: bool = False  # torch.compile the training forward: pays off over long local runs
+    # clients of a round trained together in one forward/backward (fedlora.parallel); "auto":
+    # 1 on a CPU (measured: batching does not pay there), sized from free memory on CUDA
+    parallel_clients: int | Literal["auto"] = 1
 
 
 @dataclass
@@ -711,6 +714,10 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
     )
     need(t.grad_accum_steps >= 1, f"train.grad_accum_steps = {t.grad_accum_steps}: must be >= 1")
     need(t.warmup_steps >= 0, f"train.warmup_steps = {t.warmup_steps}: must be >= 0")
+    need(
+        t.parallel_clients == "auto" or t.parallel_clients >= 1,
+        f"train.parallel_clients = {t.parallel_clients!r}: must be an integer >= 1 or 'auto'",
+    )
     if t.epochs is None:
         need(
             t.warmup_steps < t.local_steps or t.warmup_steps == 0,

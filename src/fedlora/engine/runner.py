@@ -452,7 +452,8 @@ def clear_run_dir(run_dir: Path, log: logging.Logger) -> None:
 def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, run_dir: Path) -> None:
     """The checkpoint in `run_dir` was written by this configuration (`rounds` may grow)."""
     saved = from_dict(state["config"])
-    changed = diff(saved, cfg, ignore=("output_dir", "threads", "rounds"))
+    # parallel_clients: how clients share the hardware, not what they compute
+    changed = diff(saved, cfg, ignore=("output_dir", "threads", "rounds", "train.parallel_clients"))
     if cfg.rounds < int(state["round"]):
         raise ConfigError(
             f"rounds = {cfg.rounds}: the checkpoint in {run_dir} is already at round "
@@ -518,6 +519,8 @@ class Federation:
     labels: Any
     full_ft: int
     ledger: PrivacyLedger | None = None  # the run's privacy accounting (None without DP)
+    # client -> its tokenized training examples, kept across rounds (`client_data`)
+    data_cache: dict[int, list[Any]] = field(default_factory=dict, repr=False)
 
     @property
     def local_dp(self):
@@ -529,17 +532,13 @@ class Federation:
         return self.split.training_clients
 
     def client_data(self, c: int) -> list[Any]:
-        """Client `c`'s training examples (encoded for a classifier)."""
-        from fedlora.data import encode_classification
+        """Client `c`'s training examples, tokenized once and kept for later rounds
+        (`fedlora.engine.groups.tokenized`; ``data_cache``)."""
+        from fedlora.engine.groups import tokenized
 
-        ex = [self.examples[i] for i in self.split.train[c]]
-        if self.label_to_id is None:
-            return ex
-        return [
-            encode_classification(self.tokenizer, e, self.label_to_id, self.cfg.train.max_length)
-            for e in ex
-            if e.label is not None
-        ]
+        if c not in self.data_cache:
+            self.data_cache[c] = tokenized(self, c)
+        return self.data_cache[c]
 
 
 def setup(cfg: ExperimentConfig) -> Federation:
@@ -633,6 +632,11 @@ def train_one(fed: Federation, rnd: int, c: int, tally: RoundTally, on_update):
         server_round=rnd,
         privacy=fed.local_dp,
     )
+    return finish_one(fed, rnd, spec, payload, update, tally, on_update)
+
+
+def finish_one(fed: Federation, rnd: int, spec, payload, update, tally: RoundTally, on_update):
+    """Step 3 for one trained client: count it, let ``on_update`` replace it, check it."""
     # what it spent (local DP-SGD's steps), whether or not its update is used
     tally.trained.append(ClientUpdate(update.client_id, {}, 1, dict(update.extras)))
     tally.up += update_nbytes(update, payload.trainable)
@@ -650,24 +654,38 @@ def train_clients(
 ) -> Iterator[tuple[ClientUpdate, Start]]:
     """Steps 2-3 for the round: each chosen client is trained when the aggregation asks for
     its update (a streaming strategy holds one at a time). A client that raises (a non-finite
-    loss included) or whose update fails a check is dropped for the round, with the reason."""
+    loss included) or whose update fails a check is dropped for the round, with the reason.
+    With ``train.parallel_clients`` > 1 the clients train in groups (`fedlora.engine.groups`),
+    their updates streamed in the same order."""
+    from fedlora.engine.groups import parallel_width, train_grouped
+
+    width = parallel_width(fed)
+    if width > 1:
+        yield from train_grouped(fed, rnd, chosen, tally, on_update, cbar, width)
+        return
     for c in chosen:
         spec = fed.specs[c]
         tc = time.perf_counter()
-        try:
-            item = train_one(fed, rnd, c, tally, on_update)
-        except Exception as e:  # noqa: BLE001 - a failing client is dropped, not the run
-            if fed.cfg.robust.fatal_drops and not isinstance(e, FedLoraError):
-                raise
-            LOG.debug("round %d: client %s failed", rnd, spec.client_id, exc_info=True)
-            reason = str(e) if isinstance(e, FedLoraError) else f"{type(e).__name__}: {e}"
-            _drop(fed, tally, rnd, spec.client_id, reason)
-            item = None
+        item = guarded(fed, rnd, spec, tally, lambda c=c: train_one(fed, rnd, c, tally, on_update))
         tally.t_train += time.perf_counter() - tc
         if cbar is not None:
             cbar.update(1)
         if item is not None:
             yield item
+
+
+def guarded(fed: Federation, rnd: int, spec, tally: RoundTally, work: Callable[[], Any]):
+    """``work()``, or None with the client dropped when it raises (``robust.fatal_drops``:
+    an unexpected error stops the run)."""
+    try:
+        return work()
+    except Exception as e:  # noqa: BLE001 - a failing client is dropped, not the run
+        if fed.cfg.robust.fatal_drops and not isinstance(e, FedLoraError):
+            raise
+        LOG.debug("round %d: client %s failed", rnd, spec.client_id, exc_info=True)
+        reason = str(e) if isinstance(e, FedLoraError) else f"{type(e).__name__}: {e}"
+        _drop(fed, tally, rnd, spec.client_id, reason)
+        return None
 
 
 def screen(
