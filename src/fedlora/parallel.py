@@ -526,9 +526,9 @@ class _Group:
                 mem.rng = _Rng(mem.seed, self.device)
             for mem in self.members:
                 self._setup(mem)
-            budget = self.members[0].payload.extras.get("budget")
-            if budget is not None and self.members[0].payload.extras.get("masked_training"):
-                self._probe(int(budget))
+            first = self.members[0].payload.extras  # the group shares its recipe
+            if first.get("budget") is not None and first.get("masked_training"):
+                self._probe()
             for s in range(max(len(mem.steps) for mem in self.members)):
                 self._step(s)
             for mem in self.members:
@@ -572,7 +572,7 @@ class _Group:
         finally:
             self.layout = None
 
-    def _probe(self, budget: int) -> None:
+    def _probe(self) -> None:
         """LoRA-A2's slots from each client's first-step gradient (`_a2_probe_slots`)."""
         live = [m for m in self.members if m.error is None]
         micro = {m.k: [self._collated(m, idx) for idx in m.steps[0]] for m in live}
@@ -582,6 +582,7 @@ class _Group:
             sum(loss / len(micro[m.k]) for (m, _), loss in zip(parts, losses)).backward()
         for m in live:
             self._grads_to_views(m)
+            budget = int(m.payload.extras["budget"])  # each client's own
             m.slots = slots_from_grads(m.weights, m.payload.trainable, budget)
             m.mask = SlotMask(m.weights, m.slots, m.payload.trainable, m.opt, hook=False)
         self._zero_grads()

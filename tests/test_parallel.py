@@ -1,0 +1,203 @@
+"""fedlora.parallel: a group of clients trained in one pass returns what sequential training
+returns (sequential `train_client` is the reference), and the engine's parallel_clients."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from tiny_models import llama_host, tiny_bert
+
+import fedlora.strategies as registry
+from fedlora.client import TrainConfig, train_client
+from fedlora.contract import ClientSpec, FedLoraError, LoraFactors, Payload
+from fedlora.models import LoraHost, default_target_modules
+from fedlora.parallel import train_clients_together
+
+RANKS = [1, 4, 2]  # heterogeneous
+SIZES = [8, 5, 11]  # unequal data: 2, 2 and 3 steps of an epoch at batch 4
+# gradient accumulation (the last step of a client has a single micro-batch), clipping that
+# bites, weight decay, LoRA+ multiplier and a schedule over each client's own step count
+CFG = TrainConfig(
+    epochs=1,
+    batch_size=2,
+    grad_accum_steps=2,
+    # Adam turns a float-rounding difference of a near-zero gradient into up to lr of step;
+    # 5e-3 keeps two rounds of that below the 1e-5 bound
+    lr=5e-3,
+    grad_clip=0.05,
+    weight_decay=0.1,
+    b_lr_multiplier=2.0,
+    lr_scheduler="linear",
+    seed=3,
+)
+
+
+def lm_data(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(1, 128, (5 + (i * 3 + seed) % 7,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    return out
+
+
+def cls_data(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_ids": torch.randint(1, 100, (4 + (i + seed) % 6,), generator=g).tolist(),
+            "label": i % 3,
+        }
+        for i in range(n)
+    ]
+
+
+def assert_same(seq, par, tol: float = 1e-5) -> None:
+    """Same factors (within `tol`), same loss curve and extras, same dense tensors."""
+    assert len(seq) == len(par)
+    for a, b in zip(seq, par):
+        assert not isinstance(b, Exception), b
+        assert a.client_id == b.client_id and a.num_examples == b.num_examples
+        assert a.adapter.keys() == b.adapter.keys()
+        for m, f in a.adapter.items():
+            g = b.adapter[m]
+            assert f.A.shape == g.A.shape and f.B.shape == g.B.shape and f.scale == g.scale
+            torch.testing.assert_close(g.A, f.A, atol=tol, rtol=0)
+            torch.testing.assert_close(g.B, f.B, atol=tol, rtol=0)
+        for k, v in a.dense.items():
+            torch.testing.assert_close(b.dense[k], v, atol=tol, rtol=0)
+        for key in ("steps", "train_loss", "first_loss", "last_loss", "hetlora_penalty"):
+            if key in a.extras:
+                assert b.extras[key] == pytest.approx(a.extras[key], abs=1e-6), key
+        if "slots" in a.extras:
+            assert a.extras["slots"].keys() == b.extras["slots"].keys()
+            for m, s in a.extras["slots"].items():
+                assert torch.equal(s, b.extras["slots"][m])
+        if "hetlora_tail_norms" in a.extras:
+            for m, t in a.extras["hetlora_tail_norms"].items():
+                assert b.extras["hetlora_tail_norms"][m] == pytest.approx(t, abs=1e-5)
+
+
+def both(host, specs, payloads, data, cfg=CFG, rnd=1):
+    seq = [
+        train_client(host, s, p, d, cfg, server_round=rnd) for s, p, d in zip(specs, payloads, data)
+    ]
+    par = train_clients_together(host, list(zip(specs, payloads, data)), cfg, server_round=rnd)
+    return seq, par
+
+
+OPTIONS = {
+    "lora_a2": {"global_rank": 4},  # masked training (the default), alternating A / B
+    "hetlora": {"prune_lambda": 0.5, "gamma": 0.75},
+}
+HOMOGENEOUS = ("fedex_lora", "fedit")  # their aggregation requires one rank
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_strategy_matches_sequential_over_two_rounds(name):
+    """Round 1 and, after aggregating round 1, round 2 (FLoRA's / FedEx's merge, LoRA-A2's
+    other factor, HetLoRA's pruning state, FFA's frozen A) give the sequential updates."""
+    host = llama_host()
+    mods = host.module_names()
+    ranks = [2, 2, 2] if name in HOMOGENEOUS else RANKS
+    specs = [ClientSpec(str(i), {m: r for m in mods}) for i, r in enumerate(ranks)]
+    data = [lm_data(n, i) for i, n in enumerate(SIZES)]
+    strategy = registry.get(name, seed=0, shapes=host.shapes(), **OPTIONS.get(name, {}))
+    for rnd in (1, 2):
+        strategy.begin_round(rnd)
+        payloads = [strategy.configure(s, rnd) for s in specs]
+        seq, par = both(host, specs, payloads, data, rnd=rnd)
+        assert_same(seq, par)
+        assert [u.extras["steps"] for u in par] == [2.0, 2.0, 3.0]  # unequal step counts
+        strategy.aggregate(rnd, iter(seq))
+
+
+def test_lora_a2_unmasked_and_ffa_frozen_a():
+    host = llama_host()
+    mods = host.module_names()
+    specs = [ClientSpec(str(i), {m: r for m in mods}) for i, r in enumerate(RANKS)]
+    data = [lm_data(n, i) for i, n in enumerate(SIZES)]
+    a2 = registry.get("lora_a2", seed=0, shapes=host.shapes(), global_rank=4, masked_training=False)
+    payloads = [a2.configure(s, 1) for s in specs]
+    assert_same(*both(host, specs, payloads, data))
+    ffa = registry.get("ffa_lora", seed=0, shapes=host.shapes())
+    payloads = [ffa.configure(s, 1) for s in specs]
+    seq, par = both(host, specs, payloads, data)
+    assert_same(seq, par)
+    for p, u in zip(payloads, par):  # A is bit-identical to what was sent
+        for m, f in u.adapter.items():
+            assert torch.equal(f.A, p.adapter[m].A if p.adapter else f.A)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_classifier_head_and_dropout_streams(dropout):
+    """A classifier head (modules_to_save) per client; with dropout each client's masks come
+    from its own stream, seeded as sequential training seeds it: the same updates."""
+    model = tiny_bert(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    host = LoraHost(
+        model, default_target_modules(model), modules_to_save=["classifier"], lora_dropout=dropout
+    )
+    mods = host.module_names()
+    specs = [ClientSpec(str(i), {m: r for m in mods}) for i, r in enumerate(RANKS)]
+    data = [cls_data(n, i) for i, n in enumerate(SIZES)]
+    payloads = [Payload(None, None, seed=5) for _ in specs]
+    seq, par = both(host, specs, payloads, data)
+    assert_same(seq, par)
+    assert all(u.dense and "classifier.weight" in u.dense for u in par)
+    # the heads moved, and differently per client
+    assert not torch.equal(par[0].dense["classifier.weight"], par[1].dense["classifier.weight"])
+
+
+def test_local_steps_mode_and_a_client_with_less_data_than_a_batch():
+    host = llama_host()
+    mods = host.module_names()
+    specs = [ClientSpec(str(i), {m: r for m in mods}) for i, r in enumerate(RANKS)]
+    data = [lm_data(n, i) for i, n in enumerate([6, 1, 9])]
+    cfg = TrainConfig(local_steps=3, batch_size=4, lr=1e-2, seed=1)
+    payloads = [Payload(None, None, seed=5) for _ in specs]
+    assert_same(*both(host, specs, payloads, data, cfg))
+
+
+def test_a_failing_client_is_dropped_alone():
+    host = llama_host()
+    mods = host.module_names()
+    specs = [ClientSpec(str(i), {m: r for m in mods}) for i, r in enumerate(RANKS)]
+    data = [lm_data(n, i) for i, n in enumerate(SIZES)]
+    shapes = host.shapes()
+    bad = {
+        m: LoraFactors(torch.full((4, d_in), 1e20), torch.full((d_out, 4), 1e20), 1.0)
+        for m, (d_out, d_in) in shapes.items()
+    }
+    payloads = [
+        Payload(None, None, seed=5),
+        Payload(None, bad, seed=5),
+        Payload(None, None, seed=5),
+    ]
+    par = train_clients_together(host, list(zip(specs, payloads, data)), CFG, server_round=1)
+    assert isinstance(par[1], FedLoraError) and "loss became" in str(par[1])
+    seq = [train_client(host, specs[i], payloads[i], data[i], CFG, server_round=1) for i in (0, 2)]
+    assert_same(seq, [par[0], par[2]])
+
+
+def test_unbatchable_groups_fall_back_with_a_log_line(caplog):
+    host = llama_host()
+    mods = host.module_names()
+    specs = [ClientSpec(str(i), {m: 2 for m in mods}) for i in range(2)]
+    data = [lm_data(4, i) for i in range(2)]
+    payloads = [Payload(None, None, seed=5) for _ in specs]
+    with caplog.at_level(logging.INFO, logger="fedlora.parallel"):
+        assert (
+            train_clients_together(host, list(zip(specs, payloads, data)), CFG, privacy=object())
+            is None
+        )
+        mixed = [
+            Payload(None, None, seed=5),
+            Payload(None, None, trainable=frozenset({"B"}), seed=5),
+        ]
+        assert train_clients_together(host, list(zip(specs, mixed, data)), CFG) is None
+    assert "DP-SGD" in caplog.text and "trainable" in caplog.text
