@@ -201,3 +201,94 @@ def test_unbatchable_groups_fall_back_with_a_log_line(caplog):
         ]
         assert train_clients_together(host, list(zip(specs, mixed, data)), CFG) is None
     assert "DP-SGD" in caplog.text and "trainable" in caplog.text
+
+
+# -- the engine ------------------------------------------------------------------------------
+
+
+def engine_cfg(out, width, name="flexlora", **extra):
+    from fedlora.config import load_preset
+
+    overrides = {
+        "output_dir": str(out),
+        "rounds": 3,
+        "clients_per_round": 3,
+        "strategy.name": name,
+        "model.dropout": 0.1,  # every client's own dropout stream
+        "data.num_clients": 4,
+        "data.tasks": ["wn_antonym", "rt_sentiment", "fortune_author", "wn_part_of_speech"],
+        "data.heldout_tasks": [],
+        "data.max_examples_per_client": 8,
+        "train.local_steps": 2,
+        "train.max_length": 40,
+        "train.parallel_clients": width,
+        "eval.metrics": ["loss", "accuracy"],
+        "eval.max_examples": 4,
+        "eval.bootstrap": 0,
+        **extra,
+    }
+    return load_preset("tiny", overrides)
+
+
+def _close_rows(a: list[dict], b: list[dict]) -> None:
+    from fedlora.engine import deterministic
+
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        ra, rb = deterministic(ra), deterministic(rb)
+        assert ra.keys() == rb.keys()
+        for k, v in ra.items():
+            if isinstance(v, float):
+                assert rb[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+            elif isinstance(v, dict) and k in ("update_norms", "clipped"):
+                assert v.keys() == rb[k].keys() and all(
+                    rb[k][c] == pytest.approx(x, rel=1e-4) for c, x in v.items()
+                )
+            else:
+                assert rb[k] == v, k
+
+
+@pytest.mark.parametrize("name", ["flexlora", "lora_a2"])
+def test_engine_groups_match_the_sequential_run(tmp_path, name):
+    from fedlora.engine import run_experiment
+
+    seq = run_experiment(engine_cfg(tmp_path / "seq", 1, name), progress=False, save_final=False)
+    par = run_experiment(engine_cfg(tmp_path / "par", 2, name), progress=False, save_final=False)
+    # 3 clients per round in groups of 2: one full group and one of a single client
+    _close_rows(seq.rows, par.rows)
+    assert all(r["used"] == 3 for r in par.round_rows())
+
+
+def test_engine_resume_with_groups_is_unchanged(tmp_path):
+    from fedlora.engine import RunStopped, deterministic, run_experiment
+
+    full = run_experiment(engine_cfg(tmp_path / "full", 3), progress=False, save_final=False)
+
+    def stop(rnd, result):
+        if rnd == 1:
+            raise RunStopped("stop")
+
+    cfg = engine_cfg(tmp_path / "cut", 3)
+    with pytest.raises(RunStopped):
+        run_experiment(cfg, progress=False, on_round_end=stop, save_final=False)
+    resumed = run_experiment(cfg, resume=True, progress=False, save_final=False)
+    assert [deterministic(r) for r in resumed.rows] == [deterministic(r) for r in full.rows]
+
+
+def test_engine_data_is_tokenized_once(tmp_path):
+    from fedlora.engine.groups import tokenized
+    from fedlora.engine.runner import setup
+
+    fed = setup(engine_cfg(tmp_path / "x", 2))
+    first = fed.client_data(0)
+    assert fed.client_data(0) is first  # cached across rounds
+    assert first == tokenized(fed, 0) and "input_ids" in first[0]
+
+
+def test_parallel_clients_config_errors_name_the_key():
+    from fedlora.config import ConfigError, load_preset
+
+    for bad in (0, -2, "many"):
+        with pytest.raises(ConfigError, match="train.parallel_clients"):
+            load_preset("tiny", {"train.parallel_clients": bad})
+    assert load_preset("tiny", {"train.parallel_clients": "auto"}).train.parallel_clients == "auto"
