@@ -122,6 +122,8 @@ class ExperimentBackend:
             cfg, self.host.module_names(), self._shapes, self.split.train
         )
         self.train_cfg = train_config(cfg)
+        if cfg.train.parallel_clients != 1:  # docs/flower.md: a node trains one client a call
+            LOG.info("train.parallel_clients: ignored by the Flower apps (one client per call)")
         self.lock = threading.Lock()
         self.load_seconds = time.perf_counter() - t0
         LOG.info(
