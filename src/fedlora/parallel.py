@@ -163,6 +163,7 @@ class _Member:
     seed: int
     before: dict[str, LoraFactors] | None = None
     dense: dict[str, nn.Parameter] = field(default_factory=dict)
+    views: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # A, B^T
     weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
     opt: Any = None
     params: list = field(default_factory=list)
@@ -219,10 +220,12 @@ def _member(host: LoraHost, k: int, item: Item, cfg: TrainConfig, tokenizer, rnd
 @dataclass
 class _Stack:
     """One module's factors of the group's clients that train it: A (n, r_max, d_in) and B
-    (n, d_out, r_max) zero-padded to the largest rank, their scales, client k -> position."""
+    transposed, Bt (n, r_max, d_out), zero-padded to the largest rank, their scales, client k
+    -> position. B is kept transposed so that each client's slots are one contiguous block
+    (the optimizer's and clipping's multi-tensor kernels need dense tensors)."""
 
     A: torch.Tensor
-    B: torch.Tensor
+    Bt: torch.Tensor
     scale: torch.Tensor
     slot: dict[int, int]
 
@@ -237,25 +240,26 @@ def _stacks(members: list[_Member], host: LoraHost, trainable, device) -> dict[s
         d_out, d_in = shapes[m]
         r_max = max(mem.factors[m].rank for mem in owners)
         A = torch.zeros(len(owners), r_max, d_in, device=device)
-        B = torch.zeros(len(owners), d_out, r_max, device=device)
+        Bt = torch.zeros(len(owners), r_max, d_out, device=device)
         for i, mem in enumerate(owners):
             f = mem.factors[m]
             A[i, : f.rank] = f.A.to(device, torch.float32)
-            B[i, :, : f.rank] = f.B.to(device, torch.float32)
+            Bt[i, : f.rank] = f.B.T.to(device, torch.float32)
         A.requires_grad_("A" in trainable)
-        B.requires_grad_("B" in trainable)
+        Bt.requires_grad_("B" in trainable)
         scale = torch.tensor([float(mem.factors[m].scale) for mem in owners], device=device)
-        out[m] = _Stack(A, B, scale, {mem.k: i for i, mem in enumerate(owners)})
+        out[m] = _Stack(A, Bt, scale, {mem.k: i for i, mem in enumerate(owners)})
     for mem in members:
         with torch.no_grad():  # views of the client's own slots: what its optimizer steps
-            mem.weights = {
-                m: (
-                    st.A[st.slot[mem.k], : mem.factors[m].rank],
-                    st.B[st.slot[mem.k], :, : mem.factors[m].rank],
-                    float(mem.factors[m].scale),
-                )
+            mem.views = {
+                m: (st.A[st.slot[mem.k], :r], st.Bt[st.slot[mem.k], :r])
                 for m, st in out.items()
                 if mem.k in st.slot
+                for r in [mem.factors[m].rank]
+            }
+            # the same storage as (A, B, scale): slot selection, slot masks, read-out
+            mem.weights = {
+                m: (a, bt.T, float(mem.factors[m].scale)) for m, (a, bt) in mem.views.items()
             }
     return out
 
@@ -470,12 +474,12 @@ class _Group:
             if None in pos:
                 return out + self._lora_loop(st, pos, x, lay).reshape(out.shape)
             if pos == list(range(st.A.shape[0])):
-                A, B, s = st.A, st.B, st.scale
+                A, Bt, s = st.A, st.Bt, st.scale
             else:
                 idx = torch.tensor(pos, device=st.A.device)
-                A, B, s = st.A.index_select(0, idx), st.B.index_select(0, idx), st.scale[idx]
+                A, Bt, s = st.A.index_select(0, idx), st.Bt.index_select(0, idx), st.scale[idx]
             xs = x.reshape(len(pos), -1, x.shape[-1])
-            y = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2))
+            y = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), Bt)
             return out + _scaled(y, s.view(-1, 1, 1)).reshape(out.shape)
 
         return hook
@@ -487,9 +491,9 @@ class _Group:
         ys = []
         for i, p in enumerate(pos):
             if p is None:
-                ys.append(blocks.new_zeros(blocks.shape[1], st.B.shape[1]))
+                ys.append(blocks.new_zeros(blocks.shape[1], st.Bt.shape[2]))
                 continue
-            y = F.linear(F.linear(blocks[i], st.A[p]), st.B[p])
+            y = F.linear(blocks[i], st.A[p]) @ st.Bt[p]
             ys.append(_scaled(y, st.scale[p]))
         return torch.stack(ys)
 
@@ -537,8 +541,8 @@ class _Group:
 
     def _setup(self, mem: _Member) -> None:
         try:
-            a = [w[0] for w in mem.weights.values()] if "A" in self.trainable else []
-            b = [w[1] for w in mem.weights.values()] if "B" in self.trainable else []
+            a = [v[0] for v in mem.views.values()] if "A" in self.trainable else []
+            b = [v[1] for v in mem.views.values()] if "B" in self.trainable else []
             dense = list(mem.dense.values())
             mem.opt, mem.params = build_optimizer(a, b, dense, self.cfg, mem.who, mem.payload)
             mem.scaler = self.amp.scaler()
@@ -589,16 +593,17 @@ class _Group:
 
     def _zero_grads(self) -> None:
         for st in self.stacks.values():
-            st.A.grad = st.B.grad = None
+            st.A.grad = st.Bt.grad = None
         for m in self.members:
             for p in m.params:
                 p.grad = None
 
     def _grads_to_views(self, m: _Member) -> None:
-        for mod, (a, b, _s) in m.weights.items():
+        for mod, (a, bt) in m.views.items():
             st, i = self.stacks[mod], self.stacks[mod].slot[m.k]
             a.grad = st.A.grad[i, : a.shape[0]] if st.A.grad is not None else None
-            b.grad = st.B.grad[i, :, : b.shape[1]] if st.B.grad is not None else None
+            bt.grad = st.Bt.grad[i, : bt.shape[0]] if st.Bt.grad is not None else None
+            m.weights[mod][1].grad = bt.grad.T if bt.grad is not None else None
 
     def _step(self, s: int) -> None:
         """Optimizer step `s` of every client that has one (`fedlora.local_steps.run_steps`)."""
@@ -658,7 +663,7 @@ class _Group:
             pen = sum(
                 self_pruning_penalty(
                     self.stacks[mod].A[self.stacks[mod].slot[m.k], : a.shape[0]],
-                    self.stacks[mod].B[self.stacks[mod].slot[m.k], :, : b.shape[1]],
+                    self.stacks[mod].Bt[self.stacks[mod].slot[m.k], : b.shape[1]].T,
                     gamma,
                     sc,
                 )
