@@ -292,3 +292,16 @@ def test_parallel_clients_config_errors_name_the_key():
         with pytest.raises(ConfigError, match="train.parallel_clients"):
             load_preset("tiny", {"train.parallel_clients": bad})
     assert load_preset("tiny", {"train.parallel_clients": "auto"}).train.parallel_clients == "auto"
+
+
+def test_clients_training_different_modules():
+    """A client without a module adds nothing to its rows there (the per-client path)."""
+    host = llama_host()
+    mods = host.module_names()
+    ranks = [{m: 2 for m in mods}, {m: 3 for m in mods[::2]}, {m: 1 for m in mods[1::3]}]
+    specs = [ClientSpec(str(i), r) for i, r in enumerate(ranks)]
+    data = [lm_data(n, i) for i, n in enumerate(SIZES)]
+    payloads = [Payload(None, None, seed=5) for _ in specs]
+    seq, par = both(host, specs, payloads, data)
+    assert_same(seq, par)
+    assert [len(u.adapter) for u in par] == [len(r) for r in ranks]

@@ -4,13 +4,13 @@ A simulated round trains its clients one after another on one base model; each c
 is small, so a GPU mostly waits for kernel launches. `train_clients_together` trains up to K
 clients at once on the same `fedlora.host.LoraHost`:
 
-* The frozen base runs once over the group's concatenated batch. Every client contributes a
-  block of the same number of rows (its micro-batch, completed with copies of its first row
-  that enter no loss) padded to the group's longest sequence (extra right padding is masked,
-  so a client's tokens compute what they compute alone).
-* Each LoRA target module gets a forward hook adding, per client block k, ``scale_k B_k A_k x``
-  (`_Stacks`): the clients' factors are stacked per module, zero-padded to the group's largest
-  rank, as two leaf tensors (one batched matmul pair per module, whatever K). A zero pad slot
+* The frozen base runs once over the group's concatenated batch: every client's micro-batch
+  (its rows, one after the other) padded to the group's longest sequence (extra right padding
+  is masked, so a client's tokens compute what they compute alone).
+* Each LoRA target module gets a forward hook adding, to client k's rows, ``scale_k B_k A_k x``
+  (`_Stack`): the clients' factors are stacked per module, zero-padded to the group's largest
+  rank, as two leaf tensors (one batched matmul pair per module, whatever K; clients with
+  fewer rows are zero-padded inside that matmul only, `_Layout.gather`). A zero pad slot
   stays zero: its gradients are exactly zero (B's pad column multiplies A's pad row), and no
   optimizer ever sees it. peft's own LoRA layers are disabled meanwhile.
 * Per client (`_Member`): AdamW over views of its own slots (its learning rates, schedule,
@@ -19,7 +19,7 @@ clients at once on the same `fedlora.host.LoraHost`:
   disjoint, so each client's gradient is its own), its own fp16 gradient scaler, its
   trainable set (FFA-LoRA's frozen A, LoRA-A2's alternating freeze and masked slots via
   `fedlora.client.SlotMask`), HetLoRA's penalty, its copy of the dense modules (a classifier
-  head, run per block with `torch.func.functional_call`), and its number of steps: a client
+  head, run on its rows with `torch.func.functional_call`), and its number of steps: a client
   whose steps are done leaves the group's batch. A client whose loss becomes non-finite is
   dropped alone (its rows only ever reach its own factors).
 * Dropout: each client keeps its own RNG stream, seeded as `fedlora.client.train_client`
@@ -277,17 +277,45 @@ def _scaled(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Layout:
-    """The group batch of one forward: client blocks of ``block`` rows (``rows[k]`` real ones)
-    and ``length`` tokens (``lengths[k]`` the client's own)."""
+    """The group batch of one forward: client k's ``rows[k]`` rows (from ``offsets[k]``) of
+    ``length`` tokens (``lengths[k]`` its own)."""
 
     members: list[_Member]
     rows: list[int]
     lengths: list[int]
-    block: int
     length: int
+    offsets: list[int] = field(default_factory=list)
+    _gather: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.offsets = [sum(self.rows[:k]) for k in range(len(self.rows))]
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows)
+
+    @property
+    def uniform(self) -> bool:
+        return min(self.rows) == max(self.rows)
 
     def real(self, k: int) -> slice:
-        return slice(k * self.block, k * self.block + self.rows[k])
+        return slice(self.offsets[k], self.offsets[k] + self.rows[k])
+
+    def gather(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices between the batch's flat rows (``total * t`` of them, ``t`` per example,
+        plus a zero row at the end) and a (K, max rows * t) padded grid: (into the grid,
+        back from it)."""
+        key = (t, device)
+        if key not in self._gather:
+            block = max(self.rows) * t
+            zero = self.total * t
+            into, back = [], []
+            for k, (o, r) in enumerate(zip(self.offsets, self.rows)):
+                real = torch.arange(o * t, (o + r) * t)
+                into += [real, torch.full((block - r * t,), zero)]
+                back.append(torch.arange(k * block, k * block + r * t))
+            self._gather[key] = (torch.cat(into).to(device), torch.cat(back).to(device))
+        return self._gather[key]
 
 
 def _group_batch(
@@ -296,21 +324,19 @@ def _group_batch(
     """Concatenate the clients' collated micro-batches into one model input."""
     rows = [int(b["input_ids"].shape[0]) for _, b in parts]
     lengths = [int(b["input_ids"].shape[1]) for _, b in parts]
-    block, length = max(rows), max(lengths)
+    length = max(lengths)
     if length != min(lengths):  # a sequence length no model dimension has: see _ClientDropout
         while length in avoid:
             length += 1
     fill = {"input_ids": pad_id}
     inputs: dict[str, list[torch.Tensor]] = {}
-    for (_, b), n in zip(parts, rows):
-        pick = torch.tensor(list(range(n)) + [0] * (block - n))
+    for _, b in parts:
         for key, v in b.items():
-            if key == "labels":
-                continue
-            v = F.pad(v, (0, length - v.shape[1]), value=fill.get(key, 0))
-            inputs.setdefault(key, []).append(v.index_select(0, pick))
+            if key != "labels":
+                v = F.pad(v, (0, length - v.shape[1]), value=fill.get(key, 0))
+                inputs.setdefault(key, []).append(v)
     batch = {k: torch.cat(v) for k, v in inputs.items()}
-    return batch, _Layout([m for m, _ in parts], rows, lengths, block, length)
+    return batch, _Layout([m for m, _ in parts], rows, lengths, length)
 
 
 def _client_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -355,11 +381,11 @@ class _ClientDropout(TorchFunctionMode):
         lay = self.group.layout
         if lay is not None and func is F.dropout:
             x, p, training = _dropout_args(args, kwargs)
-            if training and p > 0 and x.shape[0] == lay.block * len(lay.members):
+            if training and p > 0 and x.shape[0] == lay.total:
                 return self._per_client(lay, x, lambda t: F.dropout(t, p, True))
         if lay is not None and func is F.scaled_dot_product_attention:
             p = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
-            if p > 0 and args[0].shape[0] == lay.block * len(lay.members):
+            if p > 0 and args[0].shape[0] == lay.total:
                 return self._sdpa(lay, func, args, kwargs)
         return func(*args, **kwargs)
 
@@ -378,7 +404,6 @@ class _ClientDropout(TorchFunctionMode):
                 full[crop] = dropped
                 dropped = full
             pieces.append(dropped)
-            pieces.append(x[lay.real(k).stop : (k + 1) * lay.block])
         return torch.cat(pieces)
 
     def _sdpa(self, lay: _Layout, func, args, kwargs) -> torch.Tensor:
@@ -394,12 +419,6 @@ class _ClientDropout(TorchFunctionMode):
             with mem.rng.active():
                 out = func(q[rows, :, :t], k_[rows, :, :t], v[rows, :, :t], attn_mask=m, **kw)
             pieces.append(F.pad(out, (0, 0, 0, lay.length - t)))
-            extra = slice(rows.stop, (k + 1) * lay.block)
-            if extra.stop > extra.start:  # filler rows: no dropout, no draw
-                m = mask[extra] if mask is not None and mask.shape[0] > 1 else mask
-                pieces.append(
-                    func(q[extra], k_[extra], v[extra], attn_mask=m, **(kw | {"dropout_p": 0.0}))
-                )
         return torch.cat(pieces)
 
 
@@ -470,44 +489,52 @@ class _Group:
             x = inputs[0].to(torch.float32)  # peft casts the input to the factors' dtype
             if self.lora_p > 0:
                 x = F.dropout(x, self.lora_p, True)
+            flat = x.reshape(-1, x.shape[-1])
+            t = flat.shape[0] // lay.total  # positions per example
             pos = [st.slot.get(mem.k) for mem in lay.members]
             if None in pos:
-                return out + self._lora_loop(st, pos, x, lay).reshape(out.shape)
+                return out + self._lora_loop(st, pos, flat, lay, t).reshape(out.shape)
             if pos == list(range(st.A.shape[0])):
                 A, Bt, s = st.A, st.Bt, st.scale
             else:
                 idx = torch.tensor(pos, device=st.A.device)
                 A, Bt, s = st.A.index_select(0, idx), st.Bt.index_select(0, idx), st.scale[idx]
-            xs = x.reshape(len(pos), -1, x.shape[-1])
-            y = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), Bt)
-            return out + _scaled(y, s.view(-1, 1, 1)).reshape(out.shape)
+            if lay.uniform:
+                xs = flat.view(len(pos), -1, flat.shape[-1])
+            else:  # zero rows pad the clients with fewer examples, in this matmul only
+                into, back = lay.gather(t, flat.device)
+                grid = torch.cat([flat, flat.new_zeros(1, flat.shape[-1])]).index_select(0, into)
+                xs = grid.view(len(pos), -1, flat.shape[-1])
+            y = _scaled(torch.bmm(torch.bmm(xs, A.transpose(1, 2)), Bt), s.view(-1, 1, 1))
+            if not lay.uniform:
+                y = y.reshape(-1, y.shape[-1]).index_select(0, back)
+            return out + y.reshape(out.shape)
 
         return hook
 
     @staticmethod
-    def _lora_loop(st: _Stack, pos, x: torch.Tensor, lay: _Layout) -> torch.Tensor:
-        """Blocks of clients without this module add nothing (a rare mixed group)."""
-        blocks = x.reshape(len(pos), -1, x.shape[-1])
+    def _lora_loop(st: _Stack, pos, flat: torch.Tensor, lay: _Layout, t: int) -> torch.Tensor:
+        """Clients without this module add nothing to their rows (a rare mixed group)."""
         ys = []
-        for i, p in enumerate(pos):
+        for k, p in enumerate(pos):
+            rows = flat[lay.offsets[k] * t : (lay.offsets[k] + lay.rows[k]) * t]
             if p is None:
-                ys.append(blocks.new_zeros(blocks.shape[1], st.Bt.shape[2]))
+                ys.append(rows.new_zeros(rows.shape[0], st.Bt.shape[2]))
                 continue
-            y = F.linear(blocks[i], st.A[p]) @ st.Bt[p]
-            ys.append(_scaled(y, st.scale[p]))
-        return torch.stack(ys)
+            ys.append(_scaled(F.linear(rows, st.A[p]) @ st.Bt[p], st.scale[p]))
+        return torch.cat(ys)
 
     def _dense_hook(self, name: str, module: nn.Module):
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
             lay = self.layout
             if lay is None or self._in_dense:
                 return None
-            n = lay.block * len(lay.members)
+            n = lay.total
             self._in_dense = True
             try:
                 pieces = []
                 for k, mem in enumerate(lay.members):
-                    rows = slice(k * lay.block, (k + 1) * lay.block)
+                    rows = lay.real(k)
                     sub = tuple(a[rows] if _rows(a, n) else a for a in args)
                     params = {
                         full[len(name) + 1 :]: p
