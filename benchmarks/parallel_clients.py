@@ -14,10 +14,12 @@ second of each K and its speed-up over K = 1. A CUDA run synchronizes before rea
         --threads 1 --ks 1 2 4 8 --reps 3
     HF_HUB_OFFLINE=1 python benchmarks/parallel_clients.py --device cuda --ks 1 2 4 8 16
 
-``--precision auto`` (default): bf16 autocast on bf16 weights where the device computes bf16
-natively (CUDA), else fp32. ``--random-weights`` builds both architectures with random
+``--precision auto`` (default): bf16 autocast on bf16 weights on CUDA, fp32 elsewhere (what
+the presets train in on a CPU). ``--random-weights`` builds both architectures with random
 weights (the time does not depend on the weights; for a machine without the packaged models);
-without it a model that cannot be loaded falls back to random weights, with a note. A K whose
+without it a model that cannot be loaded falls back to random weights, with a note.
+``--no-dropout`` sets MiniLM's dropout (0.1) to 0: with dropout a group applies every dropout
+per client, under the client's own RNG stream (K calls per dropout site instead of one). A K whose
 group runs out of accelerator memory is reported as such and the larger ones are skipped.
 """
 
@@ -48,13 +50,14 @@ NUM_LABELS = 4
 
 
 def random_model(name: str):
-    """The architecture of the packaged model with random weights."""
+    """The architecture of the packaged model (all-MiniLM-L6-v2, SmolLM2-135M) with random
+    weights."""
     torch.manual_seed(0)
     if name == "minilm":
         from transformers import BertConfig, BertForSequenceClassification
 
         cfg = BertConfig(
-            vocab_size=30522, hidden_size=384, num_hidden_layers=12, num_attention_heads=12,
+            vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
             intermediate_size=1536, num_labels=NUM_LABELS,
         )  # fmt: skip
         return BertForSequenceClassification(cfg)
@@ -81,6 +84,10 @@ def load(name: str, args, dtype: torch.dtype):
     if model is None:
         model = random_model(name)
     model = model.to(args.device, dtype)
+    if args.no_dropout:  # MiniLM's dropout is 0.1: a group then applies it per client
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
     mts = default_modules_to_save(model, kind)
     return LoraHost(model, default_target_modules(model), modules_to_save=mts), kind
 
@@ -118,7 +125,9 @@ def run_group(host, kind, k: int, args, cfg: TrainConfig, tag: int) -> float:
 
 def measure(name: str, args) -> list[dict]:
     device = torch.device(args.device)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and native_bf16(device))
+    bf16 = args.precision == "bf16" or (
+        args.precision == "auto" and device.type == "cuda" and native_bf16(device)
+    )
     dtype = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
     host, kind = load(name, args, dtype)
     args.current = name
@@ -149,6 +158,7 @@ def measure(name: str, args) -> list[dict]:
                 "model": name, "K": k, "clients_per_s": rate,
                 "speedup": rate / base if base else None, "device": args.device,
                 "precision": precision, "steps": args.steps, "reps": args.reps,
+                "dropout": not args.no_dropout,
                 "seconds": times[k],
             }
         )  # fmt: skip
@@ -166,6 +176,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--random-weights", action="store_true")
+    p.add_argument(
+        "--no-dropout",
+        action="store_true",
+        help="set the models' dropout to 0 (the cost of per-client dropout streams)",
+    )
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
     if args.threads:

@@ -305,3 +305,9 @@ def test_clients_training_different_modules():
     seq, par = both(host, specs, payloads, data)
     assert_same(seq, par)
     assert [len(u.adapter) for u in par] == [len(r) for r in ranks]
+
+
+def test_auto_width_is_one_off_accelerators():
+    from fedlora.engine.groups import auto_width
+
+    assert auto_width(llama_host().model, torch.device("cpu"), 4, 256) == 1
