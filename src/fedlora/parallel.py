@@ -606,6 +606,8 @@ class _Group:
     def _probe(self) -> None:
         """LoRA-A2's slots from each client's first-step gradient (`_a2_probe_slots`)."""
         live = [m for m in self.members if m.error is None]
+        if not live:
+            return
         micro = {m.k: [self._collated(m, idx) for idx in m.steps[0]] for m in live}
         for j in range(max(len(v) for v in micro.values())):
             parts = [(m, micro[m.k][j]) for m in live if j < len(micro[m.k])]
@@ -751,7 +753,10 @@ def train_clients_together(
         LOG.info("%d clients trained one by one: %s", len(items), problem)
         return None
     t0 = time.perf_counter()
-    _client_device(host, cfg, f"client {items[0][0].client_id}")
+    try:
+        _client_device(host, cfg, f"client {items[0][0].client_id}")
+    except FedLoraError as e:  # what each client would raise alone
+        return [e] * len(items)
     results: list[ClientUpdate | Exception | None] = [None] * len(items)
     members = []
     for k, item in enumerate(items):
