@@ -135,9 +135,8 @@ class TrainSection:
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # over a client's steps
     warmup_steps: int = 0  # linear warm-up steps at the start of each client's local training
     compile: bool = False  # torch.compile the training forward: pays off over long local runs
-    # clients of a round trained together in one forward/backward (fedlora.parallel); "auto":
-    # 1 on a CPU (measured: batching does not pay there), sized from free memory on CUDA
-    parallel_clients: int | Literal["auto"] = 1
+    # "auto": 1 on a CPU (measured: a group does not pay there), sized from free CUDA memory
+    parallel_clients: int | Literal["auto"] = 1  # clients trained together in one pass
 
 
 @dataclass
