@@ -19,7 +19,9 @@ the presets train in on a CPU). ``--random-weights`` builds both architectures w
 weights (the time does not depend on the weights; for a machine without the packaged models);
 without it a model that cannot be loaded falls back to random weights, with a note.
 ``--no-dropout`` sets MiniLM's dropout (0.1) to 0: with dropout a group applies every dropout
-per client, under the client's own RNG stream (K calls per dropout site instead of one). A K whose
+per client, under the client's own RNG stream (K calls per dropout site instead of one).
+``--check`` also trains 4 clients as a group and one by one and prints the largest factor and
+loss differences (the equivalence on this device and precision). A K whose
 group runs out of accelerator memory is reported as such and the larger ones are skipped.
 """
 
@@ -100,14 +102,36 @@ def examples(kind: str, vocab: int, n: int, length: int, seed: int) -> list[dict
     return [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
 
 
-def run_group(host, kind, k: int, args, cfg: TrainConfig, tag: int) -> float:
-    """Seconds to train k clients (one group, or one by one for k = 1)."""
+def group_items(host, kind, k: int, name: str, tag: int) -> list:
+    """k clients of heterogeneous ranks, each with one batch of its own random examples."""
     vocab = host.model.config.vocab_size
-    _k, bs, length = WORKLOADS[args.current]
+    _k, bs, length = WORKLOADS[name]
     items = []
     for i in range(k):
         spec = ClientSpec(str(i), {m: RANKS[i % len(RANKS)] for m in host.module_names()})
         items.append((spec, Payload(None, None, seed=tag), examples(kind, vocab, bs, length, i)))
+    return items
+
+
+def check(host, kind, args, cfg: TrainConfig) -> dict:
+    """A group of 4 against the same clients trained one by one: the largest factor and loss
+    differences (float rounding only; bf16 rounds more than fp32)."""
+    items = group_items(host, kind, 4, args.current, 99)
+    seq = [train_client(host, s, p, d, cfg, server_round=99) for s, p, d in items]
+    par = train_clients_together(host, items, cfg, server_round=99)
+    dif, size, loss = 0.0, 0.0, 0.0
+    for a, b in zip(seq, par or []):
+        for m, f in a.adapter.items():
+            g = b.adapter[m]
+            dif = max(dif, float((f.A - g.A).abs().max()), float((f.B - g.B).abs().max()))
+            size = max(size, float(f.B.abs().max()))
+        loss = max(loss, abs(a.extras["train_loss"] - b.extras["train_loss"]))
+    return {"model": args.current, "max_factor_diff": dif, "max_B": size, "max_loss_diff": loss}
+
+
+def run_group(host, kind, k: int, args, cfg: TrainConfig, tag: int) -> float:
+    """Seconds to train k clients (one group, or one by one for k = 1)."""
+    items = group_items(host, kind, k, args.current, tag)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -162,6 +186,8 @@ def measure(name: str, args) -> list[dict]:
                 "seconds": times[k],
             }
         )  # fmt: skip
+    if args.check:
+        rows.append(check(host, kind, args, cfg))
     del host
     return rows
 
@@ -177,6 +203,9 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--random-weights", action="store_true")
     p.add_argument(
+        "--check", action="store_true", help="also compare a group's updates with sequential ones"
+    )
+    p.add_argument(
         "--no-dropout",
         action="store_true",
         help="set the models' dropout to 0 (the cost of per-client dropout streams)",
@@ -191,11 +220,16 @@ def main() -> None:
     print("| model | device | precision | K | clients/s | vs K=1 |")
     print("|---|---|---|---:|---:|---:|")
     for r in rows:
+        if "max_factor_diff" in r:
+            continue
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         print(
             f"| {r['model']} | {r['device']} | {r['precision']} | {r['K']} | "
             f"{r['clients_per_s']:.3f} | {sp} |"
         )
+    for r in rows:
+        if "max_factor_diff" in r:
+            print(f"# check {r['model']}: group of 4 vs one by one: {json.dumps(r)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
