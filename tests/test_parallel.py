@@ -311,3 +311,19 @@ def test_auto_width_is_one_off_accelerators():
     from fedlora.engine.groups import auto_width
 
     assert auto_width(llama_host().model, torch.device("cpu"), 4, 256) == 1
+
+
+def test_dropout_streams_with_an_unpadded_client():
+    """A client whose batch has no padding: transformers gives its attention no mask, and
+    the group's per-client attention call does the same. (On CUDA the kernel, and with it the
+    dropout draws, depends on that; on a CPU both kernels draw alike, so here this checks
+    that the unpadded path stays exact.)"""
+    model = tiny_bert(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    host = LoraHost(model, default_target_modules(model), modules_to_save=["classifier"])
+    mods = host.module_names()
+    specs = [ClientSpec(str(i), {m: r for m in mods}) for i, r in enumerate(RANKS[:2])]
+    same = [{"input_ids": list(range(3 + i, 10 + i)), "label": i % 3} for i in range(4)]
+    data = [same, cls_data(6, 1)]
+    cfg = TrainConfig(local_steps=2, batch_size=4, lr=5e-3, seed=2)
+    payloads = [Payload(None, None, seed=5) for _ in specs]
+    assert_same(*both(host, specs, payloads, data, cfg))

@@ -284,6 +284,7 @@ class _Layout:
     rows: list[int]
     lengths: list[int]
     length: int
+    unpadded: list[bool] = field(default_factory=list)  # no padding in client k's own batch
     offsets: list[int] = field(default_factory=list)
     _gather: dict = field(default_factory=dict)
 
@@ -319,15 +320,12 @@ class _Layout:
 
 
 def _group_batch(
-    parts: list[tuple[_Member, dict[str, torch.Tensor]]], pad_id: int, avoid: set[int]
+    parts: list[tuple[_Member, dict[str, torch.Tensor]]], pad_id: int
 ) -> tuple[dict[str, torch.Tensor], _Layout]:
     """Concatenate the clients' collated micro-batches into one model input."""
     rows = [int(b["input_ids"].shape[0]) for _, b in parts]
     lengths = [int(b["input_ids"].shape[1]) for _, b in parts]
     length = max(lengths)
-    if length != min(lengths):  # a sequence length no model dimension has: see _ClientDropout
-        while length in avoid:
-            length += 1
     fill = {"input_ids": pad_id}
     inputs: dict[str, list[torch.Tensor]] = {}
     for _, b in parts:
@@ -336,7 +334,8 @@ def _group_batch(
                 v = F.pad(v, (0, length - v.shape[1]), value=fill.get(key, 0))
                 inputs.setdefault(key, []).append(v)
     batch = {k: torch.cat(v) for k, v in inputs.items()}
-    return batch, _Layout([m for m, _ in parts], rows, lengths, length)
+    unpadded = [bool(b["attention_mask"].all()) for _, b in parts]
+    return batch, _Layout([m for m, _ in parts], rows, lengths, length, unpadded)
 
 
 def _client_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -369,8 +368,9 @@ def has_dropout(model: nn.Module, lora_dropout: float) -> bool:
 class _ClientDropout(TorchFunctionMode):
     """Applies every dropout of the group's forward per client block, under the client's own
     RNG stream, on its real rows cropped to its own sequence length: the masks sequential
-    training draws. Sequence dimensions are the ones of the group's length, which
-    `_group_batch` keeps distinct from every model dimension."""
+    training draws. Sequence dimensions: dimension 1 of (batch, tokens, features) tensors,
+    dimensions 2 and 3 of (batch, heads, tokens, tokens) attention probabilities, when they
+    have the group's length (a 2-d (batch, features) tensor has none)."""
 
     def __init__(self, group: _Group) -> None:
         super().__init__()
@@ -393,8 +393,9 @@ class _ClientDropout(TorchFunctionMode):
         pieces = []
         for k, mem in enumerate(lay.members):
             real = x[lay.real(k)]
+            seq = {3: (1,), 4: (2, 3)}.get(real.dim(), ())
             crop = tuple(
-                slice(0, lay.lengths[k]) if d > 0 and n == lay.length else slice(None)
+                slice(0, lay.lengths[k]) if d in seq and n == lay.length else slice(None)
                 for d, n in enumerate(real.shape)
             )
             with mem.rng.active():
@@ -414,7 +415,9 @@ class _ClientDropout(TorchFunctionMode):
         for k, mem in enumerate(lay.members):
             rows, t = lay.real(k), lay.lengths[k]
             m = None
-            if mask is not None:
+            # an unpadded bidirectional batch: transformers passes no mask (the kernel it
+            # picks then, and so its dropout draws, depend on that)
+            if mask is not None and not (lay.unpadded[k] and not kw.get("is_causal")):
                 m = (mask[rows] if mask.shape[0] > 1 else mask)[..., :t, :t]
             with mem.rng.active():
                 out = func(q[rows, :, :t], k_[rows, :, :t], v[rows, :, :t], attn_mask=m, **kw)
@@ -444,9 +447,6 @@ class _Group:
         self.layout: _Layout | None = None
         self.lora_p = host.adapters.lora_dropout
         self.dropout = has_dropout(self.model, self.lora_p)
-        self.avoid = (
-            {n for p in self.model.parameters() for n in p.shape} if self.dropout else set()
-        )
         self._in_dense = False
 
     # hooks
@@ -588,7 +588,7 @@ class _Group:
 
     def _forward(self, parts: list[tuple[_Member, dict[str, torch.Tensor]]]) -> list:
         """One forward of the group batch; each part's loss on its own rows."""
-        batch, lay = _group_batch(parts, self.pad_id, self.avoid if self.dropout else set())
+        batch, lay = _group_batch(parts, self.pad_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         self.layout = lay
         mode = _ClientDropout(self) if self.dropout else contextlib.nullcontext()
