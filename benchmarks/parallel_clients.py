@@ -90,6 +90,9 @@ def load(name: str, args, dtype: torch.dtype):
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
+        for key, v in list(vars(model.config).items()):
+            if "dropout" in key and isinstance(v, float):
+                setattr(model.config, key, 0.0)
     mts = default_modules_to_save(model, kind)
     return LoraHost(model, default_target_modules(model), modules_to_save=mts), kind
 
