@@ -8,9 +8,9 @@ a streaming aggregation holds at most one group's updates. A group that cannot b
 (local DP-SGD, ``train.compile``, ...) trains one by one, with a log line.
 
 `tokenized` is what `Federation.client_data` caches: a client's examples as model inputs
-(token ids and labels as Python int lists), a few hundred bytes per example for the presets
-(``lora_a2_paper``: 600 examples of <= 64 tokens, well under 1 MB for every client together),
-so rounds after the first skip tokenization.
+(token ids and labels as Python int lists), about 50 bytes per token (measured: 0.84 MB for
+``lora_a2_paper``'s 506 training examples, 16k tokens; 0.11 MB for ``tiny``'s 96), so rounds
+after the first skip tokenization.
 """
 
 from __future__ import annotations
