@@ -327,3 +327,16 @@ def test_dropout_streams_with_an_unpadded_client():
     cfg = TrainConfig(local_steps=2, batch_size=4, lr=5e-3, seed=2)
     payloads = [Payload(None, None, seed=5) for _ in specs]
     assert_same(*both(host, specs, payloads, data, cfg))
+
+
+def test_engine_local_dp_falls_back_to_one_by_one(tmp_path, caplog):
+    """Local DP-SGD cannot be grouped: the engine trains those clients one by one (logged)
+    and the run is the sequential one exactly."""
+    from fedlora.engine import deterministic, run_experiment
+
+    dp = {"privacy.mode": "local", "privacy.noise_multiplier": 1.0, "rounds": 1}
+    seq = run_experiment(engine_cfg(tmp_path / "a", 1, **dp), progress=False, save_final=False)
+    with caplog.at_level(logging.INFO, logger="fedlora.parallel"):
+        par = run_experiment(engine_cfg(tmp_path / "b", 3, **dp), progress=False, save_final=False)
+    assert "DP-SGD" in caplog.text
+    assert [deterministic(r) for r in par.rows] == [deterministic(r) for r in seq.rows]
