@@ -743,7 +743,8 @@ def train_clients_together(
     Returns, in the order of `items`, each client's `ClientUpdate` (what
     `fedlora.client.train_client` returns for it, up to float rounding) or the exception that
     dropped it; None when the group cannot be batched (`group_problem`, logged): then train
-    the clients one by one.
+    the clients one by one. A client's ``train_seconds`` extra is the group's wall time (the
+    clients share it); memory holds the whole group's activations at once.
     """
     cfg = cfg or TrainConfig()
     if not items:
