@@ -102,7 +102,7 @@ def test_user_server_and_client_apps_train_with_a_fedlora_strategy(user_app, tmp
         "site-0": {2},
         "site-1": {4},
     }
-    assert [sorted(r["used"]) for r in result["rounds"]] == [["site-0", "site-1"]] * 2
+    assert [sorted(r["used_clients"]) for r in result["rounds"]] == [["site-0", "site-1"]] * 2
     assert all(not r["dropped"] for r in result["rounds"])
     norms = result["global_delta_fro"]
     assert len(norms) == 4 and all(v > 0 for v in norms.values())  # q_proj, v_proj x 2 layers
@@ -140,5 +140,5 @@ def test_example_app_runs_on_the_local_simulation(tmp_path):
     assert proc.returncode == 0 and (out / "result.json").exists(), text[-5000:]
     result = json.loads((out / "result.json").read_text())
     assert sorted(result["nodes"]) == ["site-0", "site-1"]
-    assert [sorted(r["used"]) for r in result["rounds"]] == [["site-0", "site-1"]] * 2
+    assert [sorted(r["used_clients"]) for r in result["rounds"]] == [["site-0", "site-1"]] * 2
     assert all(v > 0 for v in result["global_delta_fro"].values())

@@ -462,7 +462,7 @@ class RunTracker(_Trackers):
     def _save(self) -> None:
         if not self.state["backends"]:
             return
-        from fedlora.engine.checkpoint import atomic_write_text
+        from fedlora.federation.checkpoint import atomic_write_text
 
         try:
             atomic_write_text(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1) + "\n")
@@ -550,7 +550,7 @@ class CompareTracker(_Trackers):
         if got is not None:
             self.state["backends"]["mlflow"] = got
             self.parent.mlflow_uri, self.parent.mlflow_run_id = got["tracking_uri"], got["run_id"]
-            from fedlora.engine.checkpoint import atomic_write_text
+            from fedlora.federation.checkpoint import atomic_write_text
 
             atomic_write_text(path, json.dumps(self.state, indent=1) + "\n")
 
