@@ -107,17 +107,45 @@ def run_steps(
         losses.append(_accumulate(model, micro, amp, scaler, who, len(losses) + 1))
         if penalty is not None:
             pen = penalty()
-            if not torch.isfinite(pen):
-                raise FedLoraError(f"{who}: the HetLoRA penalty became {float(pen)}")
+            check_penalty(pen, who)
             scaler.scale(penalty_weight * pen).backward()
             penalties.append(float(pen.detach()))
-        if grad_clip:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
+        optimizer_step(opt, scaler, sched, params, grad_clip)
     return losses, penalties
+
+
+def check_loss(loss: torch.Tensor, who: str, step: int) -> None:
+    """A non-finite loss stops the client (it is dropped for the round, not the run)."""
+    if not torch.isfinite(loss):
+        raise FedLoraError(f"{who}: loss became {float(loss)} at step {step}; lower TrainConfig.lr")
+
+
+def check_penalty(pen: torch.Tensor, who: str) -> None:
+    if not torch.isfinite(pen):
+        raise FedLoraError(f"{who}: the HetLoRA penalty became {float(pen)}")
+
+
+def micro_weight(loss: torch.Tensor, n: int, total: int, count: int) -> torch.Tensor:
+    """A micro-batch's mean loss weighted by its share of the step's `total` targets (one of
+    `count` micro-batches; a single micro-batch is left unscaled)."""
+    return loss if count == 1 else loss * (n / total)
+
+
+def optimizer_step(
+    opt: torch.optim.Optimizer,
+    scaler: Any,
+    sched: Any,
+    params: Sequence[torch.nn.Parameter],
+    grad_clip: float | None,
+) -> None:
+    """Everything after the gradients of one step: unscale (fp16), clip the global norm of
+    `params`, step (skipped by the scaler on an fp16 overflow), and advance the schedule."""
+    if grad_clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
 
 
 def _accumulate(
@@ -132,11 +160,8 @@ def _accumulate(
             continue  # no targets: contributes nothing (its mean loss would be 0/0)
         with amp.autocast():
             loss = model(**batch).loss
-        if not torch.isfinite(loss):
-            raise FedLoraError(
-                f"{who}: loss became {float(loss)} at step {step}; lower TrainConfig.lr"
-            )
-        weighted = loss if len(micro) == 1 else loss * (n / total)
+        check_loss(loss, who, step)
+        weighted = micro_weight(loss, n, total, len(micro))
         scaler.scale(weighted).backward()
         loss_sum += float(weighted.detach())
     return loss_sum

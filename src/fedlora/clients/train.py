@@ -9,7 +9,7 @@ implements the client sides of the strategies:
 * ``payload.extras["budget"]`` (LoRA-A2): the client uploads only its most important slots
   (`fedlora.strategies.lora_a2.select_slots` / `masked_upload`) with ``extras["slots"]``. With
   ``extras["masked_training"]`` it picks them before training, from the first step's
-  gradient, and trains only those slots (`_a2_probe_slots`, `_SlotMask`); otherwise it trains
+  gradient, and trains only those slots (`_a2_probe_slots`, `SlotMask`); otherwise it trains
   every slot and picks from the whole local change.
 * Dense modules of the host (``modules_to_save``, a classifier head) are trained with A's
   learning rate and returned in ``ClientUpdate.dense``.
@@ -225,12 +225,18 @@ def _client_device(host: LoraHost, cfg: TrainConfig, who: str) -> torch.device:
 
 
 def _optimizer(host: LoraHost, cfg: TrainConfig, who: str, payload: Payload):
-    """AdamW over the active adapter's trainable factors (B at ``lr * b_lr_multiplier``) and
-    the dense modules (a classifier head, at ``lr``)."""
+    """AdamW over the active adapter's trainable factors and the dense modules."""
     a_params, b_params = host.trainable_parameters()
+    return build_optimizer(a_params, b_params, host.dense_parameters(), cfg, who, payload)
+
+
+def build_optimizer(
+    a_params: list, b_params: list, dense: list, cfg: TrainConfig, who: str, payload: Payload
+) -> tuple[torch.optim.AdamW, list]:
+    """AdamW over trainable factors (B at ``lr * b_lr_multiplier``) and dense parameters (a
+    classifier head, at ``lr``); returns it with every parameter it trains (for clipping)."""
     if not a_params and not b_params:
         raise FedLoraError(f"{who}: nothing to train (trainable={sorted(payload.trainable)})")
-    dense = host.dense_parameters()
     groups = []
     if a_params or dense:
         groups.append({"params": a_params + dense, "lr": cfg.lr})
@@ -308,13 +314,13 @@ def train_client(
     def penalty() -> torch.Tensor:
         return sum(self_pruning_penalty(a, b, gamma, s) for a, b, s in lora.values())
 
-    seed = module_seed(_seed_base(cfg, privacy), f"client/{spec.client_id}", server_round)
+    seed = client_seed(cfg, spec, server_round, privacy)
     was_training = model.training
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        steps = _steps(list(_batches(len(data), cfg, gen)), cfg.grad_accum_steps)
+        steps = plan_steps(len(data), cfg, gen)
         batches = (  # collated and moved to the device one step at a time
             [_to(collate([data[i] for i in idx], pad_id), device) for idx in micro]
             for micro in steps
@@ -325,7 +331,7 @@ def train_client(
         if budget is not None and payload.extras.get("masked_training"):
             first = [_to(collate([data[i] for i in idx], pad_id), device) for idx in steps[0]]
             slots = _a2_probe_slots(host, model, first, amp, payload, int(budget))
-            mask = _SlotMask(host, slots, payload.trainable, opt)
+            mask = SlotMask(host.lora_weights(), slots, payload.trainable, opt)
         dp_extras: dict[str, float] = {}
         try:
             if privacy is not None:  # DP-SGD runs its own loop (Poisson batches)
@@ -355,11 +361,57 @@ def train_client(
             model.train(was_training)
             opt.zero_grad(set_to_none=True)
 
-    adapter, extras = _client_side(payload, before, host.read_adapter(), gamma, penalties, slots)
-    # under local DP a client's raw losses are not released (they are not privatised)
+    trained = TrainedState(host.read_adapter(), host.read_dense(), losses, penalties, slots)
+    return make_update(spec, payload, before, trained, len(data), dp_extras, t0, privacy)
+
+
+def client_seed(
+    cfg: TrainConfig, spec: ClientSpec, server_round: int, privacy: Any = None
+) -> int:
+    """The seed of a client's round: its batch order, its dropout stream and under local DP
+    its DP-SGD noise (from `_seed_base`)."""
+    return module_seed(_seed_base(cfg, privacy), f"client/{spec.client_id}", server_round)
+
+
+def plan_steps(n: int, cfg: TrainConfig, gen: torch.Generator) -> list[list[list[int]]]:
+    """A client's optimizer steps as lists of index micro-batches, drawn from `gen`."""
+    return _steps(list(_batches(n, cfg, gen)), cfg.grad_accum_steps)
+
+
+@dataclass
+class TrainedState:
+    """What local training leaves behind: the trained factors and dense tensors (CPU
+    float32), per-step losses and HetLoRA penalties, LoRA-A2 slots picked before training."""
+
+    adapter: dict[str, LoraFactors]
+    dense: dict[str, torch.Tensor]
+    losses: list[float]
+    penalties: list[float]
+    slots: dict[str, torch.Tensor] | None = None
+
+
+def make_update(
+    spec: ClientSpec,
+    payload: Payload,
+    before: Any,
+    trained: TrainedState,
+    num_examples: int,
+    dp_extras: dict[str, float],
+    t0: float,
+    privacy: Any = None,
+) -> ClientUpdate:
+    """The `ClientUpdate` of a trained client: the strategies' client-side post-processing
+    (`_client_side`) and the training extras (losses, steps, seconds since `t0`; under local
+    DP no raw loss: it is not privatised)."""
+    het = payload.extras.get("hetlora")
+    gamma = float(het.get("gamma", 1.0)) if het else 1.0
+    losses = trained.losses
+    adapter, extras = _client_side(
+        payload, before, trained.adapter, gamma, trained.penalties, trained.slots
+    )
     losses_out = _loss_extras(losses) if privacy is None else {"steps": float(len(losses))}
     extras.update(dp_extras, **losses_out, train_seconds=time.perf_counter() - t0)
-    return ClientUpdate(spec.client_id, adapter, len(data), extras, host.read_dense())
+    return ClientUpdate(spec.client_id, adapter, num_examples, extras, trained.dense)
 
 
 def _seed_base(cfg: TrainConfig, privacy: Any) -> int:
@@ -473,6 +525,17 @@ def _a2_probe_slots(
         with amp.autocast():
             loss = model(**batch).loss
         (loss / len(micro)).backward()
+    slots = slots_from_grads(weights, payload.trainable, budget)
+    for p in model.parameters():
+        p.grad = None
+    return slots
+
+
+def slots_from_grads(
+    weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]], trainable, budget: int
+) -> dict[str, torch.Tensor]:
+    """`select_slots` on the first-order change ``-grad`` of the factors in `weights` (module
+    -> (A, B, scale), their ``.grad`` holding the probe step's gradient)."""
     before, after = {}, {}
     with torch.no_grad():
         for m, (a, b, s) in weights.items():
@@ -481,28 +544,39 @@ def _a2_probe_slots(
             dB = -b.grad.float().cpu() if b.grad is not None else torch.zeros_like(B)
             before[m] = LoraFactors(A, B, s)
             after[m] = LoraFactors(A + dA, B + dB, s)
-    for p in model.parameters():
-        p.grad = None
-    return select_slots(before, after, payload.trainable, budget)
+    return select_slots(before, after, trainable, budget)
 
 
-class _SlotMask:
+class SlotMask:
     """Keeps every unselected LoRA-A2 slot of the trained factor fixed: a gradient hook zeroes
     its gradient (so clipping and Adam never see it) and an optimizer post-step hook restores
-    its value (weight decay would move it)."""
+    its value (weight decay would move it).
 
-    def __init__(self, host: LoraHost, slots, trainable, opt: torch.optim.Optimizer) -> None:
+    ``weights``: module -> (A, B, scale) being trained. ``hook=False`` (factors that are views
+    outside autograd, `fedlora.clients.parallel`): the caller calls `mask_grads` before clipping.
+    """
+
+    def __init__(
+        self, weights, slots, trainable, opt: torch.optim.Optimizer, hook: bool = True
+    ) -> None:
         self.items = []
         self.handles = []
-        for m, (a, b, _s) in host.lora_weights().items():
+        for m, (a, b, _s) in weights.items():
             p, dim = (b, 1) if "B" in trainable else (a, 0)
             keep = torch.zeros(p.shape[dim], dtype=torch.bool, device=p.device)
             if m in slots:
                 keep[slots[m].to(p.device)] = True
             frozen = (~keep).view((1, -1) if dim == 1 else (-1, 1)).expand_as(p)
             self.items.append((p, frozen, p.detach().clone()))
-            self.handles.append(p.register_hook(lambda g, f=frozen: g.masked_fill(f, 0.0)))
+            if hook:
+                self.handles.append(p.register_hook(lambda g, f=frozen: g.masked_fill(f, 0.0)))
         self.handles.append(opt.register_step_post_hook(lambda *_: self.restore()))
+
+    def mask_grads(self) -> None:
+        """Zero the gradient of every unselected slot (in place)."""
+        for p, frozen, _orig in self.items:
+            if p.grad is not None:
+                p.grad.masked_fill_(frozen, 0.0)
 
     def restore(self) -> None:
         with torch.no_grad():

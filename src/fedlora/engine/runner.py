@@ -6,9 +6,10 @@ the round's own steps being the federation core's (`fedlora.federation.rounds`),
 Flower engine calls too:
 
 1. `rounds.sample`: draw the round's clients (seeded, without replacement);
-2. `train_clients`: configure each client's payload (`rounds.configure`) and train it on the
-   single `LoraHost` (peft wrappers cached per rank configuration) when the aggregation asks
-   for its update, as a stream of `rounds.Reply`;
+2. `fedlora.engine.training.train_clients`: configure each client's payload
+   (`rounds.configure`) and train it on the single `LoraHost` (peft wrappers cached per rank
+   configuration; ``train.parallel_clients`` clients at once) when the aggregation asks for
+   its update, as a stream of `rounds.Reply`;
 3. `rounds.close_round`: check each reply, screen the norms, aggregate, account privacy and
    write the round row;
 4. `Federation.evaluate_global` on schedule; 5. `checkpoint`; 6. `report_round`.
@@ -40,7 +41,7 @@ import logging
 import os
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,8 @@ from typing import Any
 import numpy as np
 
 from fedlora.clients.device import precision_name
-from fedlora.core.contract import ClientSpec, ClientUpdate, FedLoraError, Strategy
-from fedlora.core.privacy import LocalDP
+from fedlora.core.contract import ClientSpec, ClientUpdate, Strategy
+from fedlora.engine.training import train_clients
 from fedlora.federation import rounds
 from fedlora.federation.build import Federation, build_federation, set_threads
 from fedlora.federation.checkpoint import (
@@ -106,51 +107,6 @@ class RunStopped(RuntimeError):  # noqa: N818 - a control-flow signal, not an er
 
 
 # -- the engine's own steps --------------------------------------------------------------------
-
-
-def train_clients(
-    fed: Federation,
-    rnd: int,
-    chosen: Sequence[int],
-    tally: rounds.RoundTally,
-    on_update: OnUpdate | None,
-    cbar,
-) -> Iterator[rounds.Reply]:
-    """Step 2: each chosen client is configured and trained when the round's close asks for
-    its reply (a streaming strategy holds one update at a time). A client that raises (a
-    non-finite loss included) answers with the error, and is dropped by the close."""
-    server = fed.server
-    for c in chosen:
-        spec = fed.specs[c]
-        payload = rounds.configure(server, rnd, spec, tally)
-        if payload is None:
-            continue
-        tc = time.perf_counter()
-        try:
-            update = fed.clients.train(c, payload, rnd, _local_dp(fed))
-            if on_update is not None:  # fault injection (tests)
-                replaced = on_update(rnd, spec, update)
-                update = replaced if isinstance(replaced, ClientUpdate) else update
-            reply = rounds.Reply(spec, payload, update)
-        except Exception as e:  # noqa: BLE001 - a failing client is dropped, not the run
-            if server.fatal_drops and not isinstance(e, FedLoraError):
-                raise
-            LOG.debug("round %d: client %s failed", rnd, spec.client_id, exc_info=True)
-            reason = str(e) if isinstance(e, FedLoraError) else f"{type(e).__name__}: {e}"
-            reply = rounds.Reply(spec, payload, None, reason)
-        tally.t_train += time.perf_counter() - tc
-        if cbar is not None:
-            cbar.update(1)
-        yield reply
-
-
-def _local_dp(fed: Federation):
-    """The simulated clients' DP-SGD options in local privacy mode (their own secret), else
-    None."""
-    ledger = fed.ledger
-    if ledger is None or ledger.mode != "local":
-        return None
-    return LocalDP(ledger.clip_norm, ledger.noise_multiplier, fed.clients.secret, ledger.seeded)
 
 
 def checkpoint(fed: Federation, run_dir: Path, rnd: int, sampler, rows, totals) -> None:

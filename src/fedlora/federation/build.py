@@ -376,20 +376,30 @@ class Clients:
     labels: Any
     # the simulated clients' own secret (local DP-SGD noise and batches; never the server's)
     secret: int = 0
+    # client -> its tokenized training examples, kept across rounds (`client_data`)
+    data_cache: dict[int, list[Any]] = field(default_factory=dict, repr=False)
 
     @property
     def train_clients(self) -> list[int]:
         return self.split.training_clients
 
     def client_data(self, c: int) -> list[Any]:
-        """Client `c`'s training examples (encoded for a classifier)."""
+        """Client `c`'s training examples as model inputs, tokenized once and kept for later
+        rounds (``data_cache``: about 50 bytes per token, 0.84 MB for ``lora_a2_paper``)."""
+        if c not in self.data_cache:
+            self.data_cache[c] = self._tokenized(c)
+        return self.data_cache[c]
+
+    def _tokenized(self, c: int) -> list[dict[str, Any]]:
+        from fedlora.clients.train import _features
         from fedlora.data import encode_classification
 
         ex = [self.examples[i] for i in self.split.train[c]]
+        max_length = self.cfg.train.max_length
         if self.label_to_id is None:
-            return ex
+            return _features(ex, self.tokenizer, max_length, f"client {self.specs[c].client_id}")
         return [
-            encode_classification(self.tokenizer, e, self.label_to_id, self.cfg.train.max_length)
+            encode_classification(self.tokenizer, e, self.label_to_id, max_length)
             for e in ex
             if e.label is not None
         ]

@@ -137,6 +137,8 @@ class TrainSection:
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # over a client's steps
     warmup_steps: int = 0  # linear warm-up steps at the start of each client's local training
     compile: bool = False  # torch.compile the training forward: pays off over long local runs
+    # "auto": 1 on a CPU (measured: a group does not pay there), sized from free CUDA memory
+    parallel_clients: int | Literal["auto"] = 1  # clients trained together in one pass
 
 
 @dataclass
@@ -810,6 +812,10 @@ def _train_problems(cfg: ExperimentConfig, p: _Problems) -> None:
         t.grad_accum_steps >= 1, f"train.grad_accum_steps = {t.grad_accum_steps}: must be >= 1"
     )
     p.need(t.warmup_steps >= 0, f"train.warmup_steps = {t.warmup_steps}: must be >= 0")
+    p.need(
+        t.parallel_clients == "auto" or t.parallel_clients >= 1,
+        f"train.parallel_clients = {t.parallel_clients!r}: must be an integer >= 1 or 'auto'",
+    )
     if t.epochs is None:
         p.need(
             t.warmup_steps < t.local_steps or t.warmup_steps == 0,

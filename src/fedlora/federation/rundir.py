@@ -66,7 +66,9 @@ def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, run_dir: Path)
     """The checkpoint in `run_dir` was written by this configuration (`rounds` may grow)."""
     saved = from_dict(state["config"])
     # trackers may be added or changed on resume: they do not change the run
-    changed = diff(saved, cfg, ignore=("output_dir", "threads", "rounds", "tracking"))
+    # and parallel_clients is how clients share the hardware, not what they compute
+    ignore = ("output_dir", "threads", "rounds", "tracking", "train.parallel_clients")
+    changed = diff(saved, cfg, ignore=ignore)
     if cfg.rounds < int(state["round"]):
         raise ConfigError(
             f"rounds = {cfg.rounds}: the checkpoint in {run_dir} is already at round "

@@ -105,6 +105,8 @@ class ExperimentBackend:
         self.cfg = cfg  # only its `backend_key` parts are this backend's: see get_backend
         set_threads(cfg.threads)
         self.clients = build_clients(cfg)  # this node's device (train.device "auto": its GPU)
+        if cfg.train.parallel_clients != 1:  # docs/flower.md: a node trains one client a call
+            LOG.info("train.parallel_clients: ignored by the Flower apps (one client per call)")
         self.lock = threading.Lock()
         self.load_seconds = time.perf_counter() - t0
         LOG.info(
