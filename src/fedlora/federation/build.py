@@ -23,7 +23,7 @@ from fedlora.clients.tiny import TINY_MODELS, build_tiny
 from fedlora.core.contract import ClientSpec, ClientUpdate, Payload, Strategy
 from fedlora.core.privacy import PrivacyLedger, attach_central
 from fedlora.core.privacy import plan as privacy_plan
-from fedlora.core.robust import NormBound
+from fedlora.core.robust import NormBound, WeightBound
 from fedlora.federation.config import ConfigError, ExperimentConfig, to_dict
 from fedlora.federation.rounds import Server
 
@@ -476,9 +476,11 @@ def build_server(
             "clients train; lower clients_per_round"
         )
     ledger = build_privacy(cfg, specs, train_clients)
+    registered = {specs[c].client_id: specs[c].num_examples or 1 for c in train_clients}
     return Server(
         strategy=build_strategy(cfg, shapes, specs, ledger),
         bound=norm_bound(cfg),
+        weights=WeightBound(cfg.robust.max_weight_ratio, registered),
         ledger=ledger,
         fatal_drops=cfg.robust.fatal_drops,
         full_ft=full_ft_nbytes(shapes),

@@ -160,6 +160,10 @@ class RobustConfig:
 
     max_update_norm: float | None = None  # absolute bound on a client's contribution norm
     max_norm_ratio: float = 20.0  # bound: this x the others' median norm in the round; 0: off
+    # a client without round-mates, before any accepted round: this absolute bound; 0: none
+    fallback_max_norm: float = 100.0
+    # a client whose count the server does not know weighs at most this x the median count
+    max_weight_ratio: float = 4.0
     action: Literal["reject", "clip"] = "reject"  # an update over a bound: drop it, or clip it
     fatal_drops: bool = False  # stop the run at the first dropped client (debugging)
 
@@ -167,7 +171,12 @@ class RobustConfig:
         """These bounds as the `fedlora.core.robust.NormBound` both engines screen with."""
         from fedlora.core.robust import NormBound
 
-        return NormBound(self.max_update_norm, self.max_norm_ratio or None, self.action)
+        return NormBound(
+            self.max_update_norm,
+            self.max_norm_ratio or None,
+            self.action,
+            self.fallback_max_norm or None,
+        )
 
 
 @dataclass
@@ -795,6 +804,14 @@ def _robust_problems(cfg: ExperimentConfig, p: _Problems) -> None:
         rb.max_norm_ratio >= 0 and math.isfinite(rb.max_norm_ratio),
         f"robust.max_norm_ratio = {rb.max_norm_ratio}: must be a number >= 0 (0: no relative "
         "bound)",
+    )
+    p.need(
+        rb.fallback_max_norm >= 0 and math.isfinite(rb.fallback_max_norm),
+        f"robust.fallback_max_norm = {rb.fallback_max_norm}: must be a number >= 0 (0: none)",
+    )
+    p.need(
+        rb.max_weight_ratio >= 1 and math.isfinite(rb.max_weight_ratio),
+        f"robust.max_weight_ratio = {rb.max_weight_ratio}: must be a number >= 1",
     )
 
 
