@@ -129,7 +129,13 @@ def _logging(args: argparse.Namespace) -> None:
 
 
 def _run_one(
-    cfg, *, resume: bool, progress: bool, overwrite: bool = False, label: str | None = None
+    cfg,
+    *,
+    resume: bool,
+    progress: bool,
+    overwrite: bool = False,
+    label: str | None = None,
+    allow_nonempty: bool = False,
 ) -> dict[str, Any]:
     """Run `cfg`, write extras and plots, return the loaded run."""
     import json
@@ -137,7 +143,9 @@ def _run_one(
     from fedlora.cli import report
     from fedlora.engine import run_experiment
 
-    result = run_experiment(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    result = run_experiment(
+        cfg, resume=resume, overwrite=overwrite, progress=progress, allow_nonempty=allow_nonempty
+    )
     report.write_run_extras(
         result.run_dir, result.strategy.global_delta(), result.specs, result.partition
     )
@@ -154,11 +162,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedlora.federation.config import load_config
 
     if args.resume:
-        cfg = load_config(str(Path(args.resume) / "config.toml"), _overrides(args))
+        given = [f for f, v in (("--preset", args.preset), ("--config", args.config)) if v]
+        if given:
+            raise FedLoraError(
+                f"--resume {args.resume} continues that run with its own config.toml; "
+                f"{' and '.join(given)} would be ignored: leave it out (or start a new run in "
+                "another --output-dir)"
+            )
+        saved = Path(args.resume) / "config.toml"
+        if not saved.is_file():
+            raise FedLoraError(f"--resume {args.resume}: no run there ({saved} does not exist)")
+        cfg = load_config(str(saved), _overrides(args))
         cfg.output_dir = str(args.resume)
     else:
         cfg = _load_config(args)
-    run = _run_one(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet)
+    run = _run_one(
+        cfg,
+        resume=bool(args.resume),
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        allow_nonempty=args.allow_nonempty,
+    )
     print(report.format_table(report.summary_rows([run])))
     summary = run["summary"] or {}
     drops = sum(len(v) for v in (summary.get("dropped") or {}).values())
@@ -338,8 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the run already in the output directory (its metrics, checkpoint, "
-        "plots); without it such a directory is refused",
+        help="replace the run already in the output directory (only the files fedlora wrote "
+        "there, listed in its .fedlora-run.json); without it such a directory is refused",
+    )
+    run.add_argument(
+        "--allow-nonempty",
+        action="store_true",
+        help="write the run into an existing non-empty folder that is not a run directory "
+        "(refused anyway if it holds a file of a name the run writes)",
     )
     common(run)
     _add_config_options(run)

@@ -67,6 +67,7 @@ from fedlora.federation.checkpoint import (
     set_rng_state,
 )
 from fedlora.federation.config import ExperimentConfig, dumps_toml, to_dict, validate_config
+from fedlora.federation.runfiles import OUTPUT_NAMES, claim, hold, resume_rows, rows_record
 
 LOG = logging.getLogger("fedlora.engine")
 EVAL_SETS = ("seen_clients", "unseen_clients", "unseen_tasks")
@@ -156,7 +157,8 @@ def checkpoint(fed: Federation, run_dir: Path, rnd: int, sampler, rows, totals) 
             "round": rnd,
             "strategy": fed.strategy.state_dict(),
             "rng": rng_state(sampler=sampler),
-            "rows": rows,
+            "rows": rows_record(rows),  # the rows are in metrics.jsonl: a flat checkpoint
+            "server": rounds.server_state(fed.server),
             "totals": totals,
             "config": to_dict(fed.cfg),
             "privacy": fed.ledger.state_dict() if fed.ledger is not None else {},
@@ -207,8 +209,8 @@ class _Run:
 def _open(cfg: ExperimentConfig, resume: bool, overwrite: bool, log) -> _Run:
     """Check the run directory, build the federation and restore a checkpoint (``resume``)."""
     run_dir = Path(cfg.output_dir)
-    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    removed = remove_stale_temp(run_dir)
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # locked by run_experiment
+    removed = remove_stale_temp(run_dir, OUTPUT_NAMES)
     if removed:
         log.info("removed %d temporary file(s) a killed run left in %s", len(removed), run_dir)
     state = load_checkpoint(run_dir) if resume else None
@@ -223,7 +225,8 @@ def _open(cfg: ExperimentConfig, resume: bool, overwrite: bool, log) -> _Run:
     if state is not None:
         fed.strategy.load_state_dict(state["strategy"])
         set_rng_state(state["rng"], sampler=run.sampler)
-        run.rows = list(state["rows"])
+        rounds.load_server_state(fed.server, state.get("server", {}))
+        run.rows = resume_rows(run_dir / "metrics.jsonl", state["rows"])
         run.totals = dict(state["totals"])
         if fed.ledger is not None:
             fed.ledger.load_state_dict(state.get("privacy", {}))
@@ -231,7 +234,7 @@ def _open(cfg: ExperimentConfig, resume: bool, overwrite: bool, log) -> _Run:
         log.info("resuming %s after round %d", run_dir, state["round"])
     elif overwrite:
         clear_run_dir(run_dir, log)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim(run_dir, *OUTPUT_NAMES)  # what a run (and `fedlora run`'s report) writes here
     atomic_write_text(run_dir / "config.toml", dumps_toml(cfg))
     run.metrics = Jsonl(run_dir / "metrics.jsonl", run.rows)
     run.per_example = Jsonl(
@@ -312,6 +315,7 @@ def run_experiment(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    allow_nonempty: bool = False,
     progress: bool = True,
     log: logging.Logger | None = None,
     on_update: OnUpdate | None = None,
@@ -332,13 +336,18 @@ def run_experiment(
     """
     log = log or LOG
     validate_config(cfg)
-    run = _open(cfg, resume, overwrite, log)
-    fed = run.fed
-    result = RunResult(
-        run.run_dir, cfg, run.rows, {}, fed.strategy, fed.specs, fed.clients.partition_summary()
+    # the run directory, locked until the run ends, however it ends
+    lock = hold(
+        Path(cfg.output_dir), resume=resume, overwrite=overwrite, allow_nonempty=allow_nonempty
     )
-    bar = _bar(progress, cfg.rounds, run.start)
+    bar = None
     try:
+        run = _open(cfg, resume, overwrite, log)
+        fed = run.fed
+        result = RunResult(
+            run.run_dir, cfg, run.rows, {}, fed.strategy, fed.specs, fed.clients.partition_summary()
+        )
+        bar = _bar(progress, cfg.rounds, run.start)
         for rnd in range(run.start, cfg.rounds + 1):
             row, eval_rows = _round(run, rnd, on_update, progress, profile_memory)
             for r in (row, *eval_rows):
@@ -348,10 +357,11 @@ def run_experiment(
             report_round(log, cfg, row, eval_rows, bar)
             if on_round_end is not None:
                 on_round_end(rnd, result)
+        _finish(run, result, save_final)
     finally:
         if bar is not None:
             bar.close()
-    _finish(run, result, save_final)
+        lock.release()
     return result
 
 
