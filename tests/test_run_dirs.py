@@ -272,3 +272,99 @@ def test_the_checkpoint_size_is_flat_in_rounds(tmp_path):
     run_experiment(cfg, progress=False, on_round_end=size, save_final=False)
     late, early = [sizes[r] for r in range(100, 201)], [sizes[r] for r in range(11, 21)]
     assert max(late) - min(early) <= 100, (min(early), max(late))
+
+
+# -- every remaining bad input is one line (issue 18, item 6) ---------------------------------
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, finished):
+    t = tmp_path
+    (t / "self.toml").write_text('extends = "self.toml"\nrounds = 2\n')
+    (t / "a.toml").write_text('extends = "b.toml"\n')
+    (t / "b.toml").write_text('extends = "a.toml"\n')
+    (t / "latin.toml").write_bytes(b'name = "\xe9t\xe9"\n')
+    (t / "two.toml").write_text('extends = "tiny"\nroundz = 2\n[train]\nlrr = 1\n')
+
+    def data(name, content: bytes):
+        (t / name).write_bytes(content)
+        return [*_run(t / f"out-{name}"), "--data.source", str(t / name)]
+
+    row = '{{"instruction": "a", "output": {}}}\n'
+    return {
+        "extends itself": (["run", "--config", str(t / "self.toml")],
+                           ["self.toml", "extends itself"]),
+        "extends cycle": (["run", "--config", str(t / "a.toml")], ["a.toml", "extends itself"]),
+        "TOML not UTF-8": (["run", "--config", str(t / "latin.toml")], ["latin.toml", "UTF-8"]),
+        "two unknown keys": (["run", "--config", str(t / "two.toml")],
+                             ["2 unknown keys", "'roundz'", "'train.lrr'"]),
+        "two unknown --set": ([*_run(t / "o"), "--set", "roundz=2", "--set", "train.lrr=1"],
+                              ["2 unknown keys", "'roundz'", "'train.lrr'"]),
+        "lone surrogate": (data("s.jsonl", (row.format('"\\ud800x"') * 8).encode()),
+                           ["s.jsonl, row 0", "'output'", "invalid Unicode"]),
+        "output null": (data("n.jsonl", (row.format("null") * 8).encode()),
+                        ["n.jsonl, row 0", "'output' is null"]),
+        "output number": (data("i.jsonl", (row.format("123") * 8).encode()),
+                          ["i.jsonl, row 0", "'output' must be text, got int"]),
+        "output object": (data("d.jsonl", (row.format('{"x": 1}') * 8).encode()),
+                          ["d.jsonl, row 0", "'output' must be text, got dict"]),
+        "resume with preset": (["run", "--resume", str(finished), "--preset", "tiny"],
+                               ["--resume", "--preset would be ignored"]),
+        "resume with config": (["run", "--resume", str(finished), "--config",
+                                str(t / "two.toml")], ["--config would be ignored"]),
+        "split=foo": ([*_run(t / "f"), "--set", "strategy.options.split=foo"],
+                      ["strategy.options.split = 'foo'", "'B' or 'sqrt'"]),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "extends itself",
+        "extends cycle",
+        "TOML not UTF-8",
+        "two unknown keys",
+        "two unknown --set",
+        "lone surrogate",
+        "output null",
+        "output number",
+        "output object",
+        "resume with preset",
+        "resume with config",
+        "split=foo",
+    ],
+)
+def test_bad_input_is_one_line(case, bad_inputs, capsys, monkeypatch):
+    import fedlora.federation.build as build
+
+    def no_model(*a, **k):  # every case is refused before a model loads
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(build, "load_base_model", no_model)
+    argv, words = bad_inputs[case]
+    assert cli.main(argv) == 2
+    _one_error(capsys, *words)
+
+
+def test_a_large_csv_field_is_read(tmp_path):
+    from fedlora.data.examples import load_examples
+
+    big = "x" * 300_000
+    (tmp_path / "big.csv").write_text(f"instruction,output\nsummarise,{big}\n")
+    (ex,) = load_examples(tmp_path / "big.csv")
+    assert ex.output == big
+
+
+def test_bf16_on_a_cpu_without_bf16_units_is_said_once(monkeypatch, caplog):
+    import fedlora.clients.device as device
+    import fedlora.federation.build as build
+
+    monkeypatch.setattr(device, "native_bf16", lambda d: False)
+    monkeypatch.setattr(build, "_SAID", set())
+    cfg = load_preset("tiny", {"train.precision": "bf16"})
+    with caplog.at_level("WARNING", logger="fedlora.federation"):
+        build.placement(cfg)
+        build.placement(cfg)
+        build.placement(load_preset("tiny", {"train.precision": "auto"}))  # auto: fp32, quiet
+    said = [r for r in caplog.records if "without bfloat16 units" in r.getMessage()]
+    assert len(said) == 1

@@ -253,8 +253,9 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
-def _read_toml(source: str | Path) -> tuple[dict[str, Any], str]:
-    """The raw table of a preset name or a TOML file, with ``extends`` resolved."""
+def _read_toml(source: str | Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], str]:
+    """The raw table of a preset name or a TOML file, with ``extends`` resolved (`chain`: the
+    files that extend this one, to refuse a cycle)."""
     path = Path(source)
     if not path.suffix and (PRESET_DIR / f"{source}.toml").is_file() and not path.is_file():
         path = PRESET_DIR / f"{source}.toml"
@@ -266,15 +267,24 @@ def _read_toml(source: str | Path) -> tuple[dict[str, Any], str]:
             else (f"give a TOML file or a preset: {', '.join(preset_names())}")
         )
         raise ConfigError(f"config {str(source)!r}: no such file or preset; {fix}")
+    here = path.resolve()
+    if here in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, here))
+        raise ConfigError(f"config {path}: extends itself ({cycle})")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config {path}: invalid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config {path}: cannot read it: {e.strerror or e}") from None
     base = raw.pop("extends", None)
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError(f"{path}: extends must be a preset name or a path")
-        parent, _ = _read_toml(base if base in preset_names() else path.parent / base)
+        parent_path = base if base in preset_names() else path.parent / base
+        parent, _ = _read_toml(parent_path, (*chain, here))
         raw = _merge(parent, raw)
     return raw, str(path)
 
@@ -365,6 +375,9 @@ def _build(cls: type, data: Any, prefix: str):
         )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls)]
+    unknown = _unknown_keys(cls, data, prefix) if not prefix else []
+    if len(unknown) > 1:
+        raise ConfigError(f"{len(unknown)} unknown keys: " + "; ".join(unknown))
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
@@ -373,6 +386,22 @@ def _build(cls: type, data: Any, prefix: str):
         tp = hints[key]
         kwargs[key] = _build(tp, value, path) if is_dataclass(tp) else _coerce(value, tp, path)
     return cls(**kwargs)
+
+
+def _unknown_keys(cls: type, data: Any, prefix: str) -> list[str]:
+    """Every unknown key of `data` (and of its tables), each with its hint."""
+    if not isinstance(data, Mapping):
+        return []
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    out = []
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            out.append(str(_unknown(path, str(key), names)))
+        elif is_dataclass(hints[key]):
+            out += _unknown_keys(hints[key], value, path)
+    return out
 
 
 def _type_name(tp: Any) -> str:
@@ -524,6 +553,14 @@ def apply_overrides(
     type-checked. A whole section may be given as a mapping (``{"train": {"lr": 1e-3}}``).
     """
     data = to_dict(cfg)
+    unknown = []
+    for dotted in overrides:
+        try:
+            _field_type(dotted)
+        except ConfigError as e:
+            unknown.append(str(e))
+    if len(unknown) > 1:  # every one of them, not the first
+        raise ConfigError(f"{len(unknown)} unknown keys: " + "; ".join(unknown))
     for dotted, value in overrides.items():
         tp = _field_type(dotted)
         if isinstance(value, str):
