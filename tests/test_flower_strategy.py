@@ -464,3 +464,23 @@ def test_a_malformed_reply_is_a_dropped_reply_not_a_crash(fault, words):
     r = fs.rounds[0]
     assert list(r["dropped"]) == ["partition-2"] and words in r["dropped"]["partition-2"]
     assert r["used_clients"] == ["partition-0", "partition-1", "partition-3"] and r["aggregated"]
+
+
+def test_a_lone_1e6_scaled_node_is_rejected():
+    """One node per round: no round-mates. Round 1 (honest) is bounded by the fallback and
+    accepted; later a 1e6-scaled reply is rejected by the history of accepted norms."""
+    strategy = S.get("flexlora", shapes=SHAPES, seed=3)
+    fs = FlowerStrategy(strategy, SHAPES, min_nodes=1)
+    grid = FakeGrid(_nodes([4]))
+    fs.start(grid, ArrayRecord(), num_rounds=1, timeout=10)
+    grid.faults = {100: {"train": "scaled"}}
+    fs.start(grid, ArrayRecord(), num_rounds=1, timeout=10)
+    first, second = fs.rounds
+    assert first["used"] == 1 and not first["dropped"]
+    assert "largest median accepted norm" in second["dropped"]["partition-0"]
+    assert not second["aggregated"]
+    # a first round without history: the fallback bound
+    fresh = FlowerStrategy(S.get("flexlora", shapes=SHAPES, seed=3), SHAPES, min_nodes=1)
+    fresh.start(FakeGrid(_nodes([4]), faults={100: {"train": "scaled"}}), ArrayRecord(),
+                num_rounds=1, timeout=10)  # fmt: skip
+    assert "robust.fallback_max_norm = 100" in fresh.rounds[0]["dropped"]["partition-0"]
