@@ -325,8 +325,10 @@ def run_experiment(
 ) -> RunResult:
     """Run (or with ``resume=True`` continue) the experiment `cfg`; see the module docstring.
 
-    A directory that already holds a run is refused unless ``resume`` or ``overwrite`` (which
-    removes that run's files first). ``on_update(round, spec, update)`` sees every client
+    The directory is locked for the run; one that already holds a run is refused unless
+    ``resume`` or ``overwrite`` (which removes the files of its manifest first), a non-empty
+    one that is not a run directory unless ``allow_nonempty`` (`fedlora.federation.runfiles`).
+    ``on_update(round, spec, update)`` sees every client
     update before it is checked and aggregated, and may return a replacement (fault
     injection); ``on_round_end(round, result)`` runs after each round's checkpoint (raise
     `RunStopped` to stop there). ``profile_memory`` records the peak traced Python
