@@ -16,7 +16,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from flwr.app import ArrayRecord, Error, Message  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message  # noqa: E402
 from flwr.common import serde  # noqa: E402
 
 import fedlora.strategies as S  # noqa: E402
@@ -97,7 +97,7 @@ class FakeGrid:
                 out = client_app.hello_content(cfg)
             elif kind == "train":
                 out = client_app.train_content(content, cfg, self.run_config)
-                if fault in ("nan", "shape", "client", "scaled"):
+                if fault in ("nan", "shape", "client", "scaled") or fault in HOSTILE:
                     out = _corrupt(out, fault)
             else:
                 out = client_app.evaluate_content(content, cfg, self.run_config)
@@ -105,7 +105,35 @@ class FakeGrid:
         return replies
 
 
+def _hostile(content, how):
+    """Issue 18: replies a node fully controls (weights, dtypes, scales, the meta JSON)."""
+    if how == "list-meta":
+        content[codec.META] = ConfigRecord({"json": "[1, 2, 3]"})
+        return content
+    u = codec.decode_update(content)
+    if how.startswith("weight"):  # a huge example count and B x 15 (x -15: sign-flipped)
+        u.num_examples = 10**12
+        u.adapter = {m: type(f)(f.A, f.B * (-15 if how == "weight-flip" else 15), f.scale)
+                     for m, f in u.adapter.items()}  # fmt: skip
+    elif how == "x15":  # only B x 15: what the weight bound leaves of "weight"
+        u.adapter = {m: type(f)(f.A, f.B * 15, f.scale) for m, f in u.adapter.items()}
+    elif how == "negated-scale":
+        u.adapter = {m: type(f)(f.A, f.B, -f.scale) for m, f in u.adapter.items()}
+    elif how in ("int64", "float16"):
+        dt = getattr(torch, how)
+        u.adapter = {m: type(f)(f.A.to(dt), f.B.to(dt), f.scale) for m, f in u.adapter.items()}
+    elif how == "bool-count":
+        u.num_examples = True
+    return codec.encode_update(u)
+
+
+HOSTILE = ("list-meta", "weight", "weight-flip", "x15", "negated-scale", "int64", "float16",
+           "bool-count")  # fmt: skip
+
+
 def _corrupt(content, how):
+    if how in HOSTILE:
+        return _hostile(content, how)
     u = codec.decode_update(content)
     m = next(iter(u.adapter))
     f = u.adapter[m]
@@ -380,3 +408,79 @@ def test_polling_grid_pulls_until_every_message_is_answered_or_the_timeout():
     assert [m.metadata.reply_to_message_id for m in got] == ["a"]
     assert 0.2 <= time.monotonic() - t < 2.0 and g.pulls >= 3
     assert PollingGrid(g).run == "the grid's own"
+
+
+# -- issue 18: hostile nodes ------------------------------------------------------------------
+
+
+def _hostile_run(fault, configured=True, declared=None):
+    """Four flexlora nodes (partitions 0-3, 16 examples each); node 102 answers with `fault`
+    and declares `declared` in its node config. ``configured``: the server knows each
+    partition's count (as `fedlora.flower.server_app.build` does), else nothing."""
+    strategy = S.get("flexlora", shapes=SHAPES, seed=3)
+    nodes = _nodes()
+    nodes[102].update(declared or {})
+    conf = {i: ClientSpec(f"partition-{i}", {m: RANKS[i] for m in SHAPES}, 16.0, False, 16)
+            for i in range(4)}  # fmt: skip
+    fs = FlowerStrategy(strategy, SHAPES, min_nodes=4, client_specs=conf if configured else None)
+    faults = {102: {"train": fault}} if fault else {}
+    fs.start(FakeGrid(nodes, faults=faults), ArrayRecord(), num_rounds=1, timeout=10)
+    return fs, adapter_norm(strategy.global_delta())
+
+
+def test_a_hostile_example_count_cannot_capture_the_global_model():
+    """A node declaring and reporting num_examples = 10**12 with B x 15 weighs what the server
+    registered for its partition (16): the global model is what B x 15 alone gives (bounded by
+    the norm screen), not the node's update; unconfigured, 4 x the round's median count."""
+    _, honest = _hostile_run(None)
+    fs, norm = _hostile_run("weight", declared={"num-examples": 10**12})
+    r = fs.rounds[0]
+    assert r["used"] == 4 and r["capped_weights"] == {"partition-2": [10**12, 16]}
+    assert r["num_examples"] == 64
+    _, x15 = _hostile_run("x15")
+    assert norm == pytest.approx(x15, rel=1e-6)  # exactly as if it had reported 16
+    assert norm < 6 * honest  # a quarter of B x 15; uncapped it was ~20x (issue 18)
+    # the same node with the sign flipped cannot flip the global model either
+    fs, _ = _hostile_run("weight-flip", declared={"num-examples": 10**12})
+    assert fs.rounds[0]["capped_weights"]["partition-2"] == [10**12, 16]
+    # nothing configured: the round's median reported count (16) x robust.max_weight_ratio 4
+    fs, free = _hostile_run("weight", configured=False)
+    assert fs.rounds[0]["capped_weights"] == {"partition-2": [10**12, 64]}
+    assert free < 12 * honest
+
+
+@pytest.mark.parametrize(
+    "fault, words",
+    [
+        ("list-meta", "malformed 'fedlora.meta' record: a list"),
+        ("negated-scale", "scale must be a finite number > 0"),
+        ("int64", "A is int64, expected float32"),
+        ("float16", "A is float16, expected float32"),
+        ("bool-count", "num_examples must be a positive int, got True"),
+    ],
+)
+def test_a_malformed_reply_is_a_dropped_reply_not_a_crash(fault, words):
+    fs, _ = _hostile_run(fault)
+    r = fs.rounds[0]
+    assert list(r["dropped"]) == ["partition-2"] and words in r["dropped"]["partition-2"]
+    assert r["used_clients"] == ["partition-0", "partition-1", "partition-3"] and r["aggregated"]
+
+
+def test_a_lone_1e6_scaled_node_is_rejected():
+    """One node per round: no round-mates. Round 1 (honest) is bounded by the fallback and
+    accepted; later a 1e6-scaled reply is rejected by the history of accepted norms."""
+    strategy = S.get("flexlora", shapes=SHAPES, seed=3)
+    fs = FlowerStrategy(strategy, SHAPES, min_nodes=1)
+    grid = FakeGrid(_nodes([4]))
+    fs.start(grid, ArrayRecord(), num_rounds=1, timeout=10)
+    grid.faults = {100: {"train": "scaled"}}
+    fs.start(grid, ArrayRecord(), num_rounds=1, timeout=10)
+    first, second = fs.rounds
+    assert first["used"] == 1 and not first["dropped"]
+    assert "largest median accepted norm" in second["dropped"]["partition-0"]
+    assert not second["aggregated"]
+    # a first round without history: the fallback bound
+    fresh = FlowerStrategy(S.get("flexlora", shapes=SHAPES, seed=3), SHAPES, min_nodes=1)
+    fresh.start(FakeGrid(_nodes([4]), faults={100: {"train": "scaled"}}), ArrayRecord(),
+                num_rounds=1, timeout=10)  # fmt: skip
+    assert "robust.fallback_max_norm = 100" in fresh.rounds[0]["dropped"]["partition-0"]

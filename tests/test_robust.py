@@ -14,7 +14,13 @@ from helpers import SHAPES, np_delta
 import fedlora.strategies as registry
 from fedlora.core.contract import ClientUpdate, FedLoraError, LoraFactors, Payload
 from fedlora.core.norms import clip_contribution, scale_adapter
-from fedlora.core.robust import NormBound, screen_updates, start_of
+from fedlora.core.robust import (
+    NormBound,
+    NormHistory,
+    WeightBound,
+    screen_updates,
+    start_of,
+)
 from fedlora.engine import run_experiment
 from fedlora.federation.config import load_preset
 
@@ -140,11 +146,58 @@ def test_absolute_bound_and_clip_action():
     )
 
 
-def test_no_reference_no_relative_bound():
-    items = _round(np.random.default_rng(4), 1, scaled=0)
-    assert len(screen_updates(items, NormBound(max_ratio=2.0)).kept) == 1
+def test_a_lone_client_is_bounded_by_history_then_by_the_fallback():
+    """Issue 18: a round with one usable client has round-mates for no relative bound; it
+    falls back to earlier rounds' accepted norms, and before any to ``fallback_norm``."""
+    rng = np.random.default_rng(4)
+    honest, giant = _round(rng, 1), _round(rng, 1, scaled=0)
+    n = _np_contribution(honest[0][0].adapter, {})
+    first = NormBound(max_ratio=2.0)  # round 1: nothing to compare with but the fallback 100
+    assert n < 100 and len(screen_updates(honest, first).kept) == 1
+    out = screen_updates(giant, first)
+    assert not out.kept and "robust.fallback_max_norm = 100" in out.dropped["0"]
+    history = NormHistory()
+    history.record([n])
+    out = screen_updates(giant, first, history=history.reference())  # later rounds
+    assert not out.kept and "largest median accepted norm" in out.dropped["0"]
+    assert len(screen_updates(honest, first, history=history.reference()).kept) == 1
+    # a slightly larger honest update in a later round passes (2 x the reference)
+    bigger = [(ClientUpdate("0", scale_adapter(honest[0][0].adapter, 1.5), 10), {})]
+    assert len(screen_updates(bigger, first, history=history.reference()).kept) == 1
+    # no fallback and no history: unbounded, as the relative bound off
+    assert len(screen_updates(giant, NormBound(max_ratio=2.0, fallback_norm=None)).kept) == 1
     with pytest.raises(FedLoraError, match="max_ratio"):
         NormBound(max_ratio=-1.0)
+
+
+def test_norm_history_keeps_a_window_of_round_medians():
+    h = NormHistory()
+    assert h.reference() is None
+    for i in range(1, 15):
+        h.record([float(i), 3.0 * i, 2.0 * i])  # median 2i
+    assert h.medians == [2.0 * i for i in range(5, 15)] and h.reference() == 28.0
+    h.record([])  # a round without accepted updates changes nothing
+    assert len(h.medians) == 10
+    g = NormHistory()
+    g.load_state_dict(h.state_dict())
+    assert g.medians == h.medians
+    with pytest.raises(FedLoraError, match="norm history"):
+        g.load_state_dict({"medians": [float("nan")]})
+
+
+def test_weight_bound_registered_counts_and_median_cap():
+    w = WeightBound(4.0, {"a": 10, "b": 20, "c": 30})
+    assert w.bound("a", 8) == (8, None)
+    assert w.bound("a", 10**12)[0] == 10  # a registered client: never above its count
+    n, why = w.bound("stranger", 10**12)  # unknown: 4 x the median registered count
+    assert n == 80 and "robust.max_weight_ratio = 4" in why
+    assert not w.needs_round
+    free = WeightBound(4.0)  # nothing registered: the round's reported counts
+    assert free.needs_round
+    assert free.bound("x", 10**12, [16, 16, 16, 10**12])[0] == 64
+    assert free.bound("x", 16, [16, 16, 16, 10**12]) == (16, None)
+    with pytest.raises(FedLoraError, match="max_ratio"):
+        WeightBound(0.5)
 
 
 # -- the engine: one bad client is a dropped client ------------------------------------------
@@ -310,3 +363,45 @@ def test_fatal_drops_stop_the_run(tmp_path):
             progress=False,
             on_update=lambda r, s, u: _corrupt(u, "exception"),
         )
+
+
+def test_a_lone_1e6_client_is_never_accepted(tmp_path):
+    """Issue 18: with clients_per_round = 1 a 1e6-scaled client has no round-mates; round 1
+    falls back to robust.fallback_max_norm, later rounds to the accepted norms of earlier
+    ones. Honest lone clients still pass, and the global model stays small."""
+    bad_rounds = {1, 3, 4}
+
+    def on_update(rnd, spec, u):
+        if rnd not in bad_rounds:
+            return None
+        return ClientUpdate(u.client_id, scale_adapter(u.adapter, 1e6), u.num_examples, u.extras)
+
+    cfg = _cfg(tmp_path, "flexlora", rounds=5, clients_per_round=1)
+    res = run_experiment(cfg, progress=False, on_update=on_update)
+    for r in res.round_rows():
+        assert r["aggregated"] == (r["round"] not in bad_rounds), r
+        if r["round"] in bad_rounds:
+            (why,) = r["dropped"].values()
+            bound = "fallback_max_norm" if r["round"] == 1 else "largest median accepted norm"
+            assert bound in why, why
+    for f in res.strategy.global_delta().values():
+        assert float(f.B.abs().max()) < 1.0  # 5.9e9 before issue 18
+
+
+def test_a_hostile_example_count_weighs_the_registered_count(tmp_path):
+    """In the in-process engine every client's count is the server's (its partition size): a
+    reported 10**12 weighs that, and the run equals one where it reported honestly."""
+
+    def lie(rnd, spec, u):
+        if spec.client_id != "1":
+            return None
+        return ClientUpdate(u.client_id, u.adapter, 10**12, u.extras)
+
+    honest = run_experiment(_cfg(tmp_path / "a", "fedit"), progress=False)
+    lied = run_experiment(_cfg(tmp_path / "b", "fedit"), progress=False, on_update=lie)
+    capped = [r["capped_weights"] for r in lied.round_rows() if r["capped_weights"]]
+    assert capped and all(c == {"1": [10**12, 8]} for c in capped)
+    for a, b in zip(honest.round_rows(), lied.round_rows()):
+        assert a["train_loss"] == b["train_loss"]
+    for m, f in honest.strategy.global_delta().items():
+        assert torch.equal(f.B, lied.strategy.global_delta()[m].B)

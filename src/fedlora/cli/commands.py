@@ -136,6 +136,7 @@ def _run_one(
     overwrite: bool = False,
     label: str | None = None,
     parent=None,
+    allow_nonempty: bool = False,
 ) -> dict[str, Any]:
     """Run `cfg`, write extras and plots, return the loaded run (`parent`: the comparison's
     `fedlora.federation.tracking.Parent`)."""
@@ -143,7 +144,7 @@ def _run_one(
 
     tracker = RunTracker.for_config(cfg, parent=parent, log=LOG)
     try:
-        run = _run_tracked(cfg, tracker, resume, progress, overwrite, label)
+        run = _run_tracked(cfg, tracker, resume, progress, overwrite, label, allow_nonempty)
     except BaseException:
         tracker.close(failed=True)
         raise
@@ -152,14 +153,21 @@ def _run_one(
     return run
 
 
-def _run_tracked(cfg, tracker, resume, progress, overwrite, label) -> dict[str, Any]:
+def _run_tracked(
+    cfg, tracker, resume, progress, overwrite, label, allow_nonempty=False
+) -> dict[str, Any]:
     import json
 
     from fedlora.cli import report
     from fedlora.engine import run_experiment
 
     result = run_experiment(
-        cfg, resume=resume, overwrite=overwrite, progress=progress, tracker=tracker
+        cfg,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+        tracker=tracker,
+        allow_nonempty=allow_nonempty,
     )
     report.write_run_extras(
         result.run_dir, result.strategy.global_delta(), result.specs, result.partition
@@ -177,11 +185,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedlora.federation.config import load_config
 
     if args.resume:
-        cfg = load_config(str(Path(args.resume) / "config.toml"), _overrides(args))
+        given = [f for f, v in (("--preset", args.preset), ("--config", args.config)) if v]
+        if given:
+            raise FedLoraError(
+                f"--resume {args.resume} continues that run with its own config.toml; "
+                f"{' and '.join(given)} would be ignored: leave it out (or start a new run in "
+                "another --output-dir)"
+            )
+        saved = Path(args.resume) / "config.toml"
+        if not saved.is_file():
+            raise FedLoraError(f"--resume {args.resume}: no run there ({saved} does not exist)")
+        cfg = load_config(str(saved), _overrides(args))
         cfg.output_dir = str(args.resume)
     else:
         cfg = _load_config(args)
-    run = _run_one(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet)
+    run = _run_one(
+        cfg,
+        resume=bool(args.resume),
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        allow_nonempty=args.allow_nonempty,
+    )
     print(report.format_table(report.summary_rows([run])))
     summary = run["summary"] or {}
     drops = sum(len(v) for v in (summary.get("dropped") or {}).values())
@@ -367,8 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the run already in the output directory (its metrics, checkpoint, "
-        "plots); without it such a directory is refused",
+        help="replace the run already in the output directory (only the files fedlora wrote "
+        "there, listed in its .fedlora-run.json); without it such a directory is refused",
+    )
+    run.add_argument(
+        "--allow-nonempty",
+        action="store_true",
+        help="write the run into an existing non-empty folder that is not a run directory "
+        "(refused anyway if it holds a file of a name the run writes)",
     )
     common(run)
     _add_config_options(run)

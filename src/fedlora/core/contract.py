@@ -487,12 +487,14 @@ def iter_valid_updates(
         if u.client_id in ids:
             raise FedLoraError(f"{who}: sent more than one update")
         ids.add(u.client_id)
-        if not isinstance(u.num_examples, int) or u.num_examples < 1:
-            raise FedLoraError(
-                f"{who}: num_examples must be a positive int, got {u.num_examples!r}"
-            )
+        n = u.num_examples
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise FedLoraError(f"{who}: num_examples must be a positive int, got {n!r}")
+        if not isinstance(u.adapter, dict):
+            raise FedLoraError(f"{who}: adapter must be a dict, got {type(u.adapter).__name__}")
         for module, f in u.adapter.items():
             check_factors(f, f"{who}, module {module}")
+            check_update_factors(f, f"{who}, module {module}")
             if shapes and module not in shapes:
                 raise FedLoraError(f"{who}: unknown module {module!r}")
             expected = seen.setdefault(module, f.shape)
@@ -536,6 +538,9 @@ def check_update(
     who = f"{strategy.name}: round {server_round}, client {spec.client_id}"
     if update.client_id != spec.client_id:
         raise FedLoraError(f"{who}: update claims client {update.client_id!r}")
+    for name in ("extras", "dense"):
+        if not isinstance(getattr(update, name), dict):
+            raise FedLoraError(f"{who}: {name} must be a dict")
     for key, value in update.extras.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise FedLoraError(f"{who}: {key} is {value}")
@@ -557,10 +562,25 @@ def check_update(
     strategy.check_update(server_round, update)
 
 
+def check_update_factors(f: LoraFactors, who: str) -> None:
+    """What a client's uploaded factors must be beyond well-formed: float32 tensors (what every
+    client trains and sends) and a positive finite scale (a negative one flips the delta)."""
+    for name, t in (("A", f.A), ("B", f.B)):
+        if t.dtype != torch.float32:
+            dtype = str(t.dtype).removeprefix("torch.")
+            raise FedLoraError(f"{who}: {name} is {dtype}, expected float32")
+    if isinstance(f.scale, bool) or not (math.isfinite(f.scale) and f.scale > 0):
+        raise FedLoraError(f"{who}: scale must be a finite number > 0, got {f.scale!r}")
+
+
 def check_factors(f: LoraFactors, who: str) -> None:
     """Raise a FedLoraError naming `who` unless `f` is a well-formed, finite factor pair."""
     if not isinstance(f, LoraFactors):
         raise FedLoraError(f"{who}: expected LoraFactors, got {type(f).__name__}")
+    if not (isinstance(f.A, Tensor) and isinstance(f.B, Tensor)):
+        raise FedLoraError(f"{who}: A and B must be tensors")
+    if not isinstance(f.scale, (int, float)):
+        raise FedLoraError(f"{who}: scale must be a number, got {type(f.scale).__name__}")
     if f.A.ndim != 2 or f.B.ndim != 2:
         raise FedLoraError(
             f"{who}: A and B must be 2-D, got {tuple(f.A.shape)}, {tuple(f.B.shape)}"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 FIELDS = ("task", "instruction", "input", "output", "label")
+CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (131,072 characters) cuts long texts
 FILE_SUFFIXES = {
     ".json": "json",
     ".jsonl": "jsonl",
@@ -135,6 +136,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}: expected a JSON list of objects")
             return data
         if kind in ("csv", "tsv"):
+            csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))  # long texts
             with open(path, encoding="utf-8", newline="") as fh:
                 return list(csv.DictReader(fh, delimiter="\t" if kind == "tsv" else ","))
         try:
@@ -180,10 +182,25 @@ def _load_dataset_rows(name: str, split: str, kwargs: Mapping[str, Any]) -> list
     return list(ds)
 
 
-def _text(value: Any) -> str:
+def _text(value: Any, where: str, field_name: str) -> str:
+    """A text field's value: a string of valid Unicode; a missing value (None, NaN) is empty;
+    a number is text except in ``output`` (a label's class id, a numeric input); a bool, a
+    list or an object is refused, naming `where` and the field."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return value if isinstance(value, str) else str(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and field_name != "output":
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError(
+            f"{where}: {field_name!r} must be text, got {type(value).__name__} {value!r:.40}"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{where}: {field_name!r} holds invalid Unicode ({e.reason} at character {e.start})"
+        ) from None
+    return value
 
 
 def load_examples(
@@ -248,8 +265,11 @@ def load_examples(
         missing = [c for c in col.values() if c is not None and c not in row]
         if missing:
             raise ValueError(f"{what}: row {n} has no column {missing[0]!r}")
-        get = {f: (_text(row[c]) if c is not None else "") for f, c in col.items()}
+        get = {f: (_text(row[c], f"{what}, row {n}", f) if c is not None else "")
+               for f, c in col.items()}  # fmt: skip
         label = get["label"] if col["label"] is not None and row[col["label"]] is not None else None
+        if col["output"] is not None and row[col["output"]] is None and label is None:
+            raise ValueError(f"{what}, row {n}: 'output' is null (and there is no label)")
         out.append(
             Example(
                 task=task or get["task"] or default_task,

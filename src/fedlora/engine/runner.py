@@ -5,7 +5,7 @@ model, clients' ranks, strategy, all seeded), then runs each round as a loop of 
 the round's own steps being the federation core's (`fedlora.federation.rounds`), which the
 Flower engine calls too:
 
-1. `rounds.sample`: draw the round's clients (seeded, without replacement);
+1. `rounds.draw`: the round's clients (seeded; under DP from the server's secret);
 2. `fedlora.engine.training.train_clients`: configure each client's payload
    (`rounds.configure`) and train it on the single `LoraHost` (peft wrappers cached per rank
    configuration; ``train.parallel_clients`` clients at once) when the aggregation asks for
@@ -17,22 +17,20 @@ Flower engine calls too:
 A client that raises, reports a non-finite loss or sends an update failing a check or a bound
 is dropped for the round, with its reason in the round row (``dropped``) and in
 ``summary.json``; ``robust.fatal_drops`` makes the first drop stop the run, and an
-aggregation error stops it (`fedlora.federation.rounds`). Per round the
-server holds only the round's updates (streamed when no relative bound needs the whole
-round): nothing grows with the number of clients except their small specs.
+aggregation error stops it (`fedlora.federation.rounds`). Per round the server holds only the
+round's updates (streamed when no relative bound needs the whole round).
 
 Run directory (``cfg.output_dir``): ``config.toml`` (resolved), ``metrics.jsonl`` (one row per
 round with ``kind="round"`` and one per evaluated client set with ``kind="eval"``),
 ``eval_examples.jsonl`` (per evaluated round and set, the per-example values behind the
 metrics: `fedlora.clients.evaluate.example_columns` plus ``example``, the examples' indices),
 ``summary.json``, ``checkpoint.safetensors``, ``adapter/`` (the final global delta as a peft
-adapter) and, with ``model.save_merged``, ``merged/``. A directory that holds a run is never
-overwritten silently (`check_run_dir`).
+adapter) and, with ``model.save_merged``, ``merged/``; the directory is locked, marked and its
+files listed (`fedlora.federation.runfiles`).
 
 Keys of rows starting with ``time_`` or ``mem_`` are measurements; everything else is
 deterministic for a configuration, and a resumed run reproduces it exactly.
 """
-
 
 from __future__ import annotations
 
@@ -69,6 +67,7 @@ from fedlora.federation.rundir import (
     clear_run_dir,
     rows_before,
 )
+from fedlora.federation.runfiles import OUTPUT_NAMES, claim, hold, resume_rows, rows_record
 from fedlora.federation.tracking import RunTracker
 
 LOG = logging.getLogger("fedlora.engine")
@@ -117,7 +116,8 @@ def checkpoint(fed: Federation, run_dir: Path, rnd: int, sampler, rows, totals) 
             "round": rnd,
             "strategy": fed.strategy.state_dict(),
             "rng": rng_state(sampler=sampler),
-            "rows": rows,
+            "rows": rows_record(rows),  # the rows are in metrics.jsonl: a flat checkpoint
+            "server": rounds.server_state(fed.server),
             "totals": totals,
             "config": to_dict(fed.cfg),
             "privacy": fed.ledger.state_dict() if fed.ledger is not None else {},
@@ -158,8 +158,8 @@ class _Run:
 def _open(cfg: ExperimentConfig, resume: bool, overwrite: bool, log) -> _Run:
     """Check the run directory, build the federation and restore a checkpoint (``resume``)."""
     run_dir = Path(cfg.output_dir)
-    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    removed = remove_stale_temp(run_dir)
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # locked by run_experiment
+    removed = remove_stale_temp(run_dir, OUTPUT_NAMES)
     if removed:
         log.info("removed %d temporary file(s) a killed run left in %s", len(removed), run_dir)
     state = load_checkpoint(run_dir) if resume else None
@@ -175,7 +175,8 @@ def _open(cfg: ExperimentConfig, resume: bool, overwrite: bool, log) -> _Run:
     if state is not None:
         fed.strategy.load_state_dict(state["strategy"])
         set_rng_state(state["rng"], sampler=run.sampler)
-        run.rows = list(state["rows"])
+        rounds.load_server_state(fed.server, state.get("server", {}))
+        run.rows = resume_rows(run_dir / "metrics.jsonl", state["rows"])
         run.totals = dict(state["totals"])
         if fed.ledger is not None:  # its secret, sigma and clip norm: the mechanism's too
             fed.ledger.load_state_dict(state.get("privacy", {}))
@@ -186,7 +187,7 @@ def _open(cfg: ExperimentConfig, resume: bool, overwrite: bool, log) -> _Run:
         log.info("resuming %s after round %d", run_dir, state["round"])
     elif overwrite:
         clear_run_dir(run_dir, log)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim(run_dir, *OUTPUT_NAMES)  # what a run (and `fedlora run`'s report) writes here
     atomic_write_text(run_dir / "config.toml", dumps_toml(cfg))
     run.metrics = Jsonl(run_dir / "metrics.jsonl", run.rows)
     run.per_example = Jsonl(
@@ -271,6 +272,7 @@ def run_experiment(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    allow_nonempty: bool = False,
     progress: bool = True,
     log: logging.Logger | None = None,
     on_update: OnUpdate | None = None,
@@ -281,8 +283,10 @@ def run_experiment(
 ) -> RunResult:
     """Run (or with ``resume=True`` continue) the experiment `cfg`; see the module docstring.
 
-    A directory that already holds a run is refused unless ``resume`` or ``overwrite`` (which
-    removes that run's files first). ``on_update(round, spec, update)`` sees every client
+    The directory is locked for the run; one that already holds a run is refused unless
+    ``resume`` or ``overwrite`` (which removes the files of its manifest first), a non-empty
+    one that is not a run directory unless ``allow_nonempty`` (`fedlora.federation.runfiles`).
+    ``on_update(round, spec, update)`` sees every client
     update before it is checked and aggregated, and may return a replacement (fault
     injection); ``on_round_end(round, result)`` runs after each round's checkpoint (raise
     `RunStopped` to stop there). ``profile_memory`` records the peak traced Python
@@ -294,16 +298,21 @@ def run_experiment(
     """
     log = log or LOG
     validate_config(cfg)
-    run = _open(cfg, resume, overwrite, log)
-    fed = run.fed
-    result = RunResult(
-        run.run_dir, cfg, run.rows, {}, fed.strategy, fed.specs, fed.clients.partition_summary()
+    # the run directory, locked until the run ends, however it ends
+    lock = hold(
+        Path(cfg.output_dir), resume=resume, overwrite=overwrite, allow_nonempty=allow_nonempty
     )
-    tracking = tracker or RunTracker.for_config(cfg, log=log)
-    tracking.start(cfg, run.rows, resumed=run.resumed)
-    on_update = tracking.wrap_on_update(on_update)
-    bar = _bar(progress, cfg.rounds, run.start)
+    bar = tracking = None
     try:
+        run = _open(cfg, resume, overwrite, log)
+        fed = run.fed
+        result = RunResult(
+            run.run_dir, cfg, run.rows, {}, fed.strategy, fed.specs, fed.clients.partition_summary()
+        )
+        tracking = tracker or RunTracker.for_config(cfg, log=log)
+        tracking.start(cfg, run.rows, resumed=run.resumed)
+        on_update = tracking.wrap_on_update(on_update)
+        bar = _bar(progress, cfg.rounds, run.start)
         for rnd in range(run.start, cfg.rounds + 1):
             row, eval_rows = _round(run, rnd, on_update, progress, profile_memory)
             for r in (row, *eval_rows):
@@ -314,18 +323,19 @@ def run_experiment(
             report_round(log, cfg, row, eval_rows, bar)
             if on_round_end is not None:
                 on_round_end(rnd, result)
+        _finish(run, result, save_final)
+        tracking.log_summary(result.summary, cfg.rounds)
+        tracking.log_artifacts([run.run_dir / "adapter", run.run_dir / "summary.json"])
+        if tracker is None:
+            tracking.close()
     except BaseException:
-        if tracker is None:  # ours: mark it failed (a RunStopped run resumes it later)
+        if tracking is not None and tracker is None:  # ours: failed (RunStopped resumes it)
             tracking.close(failed=True)
         raise
     finally:
         if bar is not None:
             bar.close()
-    _finish(run, result, save_final)
-    tracking.log_summary(result.summary, cfg.rounds)
-    tracking.log_artifacts([run.run_dir / "adapter", run.run_dir / "summary.json"])
-    if tracker is None:
-        tracking.close()
+        lock.release()
     return result
 
 

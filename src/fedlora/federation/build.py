@@ -9,6 +9,7 @@ bounds); `build_federation(cfg)` both, with the evaluation sets. All of it is se
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -24,9 +25,12 @@ from fedlora.core.accounting import Plan, PrivacyLedger, draw_secret, seeded_sec
 from fedlora.core.accounting import plan as privacy_plan
 from fedlora.core.contract import ClientSpec, ClientUpdate, Payload, Strategy
 from fedlora.core.privacy import AdaptiveClip, CentralDP, attach_central, release_shape
-from fedlora.core.robust import NormBound
+from fedlora.core.robust import NormBound, WeightBound
 from fedlora.federation.config import ConfigError, ExperimentConfig, to_dict
 from fedlora.federation.rounds import Server
+
+LOG = logging.getLogger("fedlora.federation")
+_SAID: set[str] = set()  # warnings said once per process
 
 
 def set_threads(threads: int) -> int:
@@ -54,10 +58,24 @@ class Placement:
 def placement(cfg: ExperimentConfig) -> Placement:
     """Resolve ``train.device`` / ``train.precision`` / ``model.dtype``; an unavailable device
     is a `FedLoraError` naming it, raised before anything is loaded."""
-    from fedlora.clients.device import resolve_device, resolve_dtype, resolve_precision
+    from fedlora.clients.device import (
+        native_bf16,
+        resolve_device,
+        resolve_dtype,
+        resolve_precision,
+    )
 
     device = resolve_device(cfg.train.device)
     compute = resolve_precision(cfg.train.precision, device)
+    if compute == torch.bfloat16 and device.type == "cpu" and not native_bf16(device):
+        slow = (
+            "train.precision = 'bf16' on a CPU without bfloat16 units (no AVX512-BF16 or AMX): "
+            "emulated, it trains many times slower than fp32 (27x measured); 'auto' or 'fp32' "
+            "avoid it"
+        )
+        if slow not in _SAID:
+            _SAID.add(slow)
+            LOG.warning(slow)
     storage = resolve_dtype(cfg.model.dtype, compute)
     if compute == torch.float32 and storage != torch.float32:
         # without autocast a 16-bit model computes in 16 bits end to end, and peft adds the
@@ -533,9 +551,11 @@ def build_server(
             "clients train; lower clients_per_round"
         )
     ledger = build_privacy(cfg, specs, train_clients)
+    registered = {specs[c].client_id: specs[c].num_examples or 1 for c in train_clients}
     return Server(
         strategy=build_strategy(cfg, shapes, specs, ledger),
         bound=norm_bound(cfg),
+        weights=WeightBound(cfg.robust.max_weight_ratio, registered),
         ledger=ledger,
         fatal_drops=cfg.robust.fatal_drops,
         full_ft=full_ft_nbytes(shapes),

@@ -2,12 +2,16 @@
 resumed run is bit-identical.
 
 A checkpoint is one file, ``<run_dir>/checkpoint.safetensors``: the tensors of the state
-(strategy state, RNG states) in safetensors, and everything else (round number, metrics rows,
-configuration, the structure that says where each tensor goes) as JSON in the file's
-metadata. Loading it parses data only: nothing in it is executed, unlike a pickle. The state
-may nest dicts, lists and tuples of tensors, numpy arrays, numbers, strings and instances of
-the allow-listed classes (`LoraFactors`, `LowRankSum`; see `register_checkpoint_type`);
-anything else is refused when saving, naming where it is.
+(strategy state, RNG states) in safetensors, and everything else (round number, configuration,
+the count and SHA-256 of the metrics rows so far, which stay in ``metrics.jsonl``, the
+structure that says where each tensor goes) as JSON in the file's metadata, with a SHA-256
+of the tensors (names, dtypes, shapes, bytes) and of that JSON (``fedlora_sha256``): a
+damaged file is refused by name (`load_checkpoint`), and what it holds is checked before use
+(`check_state`: round >= 0, finite strategy tensors, well-formed RNG states). Its size does
+not grow with the rounds. Loading it parses data only: nothing in it is executed, unlike a
+pickle. The state may nest dicts, lists and tuples of tensors, numpy arrays, numbers,
+strings and instances of the allow-listed classes (`LoraFactors`, `LowRankSum`; see
+`register_checkpoint_type`); anything else is refused when saving, naming where it is.
 
 The file is written to a temporary file in the same directory, flushed and fsync'ed, then
 moved over the old one with `os.replace` (atomic on POSIX and Windows) and the directory is
@@ -21,7 +25,9 @@ are renamed into place): keep a run private with ``umask 077`` or a private dire
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -83,13 +89,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
-def remove_stale_temp(directory: str | os.PathLike) -> list[Path]:
+def remove_stale_temp(
+    directory: str | os.PathLike, names: tuple[str, ...] | None = None
+) -> list[Path]:
     """Remove the temporary files `atomic_write_bytes` leaves when its process is killed
-    (``.<name>.<random>.tmp``); returns them. Call it only where no other writer is active."""
+    (``.<name>.<random>.tmp``; only those of `names` when given); returns them. Call it only
+    where no other writer is active."""
     d = Path(directory)
     if not d.is_dir():
         return []
-    stale = [p for p in d.glob(".*.tmp") if p.is_file()]
+    stale = [
+        p
+        for p in d.glob(".*.tmp")
+        if p.is_file() and (names is None or p.name[1:].rsplit(".", 2)[0] in names)
+    ]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -204,14 +217,25 @@ def decode_state(tensors: dict[str, torch.Tensor], text: str) -> dict[str, Any]:
     return _decode(json.loads(text), tensors)
 
 
+def checksum(tensors: dict[str, torch.Tensor], text: str) -> str:
+    """SHA-256 of the tensors (by key: dtype, shape, bytes) and the metadata JSON."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(text.encode())
+    return h.hexdigest()
+
+
 def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Atomically write `state` (a tree of the types the module docstring lists) as the run's
-    checkpoint."""
+    checkpoint, with its checksum."""
     from safetensors.torch import save
 
     path = checkpoint_path(run_dir)
     tensors, text = encode_state({"format": FORMAT, **state})
-    data = save(tensors, metadata={"fedlora": text})
+    data = save(tensors, metadata={"fedlora": text, "fedlora_sha256": checksum(tensors, text)})
     atomic_write_bytes(path, lambda f: f.write(data))
     return path
 
@@ -235,8 +259,16 @@ def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any] | None:
         data = path.read_bytes()
         tensors = load(data)
         header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_len])
-        state = decode_state(tensors, header["__metadata__"]["fedlora"])
+        meta = json.loads(data[8 : 8 + header_len])["__metadata__"]
+        text, digest = meta["fedlora"], meta.get("fedlora_sha256")
+        if digest is not None and digest != checksum(tensors, text):
+            raise FedLoraError(
+                f"{path}: checksum mismatch (damaged); start again with --overwrite or another "
+                "output_dir"
+            )
+        state = decode_state(tensors, text)
+    except FedLoraError:
+        raise
     except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, name the file
         raise FedLoraError(
             f"{path}: not a readable fedlora checkpoint (truncated, corrupt or foreign: "
@@ -246,7 +278,71 @@ def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         got = state.get("format") if isinstance(state, dict) else None
         raise FedLoraError(f"{path}: unknown checkpoint format {got!r} (expected {FORMAT})")
+    if digest is None:
+        raise FedLoraError(
+            f"{path}: no checksum (written by an older fedlora, or edited); start again with "
+            "--overwrite or another output_dir"
+        )
+    check_state(state, path)
     return state
+
+
+def check_state(state: dict[str, Any], path: Path) -> None:
+    """What a checkpoint holds, checked before it is used (`FedLoraError` naming `path` and
+    the entry): the round a number >= 0, and where present the running totals counts, every
+    float of the strategy finite, the RNG states well-formed (tried on fresh generators)."""
+    rnd = state.get("round")
+    if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
+        raise FedLoraError(f"{path}: round = {rnd!r}, expected an integer >= 0 (damaged)")
+    totals = state.get("totals", {})
+    if not isinstance(totals, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in totals.values()
+    ):
+        raise FedLoraError(f"{path}: totals = {totals!r}, expected counts >= 0 (damaged)")
+    bad = _non_finite(state.get("strategy"), "strategy")
+    if bad is not None:
+        raise FedLoraError(f"{path}: {bad} holds NaN or Inf (damaged)")
+    try:
+        if "rng" in state:
+            _try_rng_state(state["rng"])
+    except Exception as e:  # noqa: BLE001 - any malformed RNG state is a damaged file
+        raise FedLoraError(f"{path}: malformed RNG state ({type(e).__name__}: {e})") from None
+
+
+def _non_finite(x: Any, where: str) -> str | None:
+    """The path of the first non-finite float tensor or number in `x`, else None."""
+    if isinstance(x, torch.Tensor):
+        ok = not x.is_floating_point() or bool(torch.isfinite(x).all())
+        return None if ok else where
+    if isinstance(x, float):
+        return None if math.isfinite(x) else where
+    if isinstance(x, dict):
+        items = x.items()
+    elif isinstance(x, (list, tuple)):
+        items = enumerate(x)
+    elif type(x).__qualname__ in _TYPES:
+        items = vars(x).items()
+    else:
+        return None
+    for k, v in items:
+        bad = _non_finite(v, f"{where}.{k}")
+        if bad is not None:
+            return bad
+    return None
+
+
+def _try_rng_state(state: dict[str, Any]) -> None:
+    """Raise unless `state` (from `rng_state`) loads into fresh generators."""
+    random.Random().setstate(state["python"])
+    np.random.RandomState().set_state(state["numpy"])
+    torch.Generator().set_state(state["torch"])
+    for kind, s in state["generators"].values():
+        if kind == "numpy":
+            np.random.default_rng().bit_generator.state = s
+        elif kind == "torch":
+            torch.Generator().set_state(s)
+        else:
+            raise ValueError(f"unknown generator kind {kind!r}")
 
 
 # -- RNG states -----------------------------------------------------------------------------

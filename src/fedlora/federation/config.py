@@ -165,6 +165,10 @@ class RobustConfig:
 
     max_update_norm: float | None = None  # absolute bound on a client's contribution norm
     max_norm_ratio: float = 20.0  # bound: this x the others' median norm in the round; 0: off
+    # a client without round-mates, before any accepted round: this absolute bound; 0: none
+    fallback_max_norm: float = 100.0
+    # a client whose count the server does not know weighs at most this x the median count
+    max_weight_ratio: float = 4.0
     action: Literal["reject", "clip"] = "reject"  # an update over a bound: drop it, or clip it
     fatal_drops: bool = False  # stop the run at the first dropped client (debugging)
 
@@ -172,7 +176,12 @@ class RobustConfig:
         """These bounds as the `fedlora.core.robust.NormBound` both engines screen with."""
         from fedlora.core.robust import NormBound
 
-        return NormBound(self.max_update_norm, self.max_norm_ratio or None, self.action)
+        return NormBound(
+            self.max_update_norm,
+            self.max_norm_ratio or None,
+            self.action,
+            self.fallback_max_norm or None,
+        )
 
 
 @dataclass
@@ -293,8 +302,9 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
-def _read_toml(source: str | Path) -> tuple[dict[str, Any], str]:
-    """The raw table of a preset name or a TOML file, with ``extends`` resolved."""
+def _read_toml(source: str | Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], str]:
+    """The raw table of a preset name or a TOML file, with ``extends`` resolved (`chain`: the
+    files that extend this one, to refuse a cycle)."""
     path = Path(source)
     if not path.suffix and (PRESET_DIR / f"{source}.toml").is_file() and not path.is_file():
         path = PRESET_DIR / f"{source}.toml"
@@ -306,15 +316,24 @@ def _read_toml(source: str | Path) -> tuple[dict[str, Any], str]:
             else (f"give a TOML file or a preset: {', '.join(preset_names())}")
         )
         raise ConfigError(f"config {str(source)!r}: no such file or preset; {fix}")
+    here = path.resolve()
+    if here in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, here))
+        raise ConfigError(f"config {path}: extends itself ({cycle})")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config {path}: invalid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config {path}: cannot read it: {e.strerror or e}") from None
     base = raw.pop("extends", None)
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError(f"{path}: extends must be a preset name or a path")
-        parent, _ = _read_toml(base if base in preset_names() else path.parent / base)
+        parent_path = base if base in preset_names() else path.parent / base
+        parent, _ = _read_toml(parent_path, (*chain, here))
         raw = _merge(parent, raw)
     return raw, str(path)
 
@@ -405,6 +424,9 @@ def _build(cls: type, data: Any, prefix: str):
         )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls)]
+    unknown = _unknown_keys(cls, data, prefix) if not prefix else []
+    if len(unknown) > 1:
+        raise ConfigError(f"{len(unknown)} unknown keys: " + "; ".join(unknown))
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
@@ -413,6 +435,22 @@ def _build(cls: type, data: Any, prefix: str):
         tp = hints[key]
         kwargs[key] = _build(tp, value, path) if is_dataclass(tp) else _coerce(value, tp, path)
     return cls(**kwargs)
+
+
+def _unknown_keys(cls: type, data: Any, prefix: str) -> list[str]:
+    """Every unknown key of `data` (and of its tables), each with its hint."""
+    if not isinstance(data, Mapping):
+        return []
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    out = []
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            out.append(str(_unknown(path, str(key), names)))
+        elif is_dataclass(hints[key]):
+            out += _unknown_keys(hints[key], value, path)
+    return out
 
 
 def _type_name(tp: Any) -> str:
@@ -564,6 +602,14 @@ def apply_overrides(
     type-checked. A whole section may be given as a mapping (``{"train": {"lr": 1e-3}}``).
     """
     data = to_dict(cfg)
+    unknown = []
+    for dotted in overrides:
+        try:
+            _field_type(dotted)
+        except ConfigError as e:
+            unknown.append(str(e))
+    if len(unknown) > 1:  # every one of them, not the first
+        raise ConfigError(f"{len(unknown)} unknown keys: " + "; ".join(unknown))
     for dotted, value in overrides.items():
         tp = _field_type(dotted)
         if isinstance(value, str):
@@ -858,6 +904,14 @@ def _robust_problems(cfg: ExperimentConfig, p: _Problems) -> None:
         rb.max_norm_ratio >= 0 and math.isfinite(rb.max_norm_ratio),
         f"robust.max_norm_ratio = {rb.max_norm_ratio}: must be a number >= 0 (0: no relative "
         "bound)",
+    )
+    p.need(
+        rb.fallback_max_norm >= 0 and math.isfinite(rb.fallback_max_norm),
+        f"robust.fallback_max_norm = {rb.fallback_max_norm}: must be a number >= 0 (0: none)",
+    )
+    p.need(
+        rb.max_weight_ratio >= 1 and math.isfinite(rb.max_weight_ratio),
+        f"robust.max_weight_ratio = {rb.max_weight_ratio}: must be a number >= 1",
     )
 
 

@@ -7,8 +7,12 @@ when the aggregation asks for its update). `close_round` then, for every reply:
 
 1. `accept`: count its bytes, account its privacy cost (local DP: every client that was sent
    a payload, with the steps the server asked for), check it against its payload
-   (`fedlora.core.contract.check_update`); a failure is a drop with its reason;
-2. `screen`: the norm bounds (`fedlora.core.robust.screen_updates`);
+   (`fedlora.core.contract.check_update`); a failure is a drop with its reason; its weight
+   (``num_examples``) becomes the server's bound of it (`fedlora.core.robust.WeightBound`:
+   at most the count registered for the client, else ``robust.max_weight_ratio`` x the
+   median count), the reported count recorded in the row's ``capped_weights``;
+2. `screen`: the norm bounds (`fedlora.core.robust.screen_updates`; a client without
+   round-mates is bounded by earlier rounds' norms, `fedlora.core.robust.NormHistory`);
 3. `aggregate`: fold the kept updates into the strategy (none: the global model is unchanged);
 4. `round_row`: the round's metrics row, with the epsilon spent so far.
 
@@ -26,9 +30,10 @@ One policy each, the same in every engine (docs/INTERFACES.md):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +50,14 @@ from fedlora.core.contract import (
     payload_nbytes,
     update_nbytes,
 )
-from fedlora.core.robust import NormBound, Start, screen_updates, start_of
+from fedlora.core.robust import (
+    NormBound,
+    NormHistory,
+    Start,
+    WeightBound,
+    screen_updates,
+    start_of,
+)
 
 LOG = logging.getLogger("fedlora.federation")
 
@@ -54,10 +66,14 @@ LOG = logging.getLogger("fedlora.federation")
 class Server:
     """The server side of a federation: the strategy, the norm bounds of the screen, the
     privacy ledger (None without DP), whether a drop stops the run, and the bytes of a float32
-    full fine-tuning update of the same modules (one way), for the communication ratio."""
+    full fine-tuning update of the same modules (one way), for the communication ratio; the
+    weight bound (the counts the server registered) and the norm history (checkpointed with
+    `server_state`)."""
 
     strategy: Strategy
     bound: NormBound = field(default_factory=NormBound)
+    weights: WeightBound = field(default_factory=WeightBound)
+    history: NormHistory = field(default_factory=NormHistory)
     ledger: PrivacyLedger | None = None
     fatal_drops: bool = False
     full_ft: int = 0
@@ -88,11 +104,14 @@ class RoundTally:
     clients: list[str] = field(default_factory=list)
     losses: list[tuple[float, int]] = field(default_factory=list)
     used: list[str] = field(default_factory=list)
+    weights: dict[str, int] = field(default_factory=dict)  # used client -> its bounded count
     norms: dict[str, float] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
     clipped: dict[str, float] = field(default_factory=dict)
     sent: list[ClientSpec] = field(default_factory=list)  # accounted under local DP
     sample_rate: float = 1.0  # this round's client sampling rate (central DP's accountant)
+    capped: dict[str, list[int]] = field(default_factory=dict)  # client -> [reported, used]
+    counts: list[int] = field(default_factory=list)  # the round's reported counts (if needed)
 
 
 def new_totals() -> dict[str, int]:
@@ -182,10 +201,17 @@ def accept(
         return None
     try:
         check_update(server.strategy, rnd, spec, reply.payload, update, shapes=server.shapes)
-    except FedLoraError as e:
-        drop(server, tally, rnd, spec.client_id, str(e))
+        start = start_of(update, reply.payload)
+    except Exception as e:  # noqa: BLE001 - whatever a reply holds, it is a drop, not a crash
+        bad = str(e) if isinstance(e, FedLoraError) else f"malformed: {type(e).__name__}: {e}"
+        drop(server, tally, rnd, spec.client_id, bad)
         return None
-    return update, start_of(update, reply.payload)
+    n, why = server.weights.bound(spec.client_id, update.num_examples, tally.counts)
+    if why is not None:
+        LOG.warning("round %d: client %s weighs %d: %s", rnd, spec.client_id, n, why)
+        tally.capped[spec.client_id] = [update.num_examples, n]
+        update = dataclasses.replace(update, num_examples=n)
+    return update, start
 
 
 def screen(
@@ -195,7 +221,7 @@ def screen(
     the round's norms, so the round is gathered first; an absolute one screens the stream."""
     batches = [list(items)] if server.bound.needs_round else ([item] for item in items)
     for batch in batches:
-        result = screen_updates(batch, server.bound)
+        result = screen_updates(batch, server.bound, history=server.history.reference())
         tally.norms.update(result.norms)
         tally.clipped.update(result.clipped)
         for client, reason in result.dropped.items():
@@ -204,6 +230,7 @@ def screen(
             if "train_loss" in u.extras:  # a local-DP client releases none
                 tally.losses.append((float(u.extras["train_loss"]), u.num_examples))
             tally.used.append(u.client_id)
+            tally.weights[u.client_id] = u.num_examples  # as bounded by the server
             yield u
 
 
@@ -264,6 +291,7 @@ def round_row(
         "aggregated": aggregated,
         "dropped": dict(tally.dropped),
         "clipped": dict(tally.clipped),
+        "capped_weights": dict(tally.capped),
         "update_norms": dict(tally.norms),
         "train_loss": sum(v * n for v, n in tally.losses) / n_total if n_total else None,
         "bytes_down": tally.down,
@@ -283,10 +311,30 @@ def close_round(
     totals: dict[str, int],
 ) -> dict[str, Any]:
     """Steps 3-6 over `replies` (consumed lazily: a streaming strategy holds one update at a
-    time): the round's row. The same in every engine."""
+    time): the round's row. The same in every engine. A weight bound without registered
+    counts needs the round's reported counts: the replies are gathered first."""
+    if server.weights.needs_round:
+        replies = list(replies)
+        tally.counts = [n for r in replies if _count(n := getattr(r.update, "num_examples", 0))]
     items = (item for r in replies if (item := accept(server, rnd, r, tally)) is not None)
     aggregated = aggregate(server, rnd, screen(server, rnd, items, tally))
+    kept = set(tally.used) - set(tally.clipped)
+    server.history.record([n for c, n in tally.norms.items() if c in kept])
     return round_row(server, rnd, tally, aggregated, totals)
+
+
+def _count(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+
+def server_state(server: Server) -> dict[str, Any]:
+    """The server state a resumed run needs beyond the strategy and the privacy ledger."""
+    return {"norm_history": server.history.state_dict()}
+
+
+def load_server_state(server: Server, state: Mapping[str, Any]) -> None:
+    """Restore `server_state` (a checkpoint without it: a fresh history)."""
+    server.history.load_state_dict(dict(state.get("norm_history") or {}))
 
 
 def run_summary(

@@ -1,43 +1,27 @@
-"""A run directory (the in-process engine's; any engine's that keeps one): refusing to clobber a
-run, clearing one on
-``overwrite``, checking that a checkpoint belongs to the configuration, and the JSONL files a
-run appends to."""
+"""A run directory (the in-process engine's; any engine's that keeps one): refusing to
+clobber a run, clearing one on ``overwrite``, checking that a checkpoint belongs to the
+configuration, and the JSONL files a run appends to. The lock, the marker and its manifest
+are `fedlora.federation.runfiles`."""
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 from fedlora.core.contract import FedLoraError
-from fedlora.federation.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT, atomic_write_text
+from fedlora.federation.checkpoint import atomic_write_text
 from fedlora.federation.config import ConfigError, ExperimentConfig, diff, from_dict, to_dict
-from fedlora.federation.tracking import STATE_FILE as TRACKING_STATE
-from fedlora.federation.tracking import TB_DIR
-
-#: files whose presence means a directory holds a run (refused without resume or overwrite)
-RUN_FILES = ("metrics.jsonl", "summary.json", CHECKPOINT, LEGACY_CHECKPOINT)
-#: what a run writes there, removed by ``overwrite`` (nothing else in the directory is touched)
-RUN_OUTPUTS = (
-    "config.toml",
-    "partition.json",
-    "spectrum.json",
-    "adapter",
-    "merged",
-    "plots",
-    TRACKING_STATE,
-    TB_DIR,
-    *RUN_FILES,
-)
+from fedlora.federation.runfiles import claim, clear_claimed, held_run_files, read_jsonl
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a new run over one that is there, unless told to resume or overwrite."""
+    """Refuse to start a new run over one that is there, unless told to resume or overwrite
+    (called with the directory locked, `fedlora.federation.runfiles.hold`)."""
     if resume and overwrite:
         raise ConfigError("resume and overwrite: choose one (continue the run, or replace it)")
-    held = [n for n in RUN_FILES if (run_dir / n).exists()]
+    held = held_run_files(run_dir)
     if held and not resume and not overwrite:
         raise FedLoraError(
             f"{run_dir} already holds a run ({', '.join(held)}); continue it with "
@@ -47,26 +31,16 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def clear_run_dir(run_dir: Path, log: logging.Logger) -> None:
-    """Remove what an earlier run wrote in `run_dir` (``overwrite``), and nothing else."""
-    removed = []
-    for name in RUN_OUTPUTS:
-        p = run_dir / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
-        else:
-            continue
-        removed.append(name)
-    if removed:
-        log.info("overwrite: removed %s from %s", ", ".join(removed), run_dir)
+    """Remove what an earlier run wrote in `run_dir` (``overwrite``: its manifest), and nothing
+    else."""
+    clear_claimed(run_dir, log)
 
 
 def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, run_dir: Path) -> None:
     """The checkpoint in `run_dir` was written by this configuration (`rounds` may grow)."""
     saved = from_dict(state["config"])
-    # trackers may be added or changed on resume: they do not change the run
-    # and parallel_clients is how clients share the hardware, not what they compute
+    # trackers may be added or changed on resume: they do not change the run; and
+    # parallel_clients is how clients share the hardware, not what they compute
     ignore = ("output_dir", "threads", "rounds", "tracking", "train.parallel_clients")
     changed = diff(saved, cfg, ignore=ignore)
     if cfg.rounds < int(state["round"]):
@@ -84,10 +58,11 @@ def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, run_dir: Path)
 
 
 class Jsonl:
-    """An append-only JSONL file, rewritten from `rows` when opened."""
+    """An append-only JSONL file, rewritten from `rows` when opened (and claimed as the run's)."""
 
     def __init__(self, path: Path, rows: list[dict[str, Any]]) -> None:
         self.path = path
+        claim(path.parent, path.name)
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def append(self, row: dict[str, Any]) -> None:
@@ -97,10 +72,9 @@ class Jsonl:
 
 def rows_before(path: Path, start: int) -> list[dict[str, Any]]:
     """The rows of a JSONL file from rounds before `start` (a resumed run rewrites the rest)."""
-    if start <= 1 or not path.is_file():
+    if start <= 1:
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["round"] < start]
+    return [r for r in read_jsonl(path) if isinstance(r.get("round"), int) and r["round"] < start]
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -234,6 +234,8 @@ def _meta(content: RecordDict, kind: str) -> dict:
         meta = json.loads(content.config_records[META]["json"])
     except (KeyError, TypeError, ValueError) as e:
         raise CodecError(f"malformed {META!r} record: {e}") from None
+    if not isinstance(meta, dict):
+        raise CodecError(f"malformed {META!r} record: a {type(meta).__name__}, not an object")
     if meta.get("kind") != kind:
         raise CodecError(f"expected a fedlora {kind}, got {meta.get('kind')!r}")
     return meta

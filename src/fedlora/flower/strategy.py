@@ -37,7 +37,7 @@ from fedlora.core.contract import (
     Payload,
     Strategy,
 )
-from fedlora.core.robust import NormBound
+from fedlora.core.robust import NormBound, WeightBound
 from fedlora.federation import rounds
 from fedlora.federation.config import RobustConfig
 from fedlora.flower import codec
@@ -86,8 +86,13 @@ class FlowerStrategy(FlwrStrategy):
         self.shapes = {m: (int(s[0]), int(s[1])) for m, s in shapes.items()}
         # the federation's server side (`fedlora.federation.build.build_server`), or `strategy`
         # with the engine's default bounds (`RobustConfig`) unless told otherwise
+        # the weight bound: the configured clients' counts are the server's (a node's
+        # declared or reported count never raises its weight above them)
+        known = {s.client_id: s.num_examples for s in (client_specs or {}).values()}
         self.server = server or rounds.Server(
-            strategy, norm_bound if norm_bound is not None else RobustConfig().bound()
+            strategy,
+            norm_bound if norm_bound is not None else RobustConfig().bound(),
+            WeightBound(RobustConfig().max_weight_ratio, {c: n for c, n in known.items() if n}),
         )
         self.server.shapes = self.shapes
         self.fraction_train = fraction_train
@@ -156,7 +161,8 @@ class FlowerStrategy(FlwrStrategy):
                         f"node {node_id}: client id {spec.client_id!r} is already used by node "
                         f"{other}; give each node its own partition-id or client-id"
                     )
-        except FedLoraError as e:
+        except Exception as e:  # noqa: BLE001 - a node's declaration never crashes the server
+            e = e if isinstance(e, FedLoraError) else FedLoraError(f"node {node_id}: {e!r}")
             if self.rejected.get(node_id) != str(e):
                 log(WARNING, "fedlora: node %s skipped: %s", node_id, e)
             self.rejected[node_id] = str(e)
@@ -309,8 +315,8 @@ class FlowerStrategy(FlwrStrategy):
             self.learn(node, dict(declared))
         try:
             u = codec.decode_update(msg.content)
-        except (FedLoraError, KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise FedLoraError(f"undecodable reply: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a node's reply never crashes the server
+            raise FedLoraError(f"undecodable reply: {type(e).__name__}: {e}") from None
         if u.client_id != spec.client_id:
             raise FedLoraError(f"reply claims client {u.client_id!r}, expected {spec.client_id!r}")
         return u
@@ -341,8 +347,9 @@ class FlowerStrategy(FlwrStrategy):
                 continue
             try:
                 u = self.check_reply(server_round, msg)
-            except FedLoraError as e:
-                out.append(rounds.Reply(spec, payload, None, str(e)))
+            except Exception as e:  # noqa: BLE001 - one reply never crashes the server
+                why = str(e) if isinstance(e, FedLoraError) else f"{type(e).__name__}: {e}"
+                out.append(rounds.Reply(spec, payload, None, why))
                 continue
             decoded[spec.client_id] = (u, msg)
             out.append(rounds.Reply(spec, payload, u))
@@ -370,10 +377,13 @@ class FlowerStrategy(FlwrStrategy):
         )
         if "epsilon" in row:
             metrics["epsilon"] = row["epsilon"]
+        weight = tally.weights  # the counts as the server bounded them
         keys = {k for u in used for k, v in u.extras.items() if isinstance(v, float)}
         for k in sorted(keys):
             vals = [
-                (u.num_examples, u.extras[k]) for u in used if isinstance(u.extras.get(k), float)
+                (weight[u.client_id], u.extras[k])
+                for u in used
+                if isinstance(u.extras.get(k), float)
             ]
             metrics[k] = sum(n * v for n, v in vals) / max(1, sum(n for n, _ in vals))
         self.rounds.append(
@@ -382,7 +392,7 @@ class FlowerStrategy(FlwrStrategy):
                 "sent": [s.client_id for s, _, _ in self._sent.values()],
                 "used_clients": list(tally.used),
                 "ignored": ignored,
-                "num_examples": sum(u.num_examples for u in used),
+                "num_examples": sum(weight.values()),
                 "metrics": dict(metrics),
                 "client_metrics": {c: _client_metrics(u, m) for c, (u, m) in decoded.items()},
                 # wall time from configure to aggregated, and its parts: configure (incl.

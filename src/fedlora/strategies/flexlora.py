@@ -17,7 +17,8 @@ train (zero A and B would get no gradient).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from fedlora.core.contract import (
     Adapter,
@@ -39,6 +40,17 @@ class FlexLoRA(Strategy):
 
     name = "flexlora"
     dp_released = "delta"
+
+    @classmethod
+    def option_problems(cls, options: Mapping[str, Any], privacy_mode: str = "none") -> list[str]:
+        """Its options' values too, checked with the configuration (before a model loads)."""
+        problems = super().option_problems(options, privacy_mode)
+        if options.get("split", "B") not in ("B", "sqrt"):
+            problems.append(f"strategy.options.split = {options['split']!r}: must be 'B' or 'sqrt'")
+        r = options.get("dense_rank")
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 0):
+            problems.append(f"strategy.options.dense_rank = {r!r}: must be an integer >= 0")
+        return problems
 
     def __init__(self, *, split: str = "B", dense_rank: int | None = None, **options) -> None:
         super().__init__(**options)
