@@ -8,7 +8,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from flwr.common import serde  # noqa: E402
+from flower_grid import wire  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -25,8 +25,6 @@ from fedlora.flower import codec  # noqa: E402
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-def _wire(content):
-    return serde.recorddict_from_proto(serde.recorddict_to_proto(content))
 
 
 def _same(x, y):
@@ -105,7 +103,7 @@ def test_payload_round_trip(dense, merge, adapter, trainable, seed, budget, gamm
     }
     p = Payload(merge, adapter, trainable, seed, extras, dense)
     content = codec.encode_payload(p)
-    q = codec.decode_payload(_wire(content))
+    q = codec.decode_payload(wire(content))
     _same(p.dense, q.dense)
     _same(p.merge, q.merge)
     _same(p.adapter, q.adapter)
@@ -136,7 +134,7 @@ def test_update_round_trip(adapter, n, loss, dense):
         dense,
     )
     content = codec.encode_update(u)
-    v = codec.decode_update(_wire(content))
+    v = codec.decode_update(wire(content))
     assert v.client_id == u.client_id and v.num_examples == n
     _same(u.dense, v.dense)
     assert codec.record_nbytes(content) >= update_nbytes(u)
@@ -165,7 +163,7 @@ def test_spec_round_trip():
 def _wire_config(cfg):
     from flwr.app import RecordDict
 
-    return _wire(RecordDict({"s": cfg}))["s"]
+    return wire(RecordDict({"s": cfg}))["s"]
 
 
 def test_global_arrays_round_trip():
@@ -178,7 +176,7 @@ def test_global_arrays_round_trip():
         ),
         "z": LoraFactors(torch.zeros(0, 5), torch.zeros(4, 0), 1.0),
     }
-    back = codec.arrays_to_adapter(_wire(_rd(codec.adapter_to_arrays(delta)))["a"])
+    back = codec.arrays_to_adapter(wire(_rd(codec.adapter_to_arrays(delta)))["a"])
     _same(delta, back)
 
 
@@ -213,11 +211,11 @@ def test_adapter_factors_travel_packed_one_array_per_factor_and_dtype():
     }
     content = codec.encode_update(ClientUpdate("c", ad, 7))
     assert sorted(content.array_records[codec.ADAPTER]) == ["A:float32", "B:float32"]
-    _same(codec.decode_update(_wire(content)).adapter, ad)
+    _same(codec.decode_update(wire(content)).adapter, ad)
     ad["m1"] = LoraFactors(ad["m1"].A.to(torch.bfloat16), ad["m1"].B)
     mixed = codec.encode_update(ClientUpdate("c", ad, 7))
     assert sorted(mixed.array_records[codec.ADAPTER]) == ["A:bfloat16", "A:float32", "B:float32"]
-    _same(codec.decode_update(_wire(mixed)).adapter, ad)
+    _same(codec.decode_update(wire(mixed)).adapter, ad)
 
     from flwr.app import Array
 

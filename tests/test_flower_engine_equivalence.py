@@ -20,8 +20,8 @@ import json  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from flower_grid import task_identity, wire  # noqa: E402, F401 (autouse fixture)
 from flwr.app import Context, Message, RecordDict  # noqa: E402
-from flwr.common import serde  # noqa: E402
 
 import fedlora.strategies as S  # noqa: E402
 from fedlora.engine.runner import run_experiment  # noqa: E402
@@ -37,19 +37,8 @@ OVERRIDES = (
 HETEROGENEOUS = "resources.distribution=custom resources.custom_share=[1,1,1,1]"
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages need the ServerApp's task identity, which Flower sets in a real run."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def _wire(content: RecordDict) -> RecordDict:
-    return serde.recorddict_from_proto(serde.recorddict_to_proto(content))
 
 
 class ClientAppGrid:
@@ -69,14 +58,14 @@ class ClientAppGrid:
             node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
             self.sent.append((node, kind))
             ctx = Context(1, node, dict(self.node_configs[node]), RecordDict(), self.run_config)
-            inbound = Message(_wire(msg.content), dst_node_id=node, message_type=kind)
+            inbound = Message(wire(msg.content), dst_node_id=node, message_type=kind)
             handler = {
                 "query.hello": client_app.hello,
                 "train": client_app.train,
                 "evaluate": client_app.evaluate,
             }[kind]
             out = handler(inbound, ctx)
-            replies.append(Message(_wire(out.content), reply_to=msg))
+            replies.append(Message(wire(out.content), reply_to=msg))
         return replies
 
 

@@ -16,8 +16,8 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from flower_grid import task_identity, wire  # noqa: E402, F401 (autouse fixture)
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message  # noqa: E402
-from flwr.common import serde  # noqa: E402
 
 import fedlora.strategies as S  # noqa: E402
 from fedlora.core.contract import ClientSpec, FedLoraError  # noqa: E402
@@ -40,20 +40,8 @@ def _train(spec, payload, partition, server_round):
     return get_backend(RUN).train(spec, payload, partition, server_round=server_round)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages need the ServerApp's task identity, which Flower sets in a real run."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def _wire(content):
-    """Through Flower's protobuf serialisation and back, as over the network."""
-    return serde.recorddict_from_proto(serde.recorddict_to_proto(content))
 
 
 class FakeGrid:
@@ -92,7 +80,7 @@ class FakeGrid:
             if fault == "error":
                 replies.append(Message(Error(code=0, reason="client crashed"), reply_to=msg))
                 continue
-            cfg, content = self.node_configs[node], _wire(msg.content)
+            cfg, content = self.node_configs[node], wire(msg.content)
             if kind == "query.hello":
                 out = client_app.hello_content(cfg)
             elif kind == "train":
@@ -101,7 +89,7 @@ class FakeGrid:
                     out = _corrupt(out, fault)
             else:
                 out = client_app.evaluate_content(content, cfg, self.run_config)
-            replies.append(Message(_wire(out), reply_to=msg))
+            replies.append(Message(wire(out), reply_to=msg))
         return replies
 
 

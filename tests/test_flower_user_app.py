@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("flwr")
+from flower_grid import task_identity, wire  # noqa: E402, F401 (autouse fixture)
 from flwr.app import Context, Message, RecordDict  # noqa: E402
-from flwr.common import serde  # noqa: E402
 
 from fedlora.flower.local import exe, simulation_superlink, stop  # noqa: E402
 from fedlora.flower.user_app import fedlora_strategy  # noqa: E402
@@ -41,19 +41,8 @@ def user_app(monkeypatch):
     return user_app
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages need the ServerApp's task identity, which Flower sets in a real run."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def _wire(content: RecordDict) -> RecordDict:
-    return serde.recorddict_from_proto(serde.recorddict_to_proto(content))
 
 
 class AppGrid:
@@ -72,9 +61,9 @@ class AppGrid:
             node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
             ctx = Context(1, node, dict(self.nodes[node]), RecordDict(), self.run_config)
             out = self.handlers[kind](
-                Message(_wire(msg.content), dst_node_id=node, message_type=kind), ctx
+                Message(wire(msg.content), dst_node_id=node, message_type=kind), ctx
             )
-            replies.append(Message(_wire(out.content), reply_to=msg))
+            replies.append(Message(wire(out.content), reply_to=msg))
         return replies
 
 
