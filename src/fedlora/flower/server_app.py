@@ -13,6 +13,10 @@ Run config (``flower_app/pyproject.toml``, ``[tool.flwr.app.config]``, or
   fraction of nodes, on their held-out data, with the ``[eval]`` settings; default 0);
   ``rank-types`` (``"2,4,8,16"``: the ranks a node's ``rank-type=N`` declaration means;
   empty: the experiment's ``resources.ranks``);
+* ``hello`` (default ``"auto"``): in Flower's simulation runtime the app reads each virtual
+  node's ``partition-id`` from the runtime (`fedlora.flower.nodes.simulation_node_configs`)
+  instead of sending it a ``query.hello``; ``"always"``: ask every node (a ClientApp whose
+  hello declares more than its node config). Deployments always ask.
 * ``result-dir`` (empty: the experiment's ``output_dir``): the app writes ``result.json`` (per
   round: clients used, dropped replies with reasons, metrics), ``global_delta.pt`` (the final
   global delta as scale-1 factors ``{module: (A, B)}``) and ``config.toml`` (the resolved
@@ -136,6 +140,10 @@ class PollingGrid:
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     fs = build(rc)
+    if str(rc.get("hello", "auto")) != "always":  # the simulation's nodes: no hello round
+        from fedlora.flower.nodes import simulation_node_configs
+
+        fs.node_configs = lambda: simulation_node_configs(grid)
     try:
         fs.start(
             # a Grid that pushes and pulls (every Flower runtime's); a test double that only
