@@ -402,6 +402,11 @@ class FlowerStrategy(FlwrStrategy):
                 "num_examples": sum(weight.values()),
                 "metrics": dict(metrics),
                 "client_metrics": {c: _client_metrics(u, m) for c, (u, m) in decoded.items()},
+                # host, pid and Ray node id of the process that trained each used client
+                "client_places": {
+                    c: dict(m.content.config_records.get(codec.NODE_PLACE) or {})
+                    for c, (u, m) in decoded.items()
+                },
                 # wall time from configure to aggregated, and its parts: configure (incl.
                 # waiting for nodes and hellos), send and receive (messaging and the nodes'
                 # work), checks and aggregation
