@@ -71,8 +71,8 @@ def _kind(proc) -> str:
         cmd = " ".join(proc.cmdline())
     except Exception:  # noqa: BLE001 - gone or not ours
         return "other"
-    if cmd.startswith("ray::") or "default_worker.py" in cmd:
-        return "actor"
+    if cmd.startswith("ray::ClientAppActor"):
+        return "actor"  # a ClientApp actor (its process title while it has run a message)
     for part in ("flower-superlink", "flower-superexec", "flwr-simulation"):
         if part in cmd:
             return part
@@ -147,6 +147,14 @@ def simulation(text: str, clients: int, cpus: int, tmp: Path) -> dict:
             max(r["client_metrics"][c]["model-builds"] for r in rounds if c in r["client_metrics"])
             for c in {c for r in rounds for c in r["client_metrics"]}
         ),
+        # where a round's wall goes: configure (waiting for nodes, their specs), exchange
+        # (messaging and the actors' work, in round 1 also Ray's start and the actors' model
+        # builds), aggregate (checks, aggregation); handler = the ClientApp's own seconds
+        "parts_s": [
+            (r["configure_seconds"], r["exchange_seconds"], r["aggregate_seconds"],
+             sum(c["handler-seconds"] for c in r["client_metrics"].values()))
+            for r in rounds
+        ],  # fmt: skip
         "peak_mb": peak[0] / 2**20,
         "actor_mb": actor[0] / 2**20,
         "parts_mb": {k: (n, b / 2**20) for k, (n, b) in sorted(parts.items())},
@@ -180,6 +188,14 @@ def compare(args, clients: int) -> list[str]:
         sum(eng["round_s"][later]) / len(eng["round_s"][later])
     )
     parts = ", ".join(f"{k} {n} x = {mb:,.0f} MB" for k, (n, mb) in sim["parts_mb"].items())
+    parts_s = "; ".join(
+        f"round {i + 1}: {c:.1f} / {x:.1f} / {a:.1f} / {h:.1f}"
+        for i, (c, x, a, h) in enumerate(sim["parts_s"])
+    )
+    rows.append(
+        f"{clients:,} clients, simulation seconds configure / exchange / aggregate / ClientApp "
+        f"handlers summed: {parts_s}"
+    )
     rows.append(
         f"{clients:,} clients: simulation / in-process, mean wall of rounds after the first: "
         f"{ratio:.2f}x; peak memory {sim['peak_mb'] / eng['peak_mb']:.2f}x; clients used per "
@@ -208,10 +224,10 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     rows, notes = [], []
     for clients in args.clients:
-        *table, note = compare(args, clients)
+        *table, parts, note = compare(args, clients)
         rows += table
-        notes.append(note)
-        print(*table, note, sep="\n", flush=True)
+        notes += [parts, note]
+        print(*table, parts, note, sep="\n", flush=True)
     print(
         f"\n{args.per_round} per round, {args.rounds} rounds, {args.strategy}, tiny model, "
         f"{os.cpu_count()} CPUs, load {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
