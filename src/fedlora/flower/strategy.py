@@ -251,9 +251,10 @@ class FlowerStrategy(FlwrStrategy):
     ) -> Iterable[Message]:
         self._round_start = time.perf_counter()
         nodes = self._wait_for_nodes(grid)
-        if self.node_configs is not None:  # node configs the runtime knows: no hello for them
+        new = {n for n in nodes if n not in self.specs and n not in self.rejected}
+        if new and self.node_configs is not None:  # configs the runtime knows: no hello
             for node, declared in self.node_configs().items():
-                if node in nodes and node not in self.specs and node not in self.rejected:
+                if node in new:
                     self.learn(node, declared)
         self.hello(
             grid, [n for n in nodes if n not in self.specs and n not in self.rejected], server_round
