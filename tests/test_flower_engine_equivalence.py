@@ -221,3 +221,7 @@ def test_overrides_run_config_key():
             parse_overrides(bad)
     with pytest.raises(ConfigError, match="rounds"):
         experiment_config({"experiment": "tiny", "overrides": "rounds=0"})
+    # parsed once per process: a caller changing its copy changes nobody else's
+    cfg.rounds = 99
+    again = experiment_config({"experiment": "tiny", "overrides": "rounds=5 eval.metrics=loss,f1"})
+    assert again.rounds == 5 and again is not cfg

@@ -472,3 +472,26 @@ def test_a_lone_1e6_scaled_node_is_rejected():
     fresh.start(FakeGrid(_nodes([4]), faults={100: {"train": "scaled"}}), ArrayRecord(),
                 num_rounds=1, timeout=10)  # fmt: skip
     assert "robust.fallback_max_norm = 100" in fresh.rounds[0]["dropped"]["partition-0"]
+
+
+def test_node_configs_known_to_the_runtime_skip_the_hello():
+    """`FlowerStrategy.node_configs` (the simulation's partition ids): no hello for those
+    nodes, the same clients trained as with hellos; a node it does not know is still asked."""
+    conf = _configured(6)
+    nodes = {500 - 3 * i: {"partition-id": i} for i in range(6)}
+    rc = {**RUN, "overrides": RUN["overrides"] + " data.num_clients=6"}
+    runs = {}
+    for known in (None, {n: c for n, c in nodes.items() if c["partition-id"] != 4}):
+        fs = FlowerStrategy(
+            S.get("flexlora", shapes=SHAPES), SHAPES, min_nodes=6, client_specs=conf,
+            clients_per_round=3, sample_seed=3,
+        )  # fmt: skip
+        if known is not None:
+            fs.node_configs = lambda known=known: known
+        grid = FakeGrid(nodes, rc)
+        fs.start(grid, ArrayRecord(), num_rounds=2, timeout=10)
+        hellos = sorted(n for n, kind in grid.sent if kind == "query.hello")
+        runs[known is None] = ([r["used_clients"] for r in fs.rounds], hellos)
+    assert runs[True][1] == sorted(nodes)  # without: every node was asked once
+    assert runs[False][1] == [500 - 3 * 4]  # with: only the node the runtime did not know
+    assert runs[True][0] == runs[False][0]

@@ -101,7 +101,22 @@ def _with_node_metrics(
             "handler-seconds": time.perf_counter() - started,
         }
     )
+    content[codec.NODE_PLACE] = place()
     return content
+
+
+def place() -> ConfigRecord:
+    """Where this handler runs: host, process id and (in a Ray actor of the simulation
+    runtime) the Ray node id, so a run on a Ray cluster shows which node trained whom."""
+    import os
+    import socket
+    import sys
+
+    rec = ConfigRecord({"host": socket.gethostname(), "pid": os.getpid()})
+    ray = sys.modules.get("ray")  # imported by the simulation runtime's actors only
+    if ray is not None and ray.is_initialized():
+        rec["ray-node-id"] = ray.get_runtime_context().get_node_id()
+    return rec
 
 
 @app.query("hello")

@@ -53,6 +53,8 @@ META, MERGE, ADAPTER, EXTRAS, METRICS, DENSE = (
 SPEC, NODE = "fedlora.spec", "fedlora.node"
 # a reply's node-side counters (model builds of this node in this run, load seconds)
 NODE_METRICS = "fedlora.node-metrics"
+# where a reply was computed: host name, process id and, in a Ray actor, the Ray node id
+NODE_PLACE = "fedlora.node-place"
 
 _DTYPES = {
     str(d).removeprefix("torch."): d

@@ -203,3 +203,27 @@ def resolve_spec(
         None if n is None else _int(n, "num-examples", who),
         None if rt is None else _int(rt, "rank-type", who),
     )
+
+
+def simulation_node_configs(grid: Any) -> dict[int, dict[str, int]]:
+    """The node configs of the virtual SuperNodes of Flower's simulation runtime, without
+    asking them: node id -> ``{"partition-id": i}``; empty for any other runtime.
+
+    In Flower 1.41's simulation runtime (``flwr-simulation``) the ServerApp's Grid is an
+    ``InMemoryGrid`` over an in-memory link state that the runtime fills itself
+    (``flwr.server.superlink.fleet.vce.vce_api._register_nodes``): virtual node ``i`` is the
+    ``i``-th node created and gets node config ``partition-id = i`` (nothing else: a virtual
+    node has no ``--node-config``). The link state keeps its nodes in creation order, so the
+    order of ``state.get_node_info()`` is the partition order. Any other Grid (a deployment's
+    SuperLink, a test double) gives ``{}``: its nodes are asked (``query.hello``).
+    """
+    if type(grid).__name__ != "InMemoryGrid" or not hasattr(grid, "state"):
+        return {}
+    try:
+        ordered = [i.node_id for i in grid.state.get_node_info()]  # every node, in creation order
+        online = set(grid.get_node_ids())
+    except Exception:  # noqa: BLE001 - another Flower version: fall back to the hello
+        return {}
+    if not online <= set(ordered):  # not the simulation's node table: ask the nodes instead
+        return {}
+    return {node: {"partition-id": i} for i, node in enumerate(ordered) if node in online}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
@@ -121,6 +121,9 @@ class FlowerStrategy(FlwrStrategy):
         self.num_rounds: int = 1
         self.result_dir: str = ""
         self.experiment: Any = None
+        # node id -> node config, for nodes whose config the runtime knows (set by
+        # `fedlora.flower.server_app.main` in Flower's simulation runtime); None: ask every node
+        self.node_configs: Callable[[], Mapping[int, Mapping[str, Any]]] | None = None
 
     @property
     def strategy(self) -> Strategy:
@@ -248,6 +251,11 @@ class FlowerStrategy(FlwrStrategy):
     ) -> Iterable[Message]:
         self._round_start = time.perf_counter()
         nodes = self._wait_for_nodes(grid)
+        new = {n for n in nodes if n not in self.specs and n not in self.rejected}
+        if new and self.node_configs is not None:  # configs the runtime knows: no hello
+            for node, declared in self.node_configs().items():
+                if node in new:
+                    self.learn(node, declared)
         self.hello(
             grid, [n for n in nodes if n not in self.specs and n not in self.rejected], server_round
         )
@@ -395,6 +403,11 @@ class FlowerStrategy(FlwrStrategy):
                 "num_examples": sum(weight.values()),
                 "metrics": dict(metrics),
                 "client_metrics": {c: _client_metrics(u, m) for c, (u, m) in decoded.items()},
+                # host, pid and Ray node id of the process that trained each used client
+                "client_places": {
+                    c: dict(m.content.config_records.get(codec.NODE_PLACE) or {})
+                    for c, (u, m) in decoded.items()
+                },
                 # wall time from configure to aggregated, and its parts: configure (incl.
                 # waiting for nodes and hellos), send and receive (messaging and the nodes'
                 # work), checks and aggregation
