@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedlora.core.contract import Adapter, ClientUpdate, FedLoraError, LoraFactors, init_lora
+from fedlora.core.contract import Adapter, ClientUpdate, FedLoraError, LoraFactors
 from fedlora.core.norms import adapter_norm, clip_factor
 
 F64 = torch.float64
@@ -167,16 +167,6 @@ class CentralDP:
             b = noisy / self.clients_per_round
             self.clip_norm = float(self.clip_norm * math.exp(-a.lr * (b - a.quantile)))
         self.norms = []
-
-def fresh_start(
-    ranks: Mapping[str, int],
-    scales: Mapping[str, float],
-    shapes: Mapping[str, tuple[int, int]],
-    seed: int,
-) -> Adapter:
-    """The factors a client initialises when its payload has no adapter (`init_lora`)."""
-    return {m: init_lora(seed, m, r, shapes[m], scales[m], F64) for m, r in ranks.items()}
-
 
 def _start_for(f: LoraFactors, start: LoraFactors | None, module: str, who: str) -> LoraFactors:
     """`start` cut to `f`'s rank (HetLoRA clients may prune their trailing slots)."""

@@ -430,15 +430,21 @@ class Clients:
         return PartitionSummary.from_partition(self.examples, self.split.train, key=key)
 
     def train(
-        self, c: int, payload: Payload, server_round: int, privacy: Any = None
+        self,
+        c: int,
+        payload: Payload,
+        server_round: int,
+        privacy: Any = None,
+        spec: ClientSpec | None = None,
     ) -> ClientUpdate:
-        """Client `c` trains from `payload` (`fedlora.clients.train.train_client`);
+        """Client `c` trains from `payload` (`fedlora.clients.train.train_client`) as `spec`
+        (default its configured one; a Flower node trains as the server sent it);
         ``privacy``: its DP-SGD options in local mode."""
         from fedlora.clients.train import train_client
 
         return train_client(
             self.host,
-            self.specs[c],
+            spec or self.specs[c],
             payload,
             self.client_data(c),
             self.train_cfg,

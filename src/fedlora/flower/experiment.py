@@ -187,15 +187,9 @@ class ExperimentBackend:
     ) -> ClientUpdate:
         """Train the node's client (`spec`: the spec the server sent) on partition
         `partition`'s data; ``privacy``: its DP-SGD options (`local_dp`)."""
-        from fedlora.clients.train import train_client
-
-        c = self.clients
-        data = c.client_data(self._client(partition))
+        c = self._client(partition)
         with self.lock:
-            return train_client(
-                c.host, spec, payload, data, c.train_cfg, c.tokenizer,
-                server_round=server_round, privacy=privacy,
-            )  # fmt: skip
+            return self.clients.train(c, payload, server_round, privacy, spec=spec)
 
     def evaluate(
         self, delta: Adapter | None, spec: ClientSpec, partition: int, dense: dict | None = None
