@@ -133,6 +133,27 @@ class Amp:
         return cls(device, resolve_precision(precision, device))
 
 
+def float32_layer_norms(model: torch.nn.Module) -> int:
+    """Keep every ``nn.LayerNorm`` of a 16-bit model in float32; returns how many.
+
+    Why: under autocast the LoRA targets' outputs are float32 (`float32_outputs`), and an
+    encoder adds them to its residual stream right before a LayerNorm (BERT's
+    ``output.dense`` -> ``LayerNorm``). CPU ``layer_norm`` accepts a float32 or bf16 input
+    with float32 weights, but refuses a float32 input with bf16 weights ("mixed dtype (CPU)"),
+    so a bf16 encoder could neither train nor evaluate. Norm weights are a few thousand
+    numbers: keeping them float32 costs nothing and is what mixed precision does anyway.
+    Llama-style RMSNorms compute in float32 internally and are left as they are.
+    """
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm) and any(
+            p.dtype != torch.float32 for p in module.parameters(recurse=False)
+        ):
+            module.float()
+            n += 1
+    return n
+
+
 def _upcast_output(module: torch.nn.Module, inputs: tuple, output: torch.Tensor):
     if output.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(
         output.device.type

@@ -93,6 +93,19 @@ def load_base_model(cfg: ExperimentConfig, num_labels: int | None = None, where=
     """``(model, tokenizer)`` for ``cfg.model`` (tiny random models included), on the device
     and in the dtype of `placement` (`where`, resolved here when None)."""
     where = where or placement(cfg)
+    model, tok = _load_base_model(cfg, num_labels, where)
+    if cfg.model.pooling != "first":
+        from fedlora.clients.models import set_pooling
+
+        set_pooling(model, cfg.model.pooling)
+    if where.storage != torch.float32 and cfg.model.quantization == "none":
+        from fedlora.clients.device import float32_layer_norms
+
+        float32_layer_norms(model)
+    return model, tok
+
+
+def _load_base_model(cfg: ExperimentConfig, num_labels: int | None, where: Placement):
     m = cfg.model
     if m.name in TINY_MODELS:
         model, tok = build_tiny(m.name, m.kind, num_labels)
