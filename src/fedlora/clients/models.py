@@ -250,11 +250,92 @@ def quantization_config(
 
 
 def default_modules_to_save(model: nn.Module, kind: str) -> list[str]:
-    """The modules a `kind` model trains in full by default: its classification head
-    (top-level ``classifier`` or ``score``) for ``"classifier"``, nothing for ``"causal"``."""
+    """The modules a `kind` model trains in full by default: for ``"classifier"`` its whole
+    classification head, for ``"causal"`` nothing.
+
+    The head is everything between the encoder's last hidden states and the logits: the
+    top-level ``classifier`` / ``score``, DistilBERT's ``pre_classifier``, and a BERT-style
+    encoder's ``pooler`` (dense + tanh over the first token). RoBERTa's head (dense + tanh +
+    out_proj) has the same shape and is trained in full in the papers; leaving BERT's pooler
+    frozen instead kept MiniLM near chance in every federated setting (docs/fidelity.md:
+    sentence-transformers models such as all-MiniLM-L6-v2 were trained with mean pooling, so
+    their pretrained pooler is stale).
+    """
     if kind != "classifier":
         return []
-    return [n for n, _ in model.named_children() if n in HEAD_NAMES and n != "lm_head"]
+    names = [n for n, _ in model.named_children() if n in (*HEAD_NAMES, "pre_classifier")]
+    names = [n for n in names if n != "lm_head"]
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    if isinstance(base, nn.Module) and isinstance(getattr(base, "pooler", None), nn.Module):
+        names.append(f"{prefix}.pooler")
+    return names
+
+
+POOLINGS = ("first", "mean")
+
+
+class _MaskBox:
+    """The attention mask of the forward pass in progress, shared by a pre-hook and the pooler.
+    Deep copies share it too: a copied pooler still reads the model's current mask."""
+
+    mask: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo: dict) -> _MaskBox:
+        return self
+
+
+class MeanPooler(nn.Module):
+    """A BERT-style pooler (``dense`` + ``activation``, the same parameter names) over the
+    mean of the unpadded tokens' hidden states instead of the first token's."""
+
+    def __init__(self, pooler: nn.Module, box: _MaskBox) -> None:
+        super().__init__()
+        self.dense = pooler.dense
+        self.activation = pooler.activation
+        self._box = box
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask = self._box.mask
+        if mask is None:  # no mask: every token is attended to, so every token is averaged
+            pooled = hidden_states.mean(dim=1)
+        else:
+            if tuple(mask.shape) != tuple(hidden_states.shape[:2]):
+                raise FedLoraError(
+                    f"mean pooling: attention mask {tuple(mask.shape)} does not match the "
+                    f"hidden states {tuple(hidden_states.shape[:2])}"
+                )
+            m = mask.to(hidden_states.dtype).unsqueeze(-1)
+            pooled = (hidden_states * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+        return self.activation(self.dense(pooled))
+
+
+def set_pooling(model: nn.Module, pooling: str) -> None:
+    """Pool a BERT-style classifier's tokens as `pooling` says: ``"first"`` (the model's own
+    pooler, left as it is) or ``"mean"`` (`MeanPooler`: how sentence-transformers encoders
+    such as all-MiniLM-L6-v2 were trained). Parameter names do not change, so the pooler is
+    trained, saved and aggregated the same way; a saved adapter of a mean-pooled model must
+    be loaded with the same pooling."""
+    if pooling not in POOLINGS:
+        raise FedLoraError(f"model.pooling = {pooling!r}: choose one of {POOLINGS}")
+    if pooling == "first":
+        return
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    pooler = getattr(base, "pooler", None) if isinstance(base, nn.Module) else None
+    if not (isinstance(pooler, nn.Module) and hasattr(pooler, "dense")):
+        raise FedLoraError(
+            f"model.pooling = 'mean': {type(model).__name__} has no BERT-style pooler "
+            "(dense + activation) to replace"
+        )
+    box = _MaskBox()
+
+    def remember_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        box.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    base.register_forward_pre_hook(remember_mask, with_kwargs=True)
+    base.pooler = MeanPooler(pooler, box)
 
 
 def default_target_modules(model: nn.Module) -> list[str]:

@@ -62,6 +62,8 @@ class ModelConfig:
     target_modules: list[str] | None = None  # None: the model's default attention/MLP modules
     # trained in full, FedAvg'd beside LoRA (peft's modules_to_save), e.g. ["classifier"]
     modules_to_save: list[str] | None = None  # None: a classifier's head; []: frozen head
+    # a BERT-style classifier's pooling: "first" token (the model's own pooler) or "mean"
+    pooling: Literal["first", "mean"] = "first"
     alpha: float = 16.0  # LoRA alpha: scale = alpha / rank (alpha / sqrt(rank) with rslora)
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank)
     dropout: float = 0.0  # LoRA dropout during local training
@@ -714,6 +716,13 @@ def _model_problems(cfg: ExperimentConfig, p: _Problems) -> None:
             all(isinstance(x, str) and x for x in m.modules_to_save),
             f"model.modules_to_save = {m.modules_to_save!r}: must be module names",
         )
+    p.need(
+        m.pooling in ("first", "mean"), f"model.pooling = {m.pooling!r}: choose 'first' or 'mean'"
+    )
+    p.need(
+        m.pooling == "first" or m.kind == "classifier",
+        f"model.pooling = {m.pooling!r}: only for model.kind = 'classifier'",
+    )
     if m.name in ("tiny-bert", "minilm"):
         p.need(
             m.kind == "classifier", f"model.kind: {m.name} is an encoder; set kind = 'classifier'"
