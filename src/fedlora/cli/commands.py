@@ -455,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(rep)
     rep.set_defaults(func=cmd_report)
 
+    from fedlora.cli.reproduce import add_parser as add_reproduce
+
+    add_reproduce(sub)
+
     pre = sub.add_parser("presets", help="list the built-in presets")
     common(pre)
     pre.set_defaults(func=cmd_presets)
