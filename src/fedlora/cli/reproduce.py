@@ -80,7 +80,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     units = select(study, args.cells)
     if args.device:
         units = [Unit(u.study, u.cell, u.label, u.strategy, u.seed,
-                      {**u.overrides, "train.device": args.device}) for u in units]  # fmt: skip
+                      {**u.overrides, "train.device": args.device}, u.untrained)
+                 for u in units]  # fmt: skip
     failed = 0
     if not args.tables_only:
         if args.jobs < 1 or args.threads < 1:
@@ -136,6 +137,10 @@ def _cli_value(v: Any) -> str:
 def command(study: Study, unit: Unit, runs_root: Path, threads: int) -> list[str]:
     """The ``fedlora run`` of `unit`: resumed where its run directory has a checkpoint."""
     where = run_dir(runs_root, unit)
+    if unit.untrained:  # the reference: evaluated before any training, same examples
+        over = {**unit.overrides, "name": unit.label, "threads": threads}
+        return [sys.executable, "-m", "fedlora.cli.untrained", study.preset, json.dumps(over),
+                str(where)]  # fmt: skip
     cmd = [sys.executable, "-m", "fedlora.cli", "run", "-q"]
     if (where / "checkpoint.safetensors").is_file():
         return [*cmd, "--resume", str(where), "--set", f"threads={threads}"]

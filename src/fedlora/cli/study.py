@@ -42,6 +42,7 @@ class Unit:
     strategy: str
     seed: int
     overrides: dict[str, Any]
+    untrained: bool = False  # evaluate the model before any training (`fedlora.cli.untrained`)
 
     @property
     def key(self) -> str:
@@ -66,17 +67,23 @@ class Study:
     notes: str = ""
 
     def units(self) -> list[Unit]:
-        """Every unit, cell by cell, seed by seed (the order they run in)."""
+        """Every unit, seed by seed, then cell by cell (the order they run in: a whole grid
+        at one seed lands before the next seed starts)."""
         out = []
-        for cell in self.cells:
-            for seed in cell.get("seeds") or self.seeds:
-                for label in cell["runs"]:
-                    run = self.runs[label]
-                    overrides = {**cell["set"], **run["set"], "seed": seed}
-                    overrides["strategy.name"] = run["strategy"]
-                    out.append(Unit(self.name, cell["name"], label, run["strategy"], seed,
-                                    overrides))  # fmt: skip
+        for seed, cell in itertools.product(self.all_seeds(), self.cells):
+            if seed not in (cell.get("seeds") or self.seeds):
+                continue
+            for label in cell["runs"]:
+                run = self.runs[label]
+                overrides = {**cell["set"], **run["set"], "seed": seed}
+                overrides["strategy.name"] = run["strategy"]
+                out.append(Unit(self.name, cell["name"], label, run["strategy"], seed, overrides,
+                                run.get("untrained", False)))  # fmt: skip
         return out
+
+    def all_seeds(self) -> list[int]:
+        """The seeds any cell runs (a cell may run fewer than the study's)."""
+        return sorted({s for c in self.cells for s in c.get("seeds") or self.seeds})
 
     def display(self, label: str) -> str:
         return self.runs[label].get("name", label)
@@ -120,6 +127,7 @@ def _parse(name: str, scale: str, raw: dict[str, Any], where: str) -> Study:
         if "strategy" not in run:
             raise FedLoraError(f"{where}: runs.{label} has no strategy")
         runs[label] = {"strategy": run["strategy"], "set": dict(run.get("set", {})),
+                       "untrained": bool(run.get("untrained", False)),
                        **({"name": run["name"]} if "name" in run else {})}  # fmt: skip
     cells = _cells(raw, runs, common, where)
     study = Study(

@@ -23,7 +23,7 @@ Results = dict[tuple[str, str, int], dict[str, Any]]
 
 def _runs_of(study: Study, results: Results, cell: str, label: str, tag: str) -> list[dict]:
     out = []
-    for seed in study.seeds:
+    for seed in study.all_seeds():
         r = results.get((cell, label, seed))
         if r is not None:
             run = as_run(r)
@@ -109,19 +109,28 @@ def _status(study: Study, results: Results) -> str:
 def _floors(study: Study, results: Results) -> str:
     if not study.floors:
         return ""
-    rows = ["| floor | run | needed | reached | met |", "|---|---|---:|---|---|"]
+    rows = ["| floor | run | needed | reached | met |", "|---|---|---|---|---|"]
     for f in study.floors:
         metric = f.get("metric", study.metric)
-        cell, _, label = f["run"].partition("/")
-        runs = _runs_of(study, results, cell, label, f["run"])
-        got = comparison.compare(runs)["strategies"][f["run"]]["metrics"] if runs else {}
-        m = got.get(metric)
-        met = "pending" if m is None else ("yes" if m["mean"] >= f["at_least"] else "**no**")
-        if m is not None and len(runs) < len(study.seeds):
-            met += f" ({len(runs)} of {len(study.seeds)} seeds)"
-        reached = _with_ci(metric, m) if m else "–"
-        rows.append(f"| {f.get('text', '')} | `{f['run']}` | {_value(metric, f['at_least'])} "
-                    f"| {reached} | {met} |")  # fmt: skip
+        seeds = sum((*f["run"].split("/", 1), s) in results for s in study.all_seeds())
+        if "than" in f:  # significantly better than another run (e.g. the untrained model)
+            res = compare_pair(study, results, f["run"], f["than"])
+            m = res["strategies"][f["run"]]["metrics"].get(metric) if res else None
+            v = verdict(metric, m["diff"], m["p_value"]) if m else "pending"
+            met = "pending" if m is None else ("yes" if v == "holds" else "**no**")
+            needed = f"better than `{f['than']}`, p < {LEVEL}"
+            reached = "–" if m is None else f"{_signed(metric, m['diff'])} {_p(m['p_value'])}"
+        else:
+            cell, _, label = f["run"].partition("/")
+            runs = _runs_of(study, results, cell, label, f["run"])
+            got = comparison.compare(runs)["strategies"][f["run"]]["metrics"] if runs else {}
+            m = got.get(metric)
+            met = "pending" if m is None else ("yes" if m["mean"] >= f["at_least"] else "**no**")
+            needed = f">= {_value(metric, f['at_least'])}"
+            reached = _with_ci(metric, m) if m else "–"
+        if m is not None and seeds < len(study.all_seeds()):
+            met += f" ({seeds} of {len(study.all_seeds())} seeds)"
+        rows.append(f"| {f.get('text', '')} | `{f['run']}` | {needed} | {reached} | {met} |")
     return "**Floors** (a verdict below means something only where its floor is met):\n\n" + (
         "\n".join(rows)
     )
@@ -184,7 +193,7 @@ def curve_points(study: Study, results: Results, cell: str, label: str) -> dict[
     """round -> the headline metric averaged over the seeds that evaluated it."""
     s, _, metric = study.metric.partition("/")
     acc: dict[int, list[float]] = {}
-    for seed in study.seeds:
+    for seed in study.all_seeds():
         r = results.get((cell, label, seed))
         for row in (r or {}).get("curve", []):
             if row.get("set") == s and row.get(metric) is not None:
@@ -276,6 +285,7 @@ def plot_curves(study: Study, results: Results, path: Path) -> Path | None:
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(study.title, fontsize=10)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     return save_figure(fig, path)
 
 

@@ -1,0 +1,161 @@
+"""`fedlora reproduce`: studies as data, one runner, pages rebuilt from compact results alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from fedlora.cli import main
+from fedlora.cli.reproduce import check_run_dir
+from fedlora.cli.study import (
+    SCALES,
+    as_run,
+    compact_examples,
+    expand_examples,
+    load_results,
+    load_study,
+    study_names,
+)
+from fedlora.cli.study_page import compare_pair, verdict
+from fedlora.core.contract import FedLoraError
+from fedlora.federation.config import dumps_toml, load_config
+
+
+def test_every_study_parses_at_every_scale():
+    assert {"lora_a2", "flexlora", "flora", "lora_a2_probes"} <= set(study_names())
+    for name in study_names():
+        for scale in SCALES:
+            study = load_study(name, scale)
+            keys = [u.key for u in study.units()]
+            assert len(keys) == len(set(keys)), name
+            for u in study.units():  # every unit is a valid configuration
+                load_config(study.preset, u.overrides)
+
+
+def test_lora_a2_grid_is_the_issue_floor():
+    study = load_study("lora_a2")
+    grid = [u for u in study.units() if "rslora" not in u.cell]
+    assert len(grid) == 48  # 2 Dirichlet x 3 ranks x 4 methods x 2 seeds
+    assert {u.strategy for u in grid} == {"fedit", "ffa_lora", "flexlora", "lora_a2"}
+    assert [u.seed for u in grid[:24]] == [0] * 24  # a whole grid at seed 0 lands first
+
+
+def test_unknown_study_scale_and_cell_are_one_line_errors(capsys):
+    assert main(["reproduce", "nope"]) == 2
+    assert "study 'nope': choose one of" in capsys.readouterr().err
+    assert main(["reproduce", "lora_a2", "--cells", "dir9-*", "--tables-only"]) == 2
+    assert "--cells 'dir9-*': no such cell in lora_a2" in capsys.readouterr().err
+
+
+def _row(rng, n, classes=("a", "b", "c")):
+    return {
+        "round": 3,
+        "set": "seen_clients",
+        "example": sorted(rng.choice(10_000, n, replace=False).tolist()),
+        "task": ["t1"] * n,
+        "nll": rng.exponential(2.0, n).tolist(),
+        "ntok": [1] * n,
+        "label": rng.choice(classes, n).tolist(),
+        "pred": rng.choice(classes, n).tolist(),
+    }
+
+
+def test_compact_examples_round_trip():
+    rng = np.random.default_rng(0)
+    row = _row(rng, 50)
+    back = expand_examples(json.loads(json.dumps(compact_examples(row))))
+    assert back["label"] == row["label"] and back["pred"] == row["pred"]
+    assert back["example"] == row["example"] and back["task"] == row["task"]
+    np.testing.assert_allclose(back["nll"], row["nll"], rtol=1e-5)
+
+
+def _result(cell, label, seed, row):
+    return {"unit": f"{cell}/{label}-seed{seed}", "label": label, "strategy": label, "seed": seed,
+            "summary": {}, "examples": [compact_examples(row)]}  # fmt: skip
+
+
+def test_claim_across_cells_against_a_numpy_reference():
+    """compare_pair of two runs in different cells: the accuracy difference is the mean of the
+    per-seed differences, and the paired permutation p-value agrees with a numpy one."""
+    study = load_study("lora_a2")
+    rng = np.random.default_rng(3)
+    results, diffs = {}, []
+    for seed in (0, 1):
+        a, b = _row(rng, 60), _row(rng, 60)
+        b["example"] = a["example"]
+        a["pred"] = [lab if rng.random() < 0.7 else p for lab, p in zip(a["label"], a["pred"])]
+        results[("dir0.01-r1", "lora_a2", seed)] = _result("dir0.01-r1", "lora_a2", seed, a)
+        results[("dir0.01-r8", "fedit", seed)] = _result("dir0.01-r8", "fedit", seed, b)
+        ca = np.array([x == y for x, y in zip(a["label"], a["pred"])], float)
+        cb = np.array([x == y for x, y in zip(b["label"], b["pred"])], float)
+        diffs.append((ca, cb))
+    res = compare_pair(study, results, "dir0.01-r1/lora_a2", "dir0.01-r8/fedit")
+    m = res["strategies"]["dir0.01-r1/lora_a2"]["metrics"]["seen_clients/accuracy"]
+    want = np.mean([ca.mean() - cb.mean() for ca, cb in diffs])
+    assert m["diff"] == pytest.approx(want, abs=1e-12)
+    # reference permutation test: swap each example's pair with probability 1/2
+    perm = np.random.default_rng(0)
+    hits = 0
+    for _ in range(4000):
+        d = []
+        for ca, cb in diffs:
+            s = perm.random(len(ca)) < 0.5
+            d.append(np.where(s, cb, ca).mean() - np.where(s, ca, cb).mean())
+        hits += abs(np.mean(d)) >= abs(want) - 1e-12
+    assert m["p_value"] == pytest.approx(hits / 4000, abs=0.03)
+    assert verdict("seen_clients/accuracy", m["diff"], m["p_value"]) == (
+        "holds" if m["p_value"] < 0.05 else "not significant"
+    )
+
+
+def test_verdicts():
+    assert verdict("x/accuracy", 0.1, 0.01) == "holds"
+    assert verdict("x/accuracy", -0.1, 0.01) == "reversed"
+    assert verdict("x/accuracy", 0.1, 0.2) == "not significant"
+    assert verdict("x/loss", -0.1, 0.01) == "holds"  # a lower loss is better
+    assert verdict("x/loss", 0.1, 0.01, expect="worse") == "holds"
+    assert verdict("x/accuracy", None, None) == "pending"
+
+
+def test_a_changed_study_refuses_an_old_run_dir(tmp_path):
+    study = load_study("lora_a2", "toy")
+    unit = study.units()[0]
+    cfg = load_config(study.preset, {**unit.overrides, "train.lr": 0.123})
+    (tmp_path / "config.toml").write_text(dumps_toml(cfg))
+    with pytest.raises(FedLoraError, match="train.lr = 0.123.*move that folder away"):
+        check_run_dir(study, unit, tmp_path)
+    same = load_config(study.preset, {**unit.overrides, "threads": 2, "output_dir": "x"})
+    (tmp_path / "config.toml").write_text(dumps_toml(same))
+    check_run_dir(study, unit, tmp_path)  # threads and output_dir do not change a run
+
+
+def test_toy_study_runs_resumes_and_rebuilds_from_results_alone(tmp_path, capsys):
+    args = ["reproduce", "lora_a2", "--scale", "toy", "--jobs", "2",
+            "--results", str(tmp_path / "results"), "--doc", str(tmp_path / "page.md"),
+            "--runs", str(tmp_path / "runs")]  # fmt: skip
+    (tmp_path / "page.md").write_text("# my page\n\nhand-written prose stays.\n")
+    assert main(args) == 0
+    study = load_study("lora_a2", "toy")
+    results = load_results(tmp_path / "results", study)
+    assert len(results) == len(study.units()) == 4
+    for r in results.values():
+        assert r["precision"] == "fp32" and r["device"] == "cpu"
+        assert {"cpu", "bf16_native"} <= set(r["hardware"]) and r["time"]["wall_s"] > 0
+        assert r["overrides"]["model.name"] == "tiny-bert" and r["curve"]
+        assert len(json.dumps(r)) < 20_000  # compact: a few KB
+        assert as_run(r)["examples"][0]["example"]
+    page = (tmp_path / "page.md").read_text()
+    assert page.startswith("# my page\n\nhand-written prose stays.\n")
+    assert "<!-- reproduce:lora_a2:begin -->" in page and "4 of 4 runs finished" in page
+    # the run directories are not needed any more: tables come from the results alone
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "page.md").write_text(page.replace("4 of 4 runs", "stale text"))
+    assert main([*args, "--tables-only"]) == 0
+    assert (tmp_path / "page.md").read_text() == page
+    capsys.readouterr()
+    assert main(args) == 0  # nothing left to run
+    assert "4 of 4 units finished, 0 to run" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
