@@ -159,3 +159,17 @@ def test_toy_study_runs_resumes_and_rebuilds_from_results_alone(tmp_path, capsys
     assert main(args) == 0  # nothing left to run
     assert "4 of 4 units finished, 0 to run" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()
+
+
+def test_committed_page_is_rebuilt_unchanged_from_committed_results(tmp_path):
+    """docs/fidelity.md is what `fedlora reproduce STUDY --tables-only` makes of results/."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "fidelity.md").read_text()
+    (tmp_path / "fidelity.md").write_text(page)
+    for name in ("lora_a2_probes", "lora_a2", "flexlora", "flora"):
+        args = ["reproduce", name, "--tables-only", "--results", str(root / "results/fidelity"),
+                "--doc", str(tmp_path / "fidelity.md")]  # fmt: skip
+        assert main(args) == 0
+    assert (tmp_path / "fidelity.md").read_text() == page

@@ -113,13 +113,14 @@ def select(study: Study, cells: str | None) -> list[Unit]:
     return [u for u in units if any(fnmatch.fnmatch(u.cell, p) for p in pats)]
 
 
-def rebuild(study: Study, results_root: Path, doc: Path) -> None:
+def rebuild(study: Study, results_root: Path, doc: Path) -> Path | None:
     """The study's section of `doc` and its figure, from the results alone."""
     results = load_results(results_root, study)
     changed = write_section(doc, study.name, render_study(study, results))
     fig = plot_curves(study, results, doc.parent / "fidelity" / f"{study.name}_curves.png")
     print(f"{doc}: section {study.name} {'rebuilt' if changed else 'unchanged'} from "
           f"{len(results)} results" + (f"; {fig}" if fig else ""))  # fmt: skip
+    return fig
 
 
 def run_dir(runs_root: Path, unit: Unit) -> Path:
@@ -234,10 +235,11 @@ def land(study, unit, where, results_root, args, doc, *, wall: float, cpu: float
     tmp.write_text(json.dumps(result, separators=(",", ":")) + "\n")
     tmp.replace(path)
     print(f"[{unit.key}] finished in {wall / 60:.1f} min: {path}", flush=True)
-    rebuild(study, results_root, doc)
-    if args.commit:
-        git_commit(path, f"fidelity {study.name}: {unit.key} ({settings['hardware']['cpu']}, "
-                         f"{settings['precision']}, {wall / 60:.1f} min)")  # fmt: skip
+    fig = rebuild(study, results_root, doc)
+    if args.commit:  # the result and the page rebuilt from it, together: they always agree
+        paths = [path, doc] + ([fig] if fig else [])
+        git_commit(paths, f"fidelity {study.name}: {unit.key} ({settings['hardware']['cpu']}, "
+                          f"{settings['precision']}, {wall / 60:.1f} min)")  # fmt: skip
 
 
 def run_settings(study: Study, unit: Unit, threads: int, wall: float, cpu: float) -> dict:
@@ -300,16 +302,18 @@ def versions() -> dict[str, str]:
     return out
 
 
-def git_commit(path: Path, message: str) -> None:
-    """Commit `path` alone (other staged work is left as it is); retried while another git
+def git_commit(paths: list[Path], message: str) -> None:
+    """Commit `paths` alone (other staged work is left as it is); retried while another git
     process holds the index."""
+    names = [str(p) for p in paths]
     for attempt in range(5):
-        add = subprocess.run(["git", "add", "--", str(path)], capture_output=True, text=True)
+        add = subprocess.run(["git", "add", "--", *names], capture_output=True, text=True)
         done = add.returncode == 0 and subprocess.run(
-            ["git", "commit", "-q", "-m", message, "--", str(path)], capture_output=True,
+            ["git", "commit", "-q", "-m", message, "--", *names], capture_output=True,
             text=True,
         ).returncode == 0  # fmt: skip
         if done:
             return
         time.sleep(2 + 3 * attempt)
-    print(f"warning: could not commit {path} (git busy or not a repository)", flush=True)
+    print(f"warning: could not commit {', '.join(names)} (git busy or not a repository)",
+          flush=True)  # fmt: skip
