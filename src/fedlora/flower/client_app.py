@@ -51,14 +51,13 @@ def train_content(
     config = content.config_records.get("config")
     server_round = int(config.get("server-round", 0)) if config is not None else 0
     node = get_backend(run_config)
+    from fedlora.core.privacy import node_local_dp
     from fedlora.flower.experiment import experiment_config
 
+    # the experiment's local DP-SGD, unless it would weaken the node's own (then: refused)
+    privacy = node_local_dp(node.local_dp(experiment_config(run_config)), node_config)
     update = node.train(
-        spec,
-        payload,
-        partition_of(node_config),
-        server_round=server_round,
-        privacy=node.local_dp(experiment_config(run_config)),  # the experiment's local DP-SGD
+        spec, payload, partition_of(node_config), server_round=server_round, privacy=privacy
     )
     reply = codec.encode_update(update)
     reply[codec.NODE] = declared_config(node_config)  # lets the server see a changed declaration
