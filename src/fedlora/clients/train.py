@@ -252,8 +252,17 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _check_dp(host: LoraHost, cfg: TrainConfig, lam: float, who: str) -> None:
-    """What local DP-SGD cannot train: a dense module, a compiled forward, HetLoRA's penalty."""
+def _check_dp(
+    host: LoraHost, cfg: TrainConfig, lam: float, who: str, privacy: Any, payload: Payload
+) -> None:
+    """What local DP-SGD cannot train: a dense module, a compiled forward, HetLoRA's penalty;
+    and a payload asking for what would weaken it (`fedlora.core.privacy.local_dp_refusal`:
+    refused with a one-line reason)."""
+    from fedlora.core.privacy import PrivacyRefusal, local_dp_refusal
+
+    reason = local_dp_refusal(privacy, payload.extras)
+    if reason:
+        raise PrivacyRefusal(f"{who}: {reason}")
     if lam > 0:
         raise FedLoraError(
             f"{who}: HetLoRA's self-pruning penalty is not supported with local DP-SGD"
@@ -309,12 +318,7 @@ def train_client(
     gamma = float(het.get("gamma", 1.0)) if het else 1.0
     lora = host.lora_weights() if lam > 0 else {}
     if privacy is not None:
-        from fedlora.core.privacy import local_dp_refusal
-
-        reason = local_dp_refusal(privacy, payload.extras)
-        if reason:
-            raise FedLoraError(f"{who}: {reason}")
-        _check_dp(host, cfg, lam, who)
+        _check_dp(host, cfg, lam, who, privacy, payload)
 
     def penalty() -> torch.Tensor:
         return sum(self_pruning_penalty(a, b, gamma, s) for a, b, s in lora.values())

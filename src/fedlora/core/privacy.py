@@ -124,6 +124,10 @@ def local_dp_refusal(privacy: LocalDP, extras: Mapping[str, Any]) -> str | None:
     return None
 
 
+class PrivacyRefusal(FedLoraError):
+    """A client refusing a setting that would weaken its own DP (one line, the reason)."""
+
+
 #: a Flower node's own DP-SGD settings (node config), which the run config cannot weaken
 NODE_DP_KEYS = ("dp-clip-norm", "dp-noise-multiplier", "dp-allow-seeded-noise")
 
@@ -137,13 +141,13 @@ def node_local_dp(run: LocalDP | None, node_config: Mapping[str, Any]) -> LocalD
     allow_seeded = str(node_config.get("dp-allow-seeded-noise", "false")).lower() == "true"
     if run is None:
         if own:
-            raise FedLoraError(
+            raise PrivacyRefusal(
                 f"node config {sorted(own)[0]} asks for local DP, but the run config's "
                 "privacy.mode is not 'local': refused"
             )
         return None
     if run.seeded and not allow_seeded:
-        raise FedLoraError(
+        raise PrivacyRefusal(
             "run config privacy.insecure_seeded_noise = true would make this node's uploads "
             "replayable: refused (node config dp-allow-seeded-noise = true allows it)"
         )
@@ -151,11 +155,24 @@ def node_local_dp(run: LocalDP | None, node_config: Mapping[str, Any]) -> LocalD
         ("dp-clip-norm", own.get("dp-clip-norm"), run.clip_norm),
         ("dp-noise-multiplier", own.get("dp-noise-multiplier"), run.noise_multiplier),
     ):
-        if mine is not None and not math.isclose(float(mine), theirs, rel_tol=1e-9):
-            raise FedLoraError(
-                f"node config {key} = {float(mine):g}, the run config's is {theirs:g}: refused"
+        if mine is None:
+            continue
+        value = _number(mine, key)
+        if not math.isclose(value, theirs, rel_tol=1e-9):
+            raise PrivacyRefusal(
+                f"node config {key} = {value:g}, the run config's is {theirs:g}: refused"
             )
     return run
+
+
+def _number(value: Any, key: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise FedLoraError(f"node config {key} = {value!r}: not a number") from None
+    if not (out > 0 and math.isfinite(out)):
+        raise FedLoraError(f"node config {key} = {value!r}: must be a finite number > 0")
+    return out
 
 
 # -- central DP: clipping and noise -----------------------------------------------------------
@@ -238,6 +255,10 @@ class CentralDP:
             raise FedLoraError(f"privacy: an update norm of {norm} cannot be clipped")
         self.norms.append(float(norm))
         return clip_factor(norm, self.clip_norm)
+
+    def check_upload(self, strategy: Any, server_round: int, update: ClientUpdate) -> None:
+        """`check_private_update` (`Strategy.check_update` calls it under central DP)."""
+        check_private_update(strategy, server_round, update)
 
     def noised_count(self, server_round: int) -> float:
         """Andrew et al. 2021 (Algorithm 1): the CENTERED count ``sum_k (1[norm_k <= C] - 1/2)``

@@ -24,8 +24,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedlora.flower import backend, codec
 from fedlora.flower.backend import get_backend
@@ -125,8 +126,13 @@ def hello(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from fedlora.core.privacy import PrivacyRefusal
+
     started, before = time.perf_counter(), backend.LOADS["experiment"]
-    content = train_content(msg.content, context.node_config, context.run_config)
+    try:
+        content = train_content(msg.content, context.node_config, context.run_config)
+    except PrivacyRefusal as e:  # the node's one-line reason, for the server's round row
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(e)), reply_to=msg)
     return Message(_with_node_metrics(content, context, before, started), reply_to=msg)
 
 
