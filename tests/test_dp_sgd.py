@@ -136,6 +136,32 @@ def test_a_dp_sgd_step_clips_each_example_and_adds_noise_of_the_mechanism_std():
     assert moved.std().item() == pytest.approx(sigma * clip / bs, rel=0.05)
 
 
+def test_dp_sgd_noise_depends_on_every_bit_of_the_clients_secret():
+    """Torch's CPU generator keeps the low 32 bits of a seed: unprotected, secrets differing
+    only above bit 32 gave the same DP-SGD noise, so a 2^32 search regenerated it. Keyed by
+    the whole secret, they differ (and one secret gives one stream: a resumed client)."""
+    host = llama_host()
+    model = _prepared(host, "AB")
+    params = [p for pp in host.trainable_parameters() for p in pp]
+
+    def noise(secret):
+        before = torch.cat([p.detach().flatten().clone() for p in params])
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+        with DPSGD(model, torch.optim.SGD(params, lr=1.0), LocalDP(0.5, 2.0), 4, secret) as dp:
+            dp.step([], pad_id=0)
+        moved = before - torch.cat([p.detach().flatten() for p in params])
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        return moved
+
+    low = 0x12345678
+    assert torch.equal(noise(low), noise(low))
+    for high in (low + (0x5A5A5A5A << 32), low + (1 << 100)):
+        assert not torch.equal(noise(low), noise(high))
+
+
 def test_poisson_batches_sample_each_example_at_the_rate():
     sizes = [len(b) for b in poisson_batches(50, 0.2, 2000, 2**100 + 3, "0", 1)]
     assert sum(sizes) / len(sizes) == pytest.approx(10, rel=0.03)
