@@ -137,7 +137,8 @@ def test_flower_applies_the_same_privacy_as_the_engine(mode, strategy, tmp_path)
     extra = f"privacy.mode={mode} privacy.clip_norm=0.5 privacy.noise_multiplier=1.0"
     extra += " privacy.insecure_seeded_noise=true"  # the same noise in both engines
     ref = _engine(strategy, tmp_path, extra)
-    result, delta, _ = _flower(strategy, tmp_path, extra)
+    # the nodes allow the seeded noise (a node refuses it unless its own config does)
+    result, delta, _ = _flower(strategy, tmp_path, extra, {"dp-allow-seeded-noise": True})
     assert result["privacy"] == ref.summary["privacy"]
     assert 0 < result["privacy"]["epsilon"] < float("inf")
     assert [r["metrics"]["epsilon"] for r in result["rounds"]] == [
