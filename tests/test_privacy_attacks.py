@@ -349,3 +349,34 @@ def test_a_central_dp_flower_result_holds_no_secret_and_no_per_client_values(tmp
 def test_per_client_tracking_is_refused_under_a_privacy_mode(tmp_path):
     with pytest.raises(ConfigError, match="tracking.per_client"):
         _tiny(tmp_path, **{"privacy.mode": "central", "tracking.per_client": True})
+
+
+def test_a_local_dp_flower_node_sends_no_timing_and_no_raw_loss(tmp_path):
+    """Unprotected, a local-DP node sent ``train_seconds`` (and its handler's wall time), which
+    told a 104-token example from a 512-token one with accuracy 0.90."""
+    import test_flower_engine_equivalence as eq
+
+    from fedlora.flower import codec
+
+    replies = []
+
+    class Grid(eq.ClientAppGrid):  # keeps the nodes' train replies
+        def send_and_receive(self, messages, *, timeout=None):
+            out = super().send_and_receive(messages, timeout=timeout)
+            replies.extend(r for r, m in zip(out, messages) if m.metadata.message_type == "train")
+            return out
+
+    extra = "privacy.mode=local privacy.clip_norm=0.5 privacy.noise_multiplier=1.0"
+    rc = {
+        "experiment": "tiny",
+        "overrides": f"{eq._overrides('flexlora')} {extra} rounds=1",
+        "result-dir": str(tmp_path),
+        "round-timeout": 10,
+    }
+    nodes = {100 + i: {"partition-id": i, "num-partitions": 4} for i in range(4)}
+    eq.server_app.main(Grid(nodes, rc), eq.Context(1, 0, {}, eq.RecordDict(), rc))
+    assert len(replies) == 4
+    for r in replies:
+        extras = codec.decode_update(r.content).extras
+        assert not {"train_seconds", "train_loss", "first_loss", "last_loss"} & set(extras)
+        assert "handler-seconds" not in r.content.metric_records[codec.NODE_METRICS]

@@ -133,7 +133,13 @@ def train(msg: Message, context: Context) -> Message:
         content = train_content(msg.content, context.node_config, context.run_config)
     except PrivacyRefusal as e:  # the node's one-line reason, for the server's round row
         return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(e)), reply_to=msg)
-    return Message(_with_node_metrics(content, context, before, started), reply_to=msg)
+    content = _with_node_metrics(content, context, before, started)
+    from fedlora.flower.experiment import experiment_config
+
+    if experiment_config(context.run_config).privacy.mode == "local":
+        # the training time tells a long example from a short one: a local-DP node keeps it
+        del content[codec.NODE_METRICS]["handler-seconds"]
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()
