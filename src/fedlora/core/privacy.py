@@ -19,8 +19,9 @@ Two modes (``[privacy] mode``):
     padded to the global rank;
   - ``"B"`` (ffa_lora): scale * B only, A is public;
   - ``"trained"`` (lora_a2): the uploaded slots of the factor trained this round;
-  - ``"delta"`` (flexlora, flora): the effective delta ``scale * B @ A``, whose norm comes from
-    r x r Grams (`fedlora.core.norms`), never from the dense matrix. Noise on a delta is dense.
+  - ``"delta"`` (flexlora, flora): the effective delta ``scale * B @ A``, whose norm is bounded
+    from above by `delta_change_norm` (QR of the stacked factors plus the rounding: no upload
+    can cancel or overflow it), never from the dense matrix. Noise on a delta is dense.
 
 * ``"local"`` (sample-level DP-SGD on each client, `fedlora.clients.dp_sgd`): per-example gradient
   clipping and noise on the client's trainable LoRA factors; each client's epsilon
@@ -28,8 +29,9 @@ Two modes (``[privacy] mode``):
 
 Noise and client sampling come from a secret the party that adds the noise draws from the OS
 (`fedlora.core.accounting.draw_secret`): the server's is never sent and is kept in its
-checkpoint (a resumed run draws exactly what an uninterrupted one would); a client's is drawn
-by the client and never leaves it. Seeded, reproducible noise (from the public ``seed``) exists
+checkpoint only (a resumed run draws exactly what an uninterrupted one would); a client's is
+drawn by the client and never leaves it. Every draw is a SHAKE-256 stream keyed by the whole
+secret (`secret_uniform`, `secret_normal`): no 32- or 64-bit generator seed to search. Seeded, reproducible noise (from the public ``seed``) exists
 only behind ``privacy.insecure_seeded_noise = true``, and such a run says it is not private.
 """
 
