@@ -380,3 +380,31 @@ def test_a_local_dp_flower_node_sends_no_timing_and_no_raw_loss(tmp_path):
         extras = codec.decode_update(r.content).extras
         assert not {"train_seconds", "train_loss", "first_loss", "last_loss"} & set(extras)
         assert "handler-seconds" not in r.content.metric_records[codec.NODE_METRICS]
+
+
+@pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+def test_client_sampling_is_keyed_by_the_whole_secret(sampling):
+    """Who is sampled under a privacy mode: from the secret (every bit of it), reproducible
+    from the checkpointed sampler state, at the planned rate (Poisson) or exactly K (fixed)."""
+    from fedlora.federation import rounds
+
+    def draws(secret, n_rounds=200):
+        ledger = PrivacyLedger("central", 1.0, 1.0, 1e-5, secret=secret)
+        server = rounds.Server(strategy=None, ledger=ledger, sampling=sampling)
+        sampler = rounds.make_sampler(0, ledger)
+        out = []
+        for _ in range(n_rounds):
+            out.append(rounds.draw(server, sampler, list(range(40)), 10, rounds.RoundTally()))
+        return out
+
+    base = (0xA5 << 120) | 12345
+    ref = draws(base)
+    assert draws(base) == ref  # a resumed run draws what an uninterrupted one would
+    assert draws(base ^ (1 << 127)) != ref and draws(base ^ (1 << 64)) != ref
+    sizes = [len(d) for d in ref]
+    if sampling == "fixed":
+        assert set(sizes) == {10} and all(d == sorted(set(d)) for d in ref)
+    else:
+        assert np.mean(sizes) == pytest.approx(10, rel=0.05) and len(set(sizes)) > 3
+    counts = np.bincount([c for d in ref for c in d], minlength=40)
+    assert counts.min() > 20 and counts.max() < 80  # every client about 50 times of 200

@@ -31,8 +31,9 @@ Noise and client sampling come from a secret the party that adds the noise draws
 (`fedlora.core.accounting.draw_secret`): the server's is never sent and is kept in its
 checkpoint only (a resumed run draws exactly what an uninterrupted one would); a client's is
 drawn by the client and never leaves it. Every draw is a SHAKE-256 stream keyed by the whole
-secret (`secret_uniform`, `secret_normal`): no 32- or 64-bit generator seed to search. Seeded, reproducible noise (from the public ``seed``) exists
-only behind ``privacy.insecure_seeded_noise = true``, and such a run says it is not private.
+secret (`secret_uniform`, `secret_normal`): no 32- or 64-bit generator seed to search.
+Seeded, reproducible noise (from the public ``seed``) exists only behind
+``privacy.insecure_seeded_noise = true``, and such a run says it is not private.
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ def draw(
     n = len(candidates)
     tally.sample_rate = min(1.0, k / n) if n else 0.0
     if server.ledger is not None:
-        return _private_draw(server.ledger, sampler, candidates, k, tally.sample_rate, server)
+        return _private_draw(server, sampler, candidates, k, tally.sample_rate)
     if server.sampling == "poisson":
         keep = sampler.random(n) < tally.sample_rate
         return [c for c, x in zip(candidates, keep) if x]
@@ -168,12 +168,7 @@ def draw(
 
 
 def _private_draw(
-    ledger: PrivacyLedger,
-    sampler: np.random.Generator,
-    candidates: Sequence[Any],
-    k: int,
-    rate: float,
-    server: Server,
+    server: Server, sampler: np.random.Generator, candidates: Sequence[Any], k: int, rate: float
 ) -> list[Any]:
     """Under a privacy mode, who is sampled comes from SHAKE-256 keyed by the whole server
     secret (`fedlora.core.privacy.secret_uniform`); the checkpointed `sampler` only supplies a
@@ -183,7 +178,8 @@ def _private_draw(
     from fedlora.core.privacy import secret_uniform
 
     nonce = int(sampler.integers(0, 2**63))
-    u = secret_uniform(ledger.secret, len(candidates), "client-sampling", nonce)
+    assert server.ledger is not None
+    u = secret_uniform(server.ledger.secret, len(candidates), "client-sampling", nonce)
     if server.sampling == "poisson":
         return [c for c, x in zip(candidates, u < rate) if x]
     picked = np.argsort(u, kind="stable")[: min(k, len(candidates))]
