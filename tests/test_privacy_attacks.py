@@ -68,7 +68,7 @@ def test_keyed_normal_noise_is_standard_normal():
 def _attack(u: ClientUpdate, kind: str) -> ClientUpdate:
     """The hostile upload: on the first module of rank >= 2, A rows [1e12, 0] and [1e12, w]
     with B columns g and -g (the Gram norm cancels), or the scale 1e200, or the scale 1e300
-    with B = 1e10 (overflow)."""
+    with B = 1e10 (overflow), or extreme but in-range scales and factors."""
     adapter = dict(u.adapter)
     m = next(m for m, f in sorted(adapter.items()) if f.rank >= 2)
     f = adapter[m]
@@ -80,8 +80,12 @@ def _attack(u: ClientUpdate, kind: str) -> ClientUpdate:
         B[:, 0], B[:, 1] = g / scale, -g / scale
     elif kind == "scale1e200":
         scale = 1e200
-    else:
+    elif kind == "scale1e300":
         scale, B = 1e300, torch.full_like(B, 1e10)
+    elif kind == "tiny_scale":  # scale 1e-30 with B 1e30: G = scale B is ordinary
+        scale, B = 1e-30, torch.full_like(B, 1e30)
+    else:  # the largest float32 factors at the configured scale
+        A, B = torch.full_like(A, 3e38), torch.full_like(B, 3e38)
     adapter[m] = LoraFactors(A, B, scale)
     return ClientUpdate(u.client_id, adapter, u.num_examples, u.extras)
 
@@ -98,7 +102,7 @@ def _checked(strategy, rnd, specs, starts, updates) -> list[ClientUpdate]:
     return kept
 
 
-@pytest.mark.parametrize("kind", ["gram", "scale1e200", "scale1e300"])
+@pytest.mark.parametrize("kind", ["gram", "scale1e200", "scale1e300", "tiny_scale", "max_f32"])
 @pytest.mark.parametrize("name", CENTRAL)
 def test_no_upload_moves_the_central_release_by_more_than_c_over_k(name, kind):
     """Against the unprotected path FlexLoRA and FLoRA's Gram norm is ~0 (or NaN) for these
