@@ -73,7 +73,7 @@ def test_per_example_gradients_match_a_per_example_loop_on_tiny_llama(trainable)
                 for n, m in model.named_modules()]  # fmt: skip
 
     before = hooks()
-    with DPSGD(model, opt, LocalDP(1.0, 0.0), len(examples), seed=0) as dp:
+    with DPSGD(model, opt, LocalDP(1.0, 0.0), len(examples), secret=0) as dp:
         dp.grad_samples(examples, pad_id=0)
         assert hooks() != before  # Opacus's hooks are in place
         for j, p in enumerate(params):
@@ -136,9 +136,34 @@ def test_a_dp_sgd_step_clips_each_example_and_adds_noise_of_the_mechanism_std():
     assert moved.std().item() == pytest.approx(sigma * clip / bs, rel=0.05)
 
 
+def test_dp_sgd_noise_depends_on_every_bit_of_the_clients_secret():
+    """Torch's CPU generator keeps the low 32 bits of a seed: unprotected, secrets differing
+    only above bit 32 gave the same DP-SGD noise, so a 2^32 search regenerated it. Keyed by
+    the whole secret, they differ (and one secret gives one stream: a resumed client)."""
+    host = llama_host()
+    model = _prepared(host, "AB")
+    params = [p for pp in host.trainable_parameters() for p in pp]
+
+    def noise(secret):
+        before = torch.cat([p.detach().flatten().clone() for p in params])
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+        with DPSGD(model, torch.optim.SGD(params, lr=1.0), LocalDP(0.5, 2.0), 4, secret) as dp:
+            dp.step([], pad_id=0)
+        moved = before - torch.cat([p.detach().flatten() for p in params])
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        return moved
+
+    low = 0x12345678
+    assert torch.equal(noise(low), noise(low))
+    for high in (low + (0x5A5A5A5A << 32), low + (1 << 100)):
+        assert not torch.equal(noise(low), noise(high))
+
+
 def test_poisson_batches_sample_each_example_at_the_rate():
-    g = torch.Generator().manual_seed(0)
-    sizes = [len(b) for b in poisson_batches(50, 0.2, 2000, g)]
+    sizes = [len(b) for b in poisson_batches(50, 0.2, 2000, 2**100 + 3, "0", 1)]
     assert sum(sizes) / len(sizes) == pytest.approx(10, rel=0.03)
     assert min(sizes) < 10 < max(sizes)
 
@@ -171,7 +196,7 @@ def test_the_server_cannot_replay_a_clients_dp_sgd_without_its_secret():
     assert same(upload(LocalDP(0.5, 1.0, seeded=True)), upload(LocalDP(0.5, 1.0, seeded=True)))
     assert sent.extras["dp_steps"] == 3 and sent.extras["dp_sample_rate"] == 0.25
     assert sent.extras["dp_noise_multiplier"] == 1.0
-    assert not {"train_loss", "first_loss", "last_loss"} & set(sent.extras)
+    assert not {"train_loss", "first_loss", "last_loss", "train_seconds"} & set(sent.extras)
 
 
 # -- runs --------------------------------------------------------------------------------------

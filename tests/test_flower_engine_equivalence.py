@@ -85,14 +85,15 @@ def _engine(strategy: str, tmp_path, extra: str = ""):
     return run_experiment(cfg, progress=False, save_final=False)
 
 
-def _flower(strategy: str, tmp_path, extra: str = ""):
+def _flower(strategy: str, tmp_path, extra: str = "", node_extra=None):
     rc = {
         "experiment": "tiny",
         "overrides": f"{_overrides(strategy)} {extra}",
         "result-dir": str(tmp_path / "flower"),
         "round-timeout": 10,
     }
-    nodes = {100 + i: {"partition-id": i, "num-partitions": 4} for i in range(4)}
+    node = {"num-partitions": 4, **(node_extra or {})}
+    nodes = {100 + i: {"partition-id": i, **node} for i in range(4)}
     grid = ClientAppGrid(nodes, rc)
     server_app.main(grid, Context(1, 0, {}, RecordDict(), rc))
     result = json.loads((tmp_path / "flower" / "result.json").read_text())
@@ -136,7 +137,8 @@ def test_flower_applies_the_same_privacy_as_the_engine(mode, strategy, tmp_path)
     extra = f"privacy.mode={mode} privacy.clip_norm=0.5 privacy.noise_multiplier=1.0"
     extra += " privacy.insecure_seeded_noise=true"  # the same noise in both engines
     ref = _engine(strategy, tmp_path, extra)
-    result, delta, _ = _flower(strategy, tmp_path, extra)
+    # the nodes allow the seeded noise (a node refuses it unless its own config does)
+    result, delta, _ = _flower(strategy, tmp_path, extra, {"dp-allow-seeded-noise": True})
     assert result["privacy"] == ref.summary["privacy"]
     assert 0 < result["privacy"]["epsilon"] < float("inf")
     assert [r["metrics"]["epsilon"] for r in result["rounds"]] == [
@@ -172,7 +174,8 @@ def test_one_round_close_for_both_engines_with_a_dropped_client_under_local_dp(
     extra = "privacy.mode=local privacy.clip_norm=0.5 privacy.noise_multiplier=1.0"
     extra += " privacy.insecure_seeded_noise=true"  # the same noise in both engines
     ref = _engine("flexlora", tmp_path, extra)
-    result, _, _ = _flower("flexlora", tmp_path, extra)
+    # the nodes allow the seeded noise the run config asks for (else they refuse it)
+    result, _, _ = _flower("flexlora", tmp_path, extra, {"dp-allow-seeded-noise": True})
     rows = ref.round_rows()
     assert [sorted(r["dropped"]) for r in rows] == [["2"], ["2"]]
     assert "non-finite" in rows[0]["dropped"]["2"] or "NaN" in rows[0]["dropped"]["2"]
@@ -181,6 +184,8 @@ def test_one_round_close_for_both_engines_with_a_dropped_client_under_local_dp(
         want = {k: v for k, v in want.items() if not k.startswith(("time_", "mem_"))}
         assert {k: got[k] for k in want} == want
     ledger = load_checkpoint(ref.run_dir)["privacy"]
+    assert "secret" in ledger and "secret" not in result["privacy_ledger"]
+    del ledger["secret"]  # kept in the checkpoint only, never in result.json
     assert result["privacy_ledger"] == json.loads(json.dumps(ledger))
     assert sorted(ledger["clients"]) == ["0", "1", "2", "3"]  # the dropped client too
     assert all(len(h) == 2 for h in ledger["clients"].values())

@@ -30,15 +30,19 @@ import torch
 from torch import Tensor, nn
 
 from fedlora.core.contract import FedLoraError
-from fedlora.core.privacy import LocalDP
+from fedlora.core.privacy import LocalDP, secret_normal, secret_uniform
 from fedlora.data import collate
 
 
-def poisson_batches(n: int, rate: float, steps: int, gen: torch.Generator) -> Iterator[list[int]]:
+def poisson_batches(
+    n: int, rate: float, steps: int, secret: int, *names: Any
+) -> Iterator[list[int]]:
     """`steps` batches, each example in each independently with probability `rate` (a batch
-    may be empty: the step is then noise only)."""
-    for _ in range(steps):
-        yield torch.nonzero(torch.rand(n, generator=gen) < rate).flatten().tolist()
+    may be empty: the step is then noise only), from uniforms keyed by the client's whole
+    `secret` and `names` (`fedlora.core.privacy.secret_uniform`; no 32-bit torch seed)."""
+    for step in range(steps):
+        keep = secret_uniform(secret, n, "dp-sgd-batch", *names, step) < rate
+        yield [int(i) for i in keep.nonzero()[0]]
 
 
 def per_example_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -63,8 +67,9 @@ class DPSGD:
         optimizer: torch.optim.Optimizer,
         dp: LocalDP,
         expected_batch_size: int,
-        seed: int,
+        secret: int,
         autocast: Callable[[], Any] = contextlib.nullcontext,
+        names: Sequence[Any] = (),
     ) -> None:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
@@ -75,15 +80,33 @@ class DPSGD:
         self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
         self.device = self.params[0].device
         self.autocast = autocast  # the client's mixed precision (`fedlora.clients.device.Amp`)
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed % (2**63))
+        self.secret, self.names, self.steps = int(secret), tuple(names), 0
         self.opt = DPOptimizer(
             optimizer,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.clip_norm,
             expected_batch_size=expected_batch_size,
             loss_reduction="mean",  # the noisy sum is divided by the expected batch size
-            generator=self.noise_gen,
         )
+        # Opacus draws its noise from a torch generator (a CPU one keeps 32 bits of its seed):
+        # the noise comes instead from SHAKE-256 keyed by the client's whole secret
+        self.opt.add_noise = self._add_noise
+
+    def _add_noise(self) -> None:
+        """Opacus's `DPOptimizer.add_noise` with keyed noise: ``summed_grad + N(0, (sigma
+        C)^2)`` into ``p.grad``, a stream per step and parameter."""
+        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+        std = self.opt.noise_multiplier * self.opt.max_grad_norm
+        for i, p in enumerate(self.opt.params):
+            _check_processed_flag(p.summed_grad)
+            z = secret_normal(
+                self.secret, p.summed_grad.shape, "dp-sgd-noise", *self.names, self.steps, i
+            )
+            noise = (z * std).to(device=p.summed_grad.device, dtype=p.summed_grad.dtype)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+        self.steps += 1
 
     def __enter__(self) -> DPSGD:
         return self

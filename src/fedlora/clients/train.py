@@ -252,8 +252,17 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _check_dp(host: LoraHost, cfg: TrainConfig, lam: float, who: str) -> None:
-    """What local DP-SGD cannot train: a dense module, a compiled forward, HetLoRA's penalty."""
+def _check_dp(
+    host: LoraHost, cfg: TrainConfig, lam: float, who: str, privacy: Any, payload: Payload
+) -> None:
+    """What local DP-SGD cannot train: a dense module, a compiled forward, HetLoRA's penalty;
+    and a payload asking for what would weaken it (`fedlora.core.privacy.local_dp_refusal`:
+    refused with a one-line reason)."""
+    from fedlora.core.privacy import PrivacyRefusal, local_dp_refusal
+
+    reason = local_dp_refusal(privacy, payload.extras)
+    if reason:
+        raise PrivacyRefusal(f"{who}: {reason}")
     if lam > 0:
         raise FedLoraError(
             f"{who}: HetLoRA's self-pruning penalty is not supported with local DP-SGD"
@@ -309,12 +318,13 @@ def train_client(
     gamma = float(het.get("gamma", 1.0)) if het else 1.0
     lora = host.lora_weights() if lam > 0 else {}
     if privacy is not None:
-        _check_dp(host, cfg, lam, who)
+        _check_dp(host, cfg, lam, who, privacy, payload)
 
     def penalty() -> torch.Tensor:
         return sum(self_pruning_penalty(a, b, gamma, s) for a, b, s in lora.values())
 
-    seed = client_seed(cfg, spec, server_round, privacy)
+    base = _seed_base(cfg, privacy)  # under local DP: the client's whole secret
+    seed = module_seed(base, f"client/{spec.client_id}", server_round)
     was_training = model.training
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
@@ -335,8 +345,9 @@ def train_client(
         dp_extras: dict[str, float] = {}
         try:
             if privacy is not None:  # DP-SGD runs its own loop (Poisson batches)
+                names = (spec.client_id, server_round)
                 losses, dp_extras = _train_dp(
-                    model, opt, data, cfg, gen, privacy, pad_id, seed, amp
+                    model, opt, data, cfg, privacy, pad_id, (base, names), amp
                 )
                 penalties = []
             else:
@@ -409,8 +420,10 @@ def make_update(
     adapter, extras = _client_side(
         payload, before, trained.adapter, gamma, trained.penalties, trained.slots
     )
-    losses_out = _loss_extras(losses) if privacy is None else {"steps": float(len(losses))}
-    extras.update(dp_extras, **losses_out, train_seconds=time.perf_counter() - t0)
+    if privacy is None:
+        extras.update(dp_extras, **_loss_extras(losses), train_seconds=time.perf_counter() - t0)
+    else:  # neither raw losses nor the time it took (a 512-token example shows in it)
+        extras.update(dp_extras, steps=float(len(losses)))
     return ClientUpdate(spec.client_id, adapter, num_examples, extras, trained.dense)
 
 
@@ -478,20 +491,21 @@ def _client_side(
 
 
 def _train_dp(
-    model, opt, data, cfg, gen, privacy, pad_id, seed, amp
+    model, opt, data, cfg, privacy, pad_id, key, amp
 ) -> tuple[list[float], dict[str, float]]:
     """The local steps under DP-SGD (`fedlora.clients.dp_sgd`): each non-empty batch's mean
-    per-example loss, and the accounting extras."""
+    per-example loss, and the accounting extras. ``key`` = (the client's whole secret, the
+    names of its round): its Poisson batches and noise are keyed by all of it."""
     from fedlora.clients.dp_sgd import DPSGD, poisson_batches
     from fedlora.core.accounting import local_sample_rate, local_steps
 
     n = len(data)
     q = local_sample_rate(n, cfg.batch_size)
     steps = local_steps(n, cfg.batch_size, cfg.local_steps, cfg.epochs)
-    noise_seed = module_seed(seed, "dp-sgd-noise", 0)
+    secret, names = key
     losses: list[float] = []
-    with DPSGD(model, opt, privacy, min(cfg.batch_size, n), noise_seed, amp.autocast) as dp:
-        for idx in poisson_batches(n, q, steps, gen):
+    with DPSGD(model, opt, privacy, min(cfg.batch_size, n), secret, amp.autocast, names) as dp:
+        for idx in poisson_batches(n, q, steps, secret, *names):
             per_example = dp.step([data[i] for i in idx], pad_id)
             if per_example is None:
                 continue

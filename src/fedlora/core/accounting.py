@@ -272,6 +272,11 @@ class PrivacyLedger:
             "clip": self.clip,
         }
 
+    def public_state(self) -> dict[str, Any]:
+        """`state_dict` without the secret: what may go into a shared file (the secret stays
+        in the checkpoint, which is as secret as the noise it removes)."""
+        return {k: v for k, v in self.state_dict().items() if k != "secret"}
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.noise_multiplier = float(state.get("noise_multiplier", self.noise_multiplier))
         self.history = [_step(h) for h in state.get("history", [])]

@@ -350,7 +350,10 @@ class Strategy(ABC):
         """Checks of one (already well-formed) update that need this strategy's state; raise
         `FedLoraError` naming the client. By default: the client trained the ranks it was
         configured with. Subclasses extend it (FFA-LoRA's frozen A, LoRA-A2's slots), so that
-        `check_update` (the module function) can drop one bad client before aggregation."""
+        `check_update` (the module function) can drop one bad client before aggregation.
+        Under central DP also `fedlora.core.privacy.check_private_update` (scales, finiteness)."""
+        if self.privacy is not None:  # a `fedlora.core.privacy.CentralDP`
+            self.privacy.check_upload(self, server_round, update)
         self.check_dense(server_round, update)
         expected = self.expected_ranks.get(update.client_id, {})
         for module, f in update.adapter.items():

@@ -980,6 +980,12 @@ def _privacy_problems(cfg: ExperimentConfig, p: _Problems) -> None:
         "trained in full and released without protection; set model.modules_to_save = [] "
         "(the head stays as initialised) or privacy.mode = 'none'",
     )
+    p.need(
+        not cfg.tracking.per_client,
+        f"tracking.per_client = true: with privacy.mode = {v.mode!r} each client's loss and "
+        "update norm would go to the trackers unnoised (the epsilon does not cover them); "
+        "set tracking.per_client = false",
+    )
     if v.mode == "local":
         for key, ok, rule in _local_dp_conflicts(cfg.train):
             p.need(ok, f"train.{key}: must be {rule} with privacy.mode = 'local'")

@@ -159,10 +159,31 @@ def draw(
     rate goes to the tally for the accountant."""
     n = len(candidates)
     tally.sample_rate = min(1.0, k / n) if n else 0.0
+    if server.ledger is not None:
+        return _private_draw(server, sampler, candidates, k, tally.sample_rate)
     if server.sampling == "poisson":
         keep = sampler.random(n) < tally.sample_rate
         return [c for c, x in zip(candidates, keep) if x]
     return sample(sampler, candidates, min(k, n))
+
+
+def _private_draw(
+    server: Server, sampler: np.random.Generator, candidates: Sequence[Any], k: int, rate: float
+) -> list[Any]:
+    """Under a privacy mode, who is sampled comes from SHAKE-256 keyed by the whole server
+    secret (`fedlora.core.privacy.secret_uniform`); the checkpointed `sampler` only supplies a
+    nonce per round, so a resumed run draws what an uninterrupted one would, and knowing the
+    nonce (or any 64 bits) does not reveal the draw. Poisson: each candidate with probability
+    `rate`; fixed: the `k` candidates with the smallest keyed uniforms (a uniform k-subset)."""
+    from fedlora.core.privacy import secret_uniform
+
+    nonce = int(sampler.integers(0, 2**63))
+    assert server.ledger is not None
+    u = secret_uniform(server.ledger.secret, len(candidates), "client-sampling", nonce)
+    if server.sampling == "poisson":
+        return [c for c, x in zip(candidates, u < rate) if x]
+    picked = np.argsort(u, kind="stable")[: min(k, len(candidates))]
+    return [candidates[int(i)] for i in sorted(picked)]
 
 
 def drop(server: Server, tally: RoundTally, rnd: int, client: str, reason: str) -> None:
@@ -282,7 +303,7 @@ def round_row(
     totals["participations"] += tally.replies
     n_total = sum(n for _, n in tally.losses)
     privacy = account(server, rnd, tally, aggregated)
-    return {
+    row = {
         "kind": "round",
         "round": rnd,
         "clients": list(tally.clients),
@@ -301,6 +322,59 @@ def round_row(
         "full_ft_bytes_total": 2 * server.full_ft * totals["participations"],
         **privacy,
     }
+    return withhold_private(row) if server.ledger is not None else row
+
+
+#: what a round row holds per client, unnoised, that no epsilon covers: exact update norms,
+#: the fraction a clip kept (a norm too), reported example counts; the loss is the mean of
+#: the clients' raw losses. Under a privacy mode they never reach a shared file.
+PRIVATE_ROW_KEYS = ("update_norms", "clipped", "capped_weights")
+WITHHELD = (
+    "privacy mode: per-client update norms, clip fractions, example counts, losses and "
+    "timings are not published (the epsilon does not cover them)"
+)
+
+
+def withhold_private(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` without the unnoised per-client values of `PRIVATE_ROW_KEYS`, its train loss
+    None and a ``withheld`` note (the shape consumers read stays)."""
+    for key in PRIVATE_ROW_KEYS:
+        row.pop(key, None)
+    row["train_loss"] = None
+    row["withheld"] = WITHHELD
+    return row
+
+
+def public_result(result: dict[str, Any], ledger: PrivacyLedger | None) -> dict[str, Any]:
+    """A Flower ``result.json`` as it may be shared: under a privacy mode, the ledger without
+    its secret (`PrivacyLedger.public_state`) and every round without what
+    `withhold_private` removes, the clients' metrics (losses, ``train_seconds``) and their
+    means; the traffic counters and the epsilon stay. Without privacy: `result` unchanged."""
+    if ledger is None:
+        return result
+    out = dict(result, privacy_ledger=ledger.public_state())
+    out["rounds"] = []
+    for r in result.get("rounds", []):
+        r = withhold_private(dict(r))
+        metrics = r.pop("metrics", None) or {}
+        r["metrics"] = {k: v for k, v in metrics.items() if k in PUBLIC_FLOWER_METRICS}
+        r.pop("client_metrics", None)
+        out["rounds"].append(r)
+    return out
+
+
+#: the Flower strategy's round metrics that are counters (not the clients' extras)
+PUBLIC_FLOWER_METRICS = (
+    "replies-sent",
+    "replies-received",
+    "replies-used",
+    "replies-dropped",
+    "download-bytes",
+    "download-payload-nbytes",
+    "upload-bytes",
+    "upload-trained-nbytes",
+    "epsilon",
+)
 
 
 def close_round(

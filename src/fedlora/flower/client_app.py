@@ -24,8 +24,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedlora.flower import backend, codec
 from fedlora.flower.backend import get_backend
@@ -51,14 +52,13 @@ def train_content(
     config = content.config_records.get("config")
     server_round = int(config.get("server-round", 0)) if config is not None else 0
     node = get_backend(run_config)
+    from fedlora.core.privacy import node_local_dp
     from fedlora.flower.experiment import experiment_config
 
+    # the experiment's local DP-SGD, unless it would weaken the node's own (then: refused)
+    privacy = node_local_dp(node.local_dp(experiment_config(run_config)), node_config)
     update = node.train(
-        spec,
-        payload,
-        partition_of(node_config),
-        server_round=server_round,
-        privacy=node.local_dp(experiment_config(run_config)),  # the experiment's local DP-SGD
+        spec, payload, partition_of(node_config), server_round=server_round, privacy=privacy
     )
     reply = codec.encode_update(update)
     reply[codec.NODE] = declared_config(node_config)  # lets the server see a changed declaration
@@ -126,9 +126,20 @@ def hello(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from fedlora.core.privacy import PrivacyRefusal
+
     started, before = time.perf_counter(), backend.LOADS["experiment"]
-    content = train_content(msg.content, context.node_config, context.run_config)
-    return Message(_with_node_metrics(content, context, before, started), reply_to=msg)
+    try:
+        content = train_content(msg.content, context.node_config, context.run_config)
+    except PrivacyRefusal as e:  # the node's one-line reason, for the server's round row
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(e)), reply_to=msg)
+    content = _with_node_metrics(content, context, before, started)
+    from fedlora.flower.experiment import experiment_config
+
+    if experiment_config(context.run_config).privacy.mode == "local":
+        # the training time tells a long example from a short one: a local-DP node keeps it
+        del content[codec.NODE_METRICS]["handler-seconds"]
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

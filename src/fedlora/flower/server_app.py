@@ -35,6 +35,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora.federation import rounds
 from fedlora.flower.backend import get_backend
 from fedlora.flower.strategy import FlowerStrategy
 
@@ -99,7 +100,8 @@ def write_result(fs: FlowerStrategy, result_dir: str) -> None:
         result["privacy"] = fs.privacy.summary()
         result["privacy_ledger"] = fs.privacy.state_dict()  # every client's history
     with open(os.path.join(result_dir, "result.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
+        # under privacy: no secret, no per-client unnoised values (`rounds.public_result`)
+        json.dump(rounds.public_result(result, fs.privacy), fh, indent=1)
     from fedlora.federation.config import dumps_toml
 
     with open(os.path.join(result_dir, "config.toml"), "w") as fh:

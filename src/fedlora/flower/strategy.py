@@ -386,7 +386,10 @@ class FlowerStrategy(FlwrStrategy):
         if "epsilon" in row:
             metrics["epsilon"] = row["epsilon"]
         weight = tally.weights  # the counts as the server bounded them
+        # under a privacy mode the clients' extras (losses, times) are not covered: no means
+        private = self.server.ledger is not None
         keys = {k for u in used for k, v in u.extras.items() if isinstance(v, float)}
+        keys = set() if private else keys
         for k in sorted(keys):
             vals = [
                 (weight[u.client_id], u.extras[k])

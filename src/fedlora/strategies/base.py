@@ -127,7 +127,7 @@ def streamed_sums(
 
 
 def _private_sums(strategy, server_round, updates, dense_rank, previous) -> dict[str, LowRankSum]:
-    from fedlora.core.privacy import delta_update_terms, pop_start
+    from fedlora.core.privacy import check_finite_release, delta_update_terms, pop_start
 
     dp = strategy.privacy
     sums = {m: LowRankSum(strategy.shapes[m], dense_rank=dense_rank) for m in dp.ranks}
@@ -150,4 +150,5 @@ def _private_sums(strategy, server_round, updates, dense_rank, previous) -> dict
     if dp.noise_multiplier > 0:
         for module in sorted(sums):
             sums[module].add_dense(dp.noise(sums[module].shape, server_round, f"delta/{module}"))
+            check_finite_release(sums[module].dense(), f"delta/{module}")
     return sums
