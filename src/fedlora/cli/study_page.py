@@ -160,11 +160,15 @@ def _table(study: Study, results: Results) -> str:
         rows.append(f"| {cell['name']} | " + " | ".join(vals) + " |")
         diffs.append(f"| {cell['name']} | " + " | ".join(dvals) + " |")
     unit = "%" if metric.endswith(("accuracy", "f1", "rouge_l")) else ""
-    return (
+    text = (
         f"**{metric}**{' (%)' if unit else ''}, mean over seeds [95% bootstrap CI over "
-        "evaluation examples]:\n\n" + "\n".join(rows) + "\n\nDifference from the cell's "
-        "baseline (paired over seeds and examples; two-sided paired permutation p):\n\n"
-        + "\n".join(diffs)
+        "evaluation examples]:\n\n" + "\n".join(rows)
+    )
+    if all(len(c["runs"]) == 1 for c in study.cells):  # nothing to compare within a cell
+        return text
+    return text + (
+        "\n\nDifference from the cell's baseline (paired over seeds and examples; two-sided "
+        "paired permutation p):\n\n" + "\n".join(diffs)
     )
 
 
