@@ -173,3 +173,26 @@ def test_committed_page_is_rebuilt_unchanged_from_committed_results(tmp_path):
                 "--doc", str(tmp_path / "fidelity.md")]  # fmt: skip
         assert main(args) == 0
     assert (tmp_path / "fidelity.md").read_text() == page
+
+
+def test_two_runners_never_run_one_unit(tmp_path):
+    """A unit claimed by a live process is skipped; a claim left by a dead one is taken."""
+    import os
+    import subprocess
+    import sys
+
+    from fedlora.cli.reproduce import claim, release
+
+    where = tmp_path / "cell" / "fedit-seed0"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "cell").mkdir()
+        (tmp_path / "cell" / "fedit-seed0.claim").write_text(str(other.pid))
+        assert not claim(where)  # the other runner holds it
+    finally:
+        other.kill()
+        other.wait()
+    assert claim(where)  # its process is gone: taken over
+    assert (tmp_path / "cell" / "fedit-seed0.claim").read_text() == str(os.getpid())
+    release(where)
+    assert not (tmp_path / "cell" / "fedit-seed0.claim").exists()

@@ -193,9 +193,13 @@ def run_units(study, todo, results_root, runs_root, args, doc) -> int:
             unit = pending.pop(0)
             where = run_dir(runs_root, unit)
             check_run_dir(study, unit, where)
+            if not claim(where):
+                print(f"[{unit.key}] run by another process (pid in {_claim(where)}); skipped")
+                continue
             if _finished(where):  # finished before this runner saw it: its own timing
                 took = json.loads((where / "summary.json").read_text()).get("time_total", 0.0)
                 land(study, unit, where, results_root, args, doc, wall=took, cpu=took)
+                release(where)
                 continue
             where.parent.mkdir(parents=True, exist_ok=True)
             log = open(where.parent / f"{where.name}.log", "a")  # noqa: SIM115
@@ -216,9 +220,41 @@ def run_units(study, todo, results_root, runs_root, args, doc) -> int:
         if proc.returncode != 0 or not _finished(where):
             failed += 1
             print(f"[{unit.key}] FAILED (exit {proc.returncode}); see {log.name}", flush=True)
-            continue
-        land(study, unit, where, results_root, args, doc, wall=wall, cpu=cpu)
+        else:
+            land(study, unit, where, results_root, args, doc, wall=wall, cpu=cpu)
+        release(where)
     return failed
+
+
+def _claim(where: Path) -> Path:
+    return where.parent / f"{where.name}.claim"
+
+
+def claim(where: Path) -> bool:
+    """Claim a unit for this process (a file holding our pid, created exclusively), so that
+    several runners of one study on one machine never run the same unit; a claim whose
+    process is gone is taken over."""
+    path = _claim(where)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                os.kill(pid, 0)
+                return pid == os.getpid()
+            except (OSError, ValueError):  # its process is gone: a stale claim
+                path.unlink(missing_ok=True)
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def release(where: Path) -> None:
+    _claim(where).unlink(missing_ok=True)
 
 
 def _finished(where: Path) -> bool:
