@@ -261,21 +261,29 @@ def test_default_head_is_saved_and_loads_with_the_adapter_in_plain_peft(tmp_path
         return tiny_bert(0, 3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
     model = bert()
-    assert default_modules_to_save(model, "classifier") == ["classifier"]
+    # the whole head: the pooler (dense + tanh over the first token) and the classifier
+    assert default_modules_to_save(model, "classifier") == ["classifier", "bert.pooler"]
     assert default_modules_to_save(tiny_llama(), "causal") == []
-    host = LoraHost(model, default_target_modules(model), modules_to_save=["classifier"])
-    assert host.dense_shapes() == {"classifier.weight": (3, 32), "classifier.bias": (3,)}
+    host = LoraHost(model, default_target_modules(model),
+                    modules_to_save=default_modules_to_save(model, "classifier"))  # fmt: skip
+    assert host.dense_shapes() == {"classifier.weight": (3, 32), "classifier.bias": (3,),
+                                   "bert.pooler.dense.weight": (32, 32),
+                                   "bert.pooler.dense.bias": (32,)}  # fmt: skip
     ranks = {m: 2 for m in host.module_names()}
     delta = random_adapter(host, ranks, scale=1.0, seed=3)
     delta = {m: LoraFactors(f.A * 0.2, f.B * 0.2, 1.0) for m, f in delta.items()}
     g = torch.Generator().manual_seed(1)
-    head = {"classifier.weight": torch.randn(3, 32, generator=g), "classifier.bias": torch.ones(3)}
+    head = {"classifier.weight": torch.randn(3, 32, generator=g), "classifier.bias": torch.ones(3),
+            "bert.pooler.dense.weight": 0.2 * torch.randn(32, 32, generator=g),
+            "bert.pooler.dense.bias": 0.1 * torch.randn(32, generator=g)}  # fmt: skip
     ids = torch.randint(1, 100, (2, 7), generator=g)
     host.prepare(ClientSpec("c", ranks), Payload(None, None))
     with torch.no_grad(), host.use_global(delta, head) as m:
         expected = m(ids).logits
-        # independent reference: the head applied by hand to the pooled output
-        pooled = m.bert(ids).pooler_output.double()
+        # independent reference: the head applied by hand to the first token's hidden state
+        first = m.bert(ids).last_hidden_state[:, 0].double()
+        pw, pb = head["bert.pooler.dense.weight"].double(), head["bert.pooler.dense.bias"].double()
+        pooled = torch.tanh(first @ pw.T + pb)
         ref = pooled @ head["classifier.weight"].double().T + head["classifier.bias"].double()
     torch.testing.assert_close(expected.double(), ref, rtol=1e-5, atol=1e-5)
     out = host.save_adapter(delta, tmp_path / "adapter", dense=head)
