@@ -196,3 +196,25 @@ def test_two_runners_never_run_one_unit(tmp_path):
     assert (tmp_path / "cell" / "fedit-seed0.claim").read_text() == str(os.getpid())
     release(where)
     assert not (tmp_path / "cell" / "fedit-seed0.claim").exists()
+
+
+def test_untrained_reference_is_the_model_before_training(tmp_path):
+    """`fedlora.cli.untrained` evaluates the examples a trained run of the same configuration
+    evaluates, on the base model: a run that trains at lr 1e-12 gives the same per-example
+    losses (to rounding), one at lr 1e-2 does not."""
+    from fedlora.cli.report import load_run
+    from fedlora.cli.untrained import evaluate_untrained
+    from fedlora.engine import run_experiment
+
+    over = {"rounds": 1, "train.local_steps": 2, "threads": 1, "eval.metrics": ["loss"]}
+    evaluate_untrained("tiny", over, tmp_path / "untrained")
+    base = load_run(tmp_path / "untrained")["examples"]
+    for lr, same in ((1e-12, True), (1e-2, False)):
+        cfg = load_config("tiny", {**over, "train.lr": lr, "output_dir": str(tmp_path / str(lr))})
+        run_experiment(cfg, progress=False)
+        trained = load_run(tmp_path / str(lr))["examples"]
+        assert [r["set"] for r in trained] == [r["set"] for r in base]
+        for a, b in zip(base, trained):
+            assert a["example"] == b["example"] and a["round"] == 0
+            close = np.allclose(a["nll"], b["nll"], rtol=1e-6, atol=1e-6)
+            assert close == same, (lr, a["set"])
