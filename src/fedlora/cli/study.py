@@ -110,7 +110,7 @@ def load_study(name: str, scale: str = "cpu") -> Study:
 
 def _parse(name: str, scale: str, raw: dict[str, Any], where: str) -> Study:
     known = {"title", "preset", "seeds", "metric", "baseline", "set", "runs", "axis", "cell",
-             "claim", "floor", "scale", "notes"}  # fmt: skip
+             "claim", "floor", "scale", "notes", "grid_runs"}  # fmt: skip
     unknown = sorted(set(raw) - known)
     if unknown:
         raise FedLoraError(f"{where}: unknown key {unknown[0]!r}")
@@ -159,7 +159,8 @@ def _cells(raw, runs, common, where) -> list[dict[str, Any]]:
         values = [[(a["key"], v) for v in a["values"]] for a in axes]
         for parts, setting in zip(itertools.product(*names), itertools.product(*values)):
             cells.append({"name": "-".join(parts), "set": {**common, **dict(setting)},
-                          "runs": list(runs), "baseline": raw.get("baseline")})  # fmt: skip
+                          "runs": list(raw.get("grid_runs", runs)),
+                          "baseline": raw.get("baseline")})  # fmt: skip
     for c in raw.get("cell", []):
         cells.append({"name": c["name"], "set": {**common, **c.get("set", {})},
                       "runs": list(c.get("runs", runs)), "seeds": c.get("seeds"),
@@ -176,7 +177,9 @@ def _cells(raw, runs, common, where) -> list[dict[str, Any]]:
 def _check_refs(study: Study, where: str) -> None:
     refs = [(c.get("a"), "claim") for c in study.claims] + [
         (c.get("b"), "claim") for c in study.claims
-    ] + [(f.get("run"), "floor") for f in study.floors]
+    ] + [(f.get(k), "floor") for f in study.floors for k in ("run", "than") if k in f] + [
+        (c["baseline"], "baseline") for c in study.cells if "/" in str(c.get("baseline"))
+    ]
     for ref, kind in refs:
         cell, _, label = str(ref).partition("/")
         if not any(c["name"] == cell and label in c["runs"] for c in study.cells):

@@ -145,16 +145,20 @@ def _table(study: Study, results: Results) -> str:
     for cell in study.cells:
         vals, dvals = [], []
         base = cell.get("baseline") or study.baseline
+        base = base if "/" in base else f"{cell['name']}/{base}"  # "cell/run": another cell's
         for lab in labels:
             if lab not in cell["runs"]:
                 vals.append("")
                 dvals.append("")
                 continue
-            res = compare_pair(study, results, f"{cell['name']}/{lab}", f"{cell['name']}/{base}")
-            m = res["strategies"][f"{cell['name']}/{lab}"]["metrics"].get(metric) if res else None
+            ref = f"{cell['name']}/{lab}"
+            res = compare_pair(study, results, ref, base)
+            if res is None:  # the baseline has not finished: the run alone
+                res = compare_pair(study, results, ref, ref)
+            m = res["strategies"][ref]["metrics"].get(metric) if res else None
             vals.append(_with_ci(metric, m) if m else "–")
-            if lab == base or m is None:
-                dvals.append("baseline" if lab == base else "–")
+            if ref == base or m is None or m.get("diff") is None:
+                dvals.append("baseline" if ref == base else "–")
             else:
                 dvals.append(f"{_signed(metric, m['diff'])} {_p(m['p_value'])}")
         rows.append(f"| {cell['name']} | " + " | ".join(vals) + " |")
