@@ -43,6 +43,20 @@ def test_lora_a2_grid_is_the_issue_floor():
     assert [u.seed for u in grid[:24]] == [0] * 24  # a whole grid at seed 0 lands first
 
 
+def test_flexlora_distribution_cells_run_against_the_baselines_cell():
+    study = load_study("flexlora")
+    units = study.units()
+    assert len(units) == 2 * (3 + 4 * 2)  # seeds x (baselines + 4 distributions x 2 methods)
+    cells = {u.cell: set() for u in units}
+    for u in units:
+        cells[u.cell].add(u.label)
+    assert cells["baselines"] == {"untrained", "fedit_min", "fedit_med"}
+    assert cells["heavy_tail_strong"] == {"flexlora", "hetlora"}
+    assert [u for u in units if u.untrained] and all(
+        u.overrides["resources.homogeneous_type"] == 1 for u in units if u.untrained
+    )
+
+
 def test_unknown_study_scale_and_cell_are_one_line_errors(capsys):
     assert main(["reproduce", "nope"]) == 2
     assert "study 'nope': choose one of" in capsys.readouterr().err
