@@ -191,6 +191,8 @@ def run_units(study, todo, results_root, runs_root, args, doc) -> int:
     while pending or active:
         while pending and len(active) < args.jobs:
             unit = pending.pop(0)
+            if result_path(results_root, unit).is_file():  # landed by another runner meanwhile
+                continue
             where = run_dir(runs_root, unit)
             check_run_dir(study, unit, where)
             if not claim(where):
