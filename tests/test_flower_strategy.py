@@ -85,7 +85,9 @@ class FakeGrid:
                 out = client_app.hello_content(cfg)
             elif kind == "train":
                 out = client_app.train_content(content, cfg, self.run_config)
-                if fault in ("nan", "shape", "client", "scaled") or fault in HOSTILE:
+                if callable(fault):  # a test's own hostile node
+                    out = fault(out)
+                elif fault in ("nan", "shape", "client", "scaled") or fault in HOSTILE:
                     out = _corrupt(out, fault)
             else:
                 out = client_app.evaluate_content(content, cfg, self.run_config)
@@ -472,6 +474,33 @@ def test_a_lone_1e6_scaled_node_is_rejected():
     fresh.start(FakeGrid(_nodes([4]), faults={100: {"train": "scaled"}}), ArrayRecord(),
                 num_rounds=1, timeout=10)  # fmt: skip
     assert "robust.fallback_max_norm = 100" in fresh.rounds[0]["dropped"]["partition-0"]
+
+
+def test_an_escalating_lone_node_cannot_ratchet_its_bound():
+    """Issue 27, the Flower engine: one node a round (clients_per_round = 1), each reply scaled
+    to just under the server's current lone bound (an oracle attacker). Before: accepted
+    norms x19 a round from 99; now the first-round bound follows the model (0.25 x the
+    adapted base weights' norm) and no accepted norm exceeds 4 x it."""
+    from fedlora.core.norms import contribution_norm
+
+    rc = {**RUN, "overrides": RUN["overrides"] + " clients_per_round=1 rounds=5"}
+    fs = build(rc)
+
+    def attack(content):
+        limit, _ = fs.server.history.lone_limit(fs.server.bound)
+        u = codec.decode_update(content)
+        n = contribution_norm(u.adapter, {m: None for m in u.adapter})
+        u.adapter = scale_adapter(u.adapter, 0.99 * limit / n)
+        return codec.encode_update(u)
+
+    nodes = {100 + i: {"partition-id": i} for i in range(4)}
+    grid = FakeGrid(nodes, rc, faults={n: {"train": attack} for n in nodes})
+    fs.start(grid, ArrayRecord(), num_rounds=5, timeout=10)
+    first = fs.server.bound.fallback_norm
+    accepted = [n for r in fs.rounds for n in r["update_norms"].values()]
+    assert len(accepted) == 5 and all(r["aggregated"] for r in fs.rounds)
+    assert first < 1.0 and accepted[0] == pytest.approx(0.99 * first, rel=1e-4)
+    assert max(accepted) <= 4 * first * 1.0001, accepted
 
 
 def test_node_configs_known_to_the_runtime_skip_the_hello():

@@ -336,13 +336,14 @@ def build_privacy(
     return ledger
 
 
-def norm_bound(cfg: ExperimentConfig) -> NormBound:
-    """The robustness screen's norm bounds; none under central DP, whose clipping to
+def norm_bound(cfg: ExperimentConfig, base_norm: float | None = None) -> NormBound:
+    """The robustness screen's norm bounds (`base_norm`: the adapted base weights' Frobenius
+    norm, which sets the first-round lone bound); none under central DP, whose clipping to
     ``privacy.clip_norm`` bounds every client instead (a bound relative to the round's median
     would let one client's data decide whether another is dropped, outside the sensitivity)."""
     if cfg.privacy.mode == "central":
         return NormBound(None, None, cfg.robust.action)
-    return cfg.robust.bound()
+    return cfg.robust.bound(base_norm)
 
 
 def _subset(indices: Sequence[int], k: int, seed: int, salt: int) -> list[int]:
@@ -547,9 +548,11 @@ def build_server(
     shapes: dict[str, tuple[int, int]],
     specs: Sequence[ClientSpec],
     train_clients: Sequence[int],
+    base_norm: float | None = None,
 ) -> Server:
     """The server side for the training clients `train_clients` (indices into `specs`):
-    the strategy, the privacy ledger and the norm bounds of `cfg`."""
+    the strategy, the privacy ledger and the norm bounds of `cfg` (`base_norm`: the model's,
+    `fedlora.clients.host.LoraHost.base_norm`, for the first-round lone bound)."""
     k = cfg.sampled_per_round()
     if k > len(train_clients):
         raise ConfigError(
@@ -560,7 +563,7 @@ def build_server(
     registered = {specs[c].client_id: specs[c].num_examples or 1 for c in train_clients}
     return Server(
         strategy=build_strategy(cfg, shapes, specs, ledger),
-        bound=norm_bound(cfg),
+        bound=norm_bound(cfg, base_norm),
         weights=WeightBound(cfg.robust.max_weight_ratio, registered),
         ledger=ledger,
         fatal_drops=cfg.robust.fatal_drops,
@@ -573,5 +576,8 @@ def build_server(
 def build_federation(cfg: ExperimentConfig) -> Federation:
     """`build_clients`, `build_server` and the evaluation sets of `cfg`."""
     clients = build_clients(cfg)
-    server = build_server(cfg, clients.host.shapes(), clients.specs, clients.train_clients)
+    host = clients.host
+    server = build_server(
+        cfg, host.shapes(), clients.specs, clients.train_clients, host.base_norm()
+    )
     return Federation(cfg, clients, server, eval_sets(cfg, clients.split))

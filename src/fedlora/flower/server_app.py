@@ -53,7 +53,9 @@ def build(run_config: Mapping[str, Any]) -> FlowerStrategy:
     cfg = experiment_config(run_config)
     backend = get_backend(run_config)  # cached: may be shared with runs of other strategies
     shapes = backend.shapes()
-    server = build_server(cfg, shapes, backend.specs, backend.split.training_clients)
+    server = build_server(
+        cfg, shapes, backend.specs, backend.split.training_clients, backend.clients.host.base_norm()
+    )
     k = cfg.sampled_per_round()
     timeout = float(run_config.get("round-timeout", 120))
     rank_types = _ints(run_config.get("rank-types", "")) or list(cfg.resources.ranks or [])
