@@ -166,14 +166,22 @@ class TensorBoardBackend(Backend):
     name = "tensorboard"
 
     def open(self, req: OpenRequest) -> dict[str, Any]:
-        from torch.utils.tensorboard import SummaryWriter
+        from fedlora.federation.runfiles import is_run_dir, write_output
 
         log_dir = req.run_dir / TB_DIR
         # a resumed run rewrites the rounds after the last one logged: TensorBoard hides the
         # earlier file's events from that step on
         purge = req.last_round + 1 if req.saved else None
-        self.writer = SummaryWriter(str(log_dir), purge_step=purge)
+        if is_run_dir(req.run_dir):  # its event file joins the run's manifest
+            write_output(req.run_dir, TB_DIR, lambda p: self._writer(p, purge))
+        else:
+            self._writer(log_dir, purge)
         return {"log_dir": str(log_dir)}
+
+    def _writer(self, log_dir: Path, purge: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge)
 
     def log_params(self, params: Mapping[str, str]) -> None:
         table = "| key | value |\n|---|---|\n" + "\n".join(
@@ -463,9 +471,12 @@ class RunTracker(_Trackers):
         if not self.state["backends"]:
             return
         from fedlora.federation.checkpoint import atomic_write_text
+        from fedlora.federation.runfiles import is_run_dir, wrote
 
         try:
             atomic_write_text(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1) + "\n")
+            if is_run_dir(self.run_dir):
+                wrote(self.run_dir, self.run_dir / STATE_FILE)
         except OSError as e:
             self.log.warning("tracking: cannot write %s (%s)", self.run_dir / STATE_FILE, e)
 
