@@ -222,9 +222,18 @@ def client_specs(cfg: ExperimentConfig, modules: Sequence[str], shapes, sizes) -
         rank_types = {t + 1: RankType(a, b) for t, (a, b) in enumerate(zip(attn, mlp))}
     specs = []
     cache: dict[Any, dict[str, int]] = {}
+    capped: dict[str, tuple[int, int]] = {}  # module -> (largest rank asked, its size)
+
+    def cap(asked: dict[str, int]) -> dict[str, int]:
+        """Ranks above a module's min(d_out, d_in) mean nothing more: capped, and said."""
+        for m, k in asked.items():
+            if k > min(shapes[m]):
+                capped[m] = (max(k, capped.get(m, (0, 0))[0]), min(shapes[m]))
+        return {m: min(k, *shapes[m]) for m, k in asked.items()}
+
     for i, t in enumerate(types):
         if r.homogeneous_rank is not None:  # capped like the types' ranks below
-            ranks = {m: min(r.homogeneous_rank, *shapes[m]) for m in modules}
+            ranks = cap({m: r.homogeneous_rank for m in modules})
         else:
             key = t if isinstance(t, int) else repr(t)
             if key not in cache:
@@ -237,7 +246,7 @@ def client_specs(cfg: ExperimentConfig, modules: Sequence[str], shapes, sizes) -
                     default_kind="attention",
                     rank_types=rank_types,
                 )
-                cache[key] = {m: min(k, *shapes[m]) for m, k in raw.items()}
+                cache[key] = cap(raw)
             ranks = cache[key]
         specs.append(
             ClientSpec(
@@ -249,6 +258,14 @@ def client_specs(cfg: ExperimentConfig, modules: Sequence[str], shapes, sizes) -
                 resource_type=t if isinstance(t, int) else None,
             )
         )
+    if capped:
+        m, (k, size) = next(iter(capped.items()))
+        more = f" (and {len(capped) - 1} more modules)" if len(capped) > 1 else ""
+        LOG.warning(
+            "resources: rank %d is above module %s's min(d_out, d_in) = %d%s: capped to the "
+            "module's size; lower resources.ranks or set resources.rank_cap_fraction",
+            k, m, size, more,
+        )  # fmt: skip
     return specs
 
 

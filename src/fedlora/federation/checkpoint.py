@@ -81,7 +81,7 @@ def atomic_write_bytes(path: str | os.PathLike, write) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(e, OSError) and e.filename is None:  # a full disk: name the file
+        if isinstance(e, OSError) and e.errno and e.filename is None:  # a full disk: name it
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     _fsync_dir(path.parent)

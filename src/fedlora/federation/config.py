@@ -221,6 +221,8 @@ class PrivacyConfig:
 
 
 BACKENDS = ("tensorboard", "mlflow", "wandb")
+#: the largest privacy.noise_multiplier accepted (see `_privacy_problems`)
+MAX_NOISE_MULTIPLIER = 1e4
 
 
 @dataclass
@@ -965,6 +967,14 @@ def _privacy_problems(cfg: ExperimentConfig, p: _Problems) -> None:
             v.noise_multiplier > 0 and math.isfinite(v.noise_multiplier),
             f"privacy.noise_multiplier = {v.noise_multiplier}: must be > 0 in a DP mode "
             "(0 releases the data unprotected: set privacy.mode = 'none')",
+        )
+        # the accountants' arithmetic overflows past ~1e154 (OverflowError from Opacus at
+        # 1e308) and turns unstable before; epsilon stops falling long before 1e4
+        p.need(
+            not v.noise_multiplier > MAX_NOISE_MULTIPLIER,
+            f"privacy.noise_multiplier = {v.noise_multiplier:g}: must be at most "
+            f"{MAX_NOISE_MULTIPLIER:g} (more noise no longer lowers epsilon, and the "
+            "accountant cannot compute it)",
         )
     if v.target_epsilon is not None:
         p.need(

@@ -112,6 +112,8 @@ class Jsonl:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         except OSError as e:  # a full disk: name the file (a torn line is repaired on resume)
+            if not e.errno or e.filename is not None:
+                raise
             raise OSError(e.errno, e.strerror, str(self.path)) from None
 
 
