@@ -511,6 +511,45 @@ def test_an_escalating_lone_node_cannot_ratchet_its_bound():
     assert max(accepted) <= 4 * first * 1.0001, accepted
 
 
+class ReplayGrid(FakeGrid):
+    """Node 102 answers round 2 with its round-1 reply (replayed: that message's id), or with
+    a reply whose ``reply_to_message_id`` matches nothing (``forge``)."""
+
+    def __init__(self, *a, forge=False, **k):
+        super().__init__(*a, **k)
+        self.forge, self.saved, self.trains = forge, None, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if not messages or messages[0].metadata.message_type != "train":
+            return replies
+        self.trains += 1
+        mine = [r for r in replies if r.metadata.src_node_id == 102]
+        if self.trains == 1:
+            self.saved = mine[0]
+            return replies
+        rest = [r for r in replies if r.metadata.src_node_id != 102]
+        if self.forge:
+            mine[0].metadata.__dict__["_reply_to_message_id"] = "not-a-message-of-this-round"
+            return rest + mine
+        return rest + [self.saved]
+
+
+@pytest.mark.parametrize("forge", [False, True])
+def test_a_reply_is_tied_to_its_message_and_round(forge):
+    """Issue 27: a node's round-1 reply replayed in round 2 was accepted as its round-2
+    answer, and a reply whose message id matches nothing was attributed to its sender. Both
+    are ignored now: node 102 has no usable reply in round 2."""
+    strategy = S.get("flexlora", shapes=SHAPES, seed=3)
+    fs = FlowerStrategy(strategy, SHAPES, min_nodes=4)
+    fs.start(ReplayGrid(_nodes(), forge=forge), ArrayRecord(), num_rounds=2, timeout=10)
+    second = fs.rounds[1]
+    assert "answers no message of this round" in second["ignored"]["node-102"]
+    assert second["dropped"]["partition-2"] == "no reply (failed or timed out)"
+    assert "partition-2" not in second["used_clients"] and len(second["used_clients"]) == 3
+
+
 def test_node_configs_known_to_the_runtime_skip_the_hello():
     """`FlowerStrategy.node_configs` (the simulation's partition ids): no hello for those
     nodes, the same clients trained as with hellos; a node it does not know is still asked."""

@@ -42,15 +42,21 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def open_run_dir(
-    cfg: ExperimentConfig, *, resume: bool, overwrite: bool, log: logging.Logger
+    cfg: ExperimentConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+    log: logging.Logger,
+    run_dir: Path | None = None,
 ) -> dict[str, Any] | None:
-    """With `cfg`'s run directory locked: refuse what may not be done to it, remove the
+    """With the run directory (`run_dir`, default `cfg`'s) locked: refuse what may not be
+    done to it, remove the
     temporary files a killed run left, and return the checkpoint to resume from (None: a new
     run; ``overwrite`` has removed the old run's files, and only those).
 
     ``resume`` of a directory whose checkpoint is gone while its ``metrics.jsonl`` holds rows
     is refused: starting again at round 1 would rewrite them (issue 27)."""
-    run_dir = Path(cfg.output_dir)
+    run_dir = Path(cfg.output_dir) if run_dir is None else run_dir
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     removed = remove_stale_temp(run_dir, OUTPUT_NAMES)
     if removed:
