@@ -35,11 +35,12 @@ from typing import Any
 
 from fedlora.core.contract import FedLoraError
 from fedlora.federation.checkpoint import FILE_MODE, _umask, atomic_write_text
-from fedlora.federation.tracking import STATE_FILE as TRACKING_STATE
-from fedlora.federation.tracking import TB_DIR
 
 MARKER = ".fedlora-run.json"
 LOCK = ".fedlora.lock"
+#: what the trackers write in a run directory (`fedlora.federation.tracking`)
+TRACKING_STATE = "tracking.json"
+TB_DIR = "tensorboard"
 DIR_MODE = 0o777 & ~_umask()  # a directory fedlora creates, like ``mkdir``'s
 #: every name a run (and ``fedlora run``'s report) may write at the top of its directory
 OUTPUT_NAMES = (

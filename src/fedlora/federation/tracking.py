@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.federation.config import TrackingConfig
+from fedlora.federation.runfiles import TB_DIR, is_run_dir, write_output, wrote
+from fedlora.federation.runfiles import TRACKING_STATE as STATE_FILE
 
 LOG = logging.getLogger("fedlora.federation.tracking")
-STATE_FILE = "tracking.json"
-TB_DIR = "tensorboard"
 MLFLOW_PARAM_CHUNK = 100  # MLflow's limit of params per log_batch
 MLFLOW_METRIC_CHUNK = 1000  # ... and of metrics
 MLFLOW_VALUE_MAX = 6000  # longest param value MLflow stores
@@ -166,7 +166,6 @@ class TensorBoardBackend(Backend):
     name = "tensorboard"
 
     def open(self, req: OpenRequest) -> dict[str, Any]:
-        from fedlora.federation.runfiles import is_run_dir, write_output
 
         log_dir = req.run_dir / TB_DIR
         # a resumed run rewrites the rounds after the last one logged: TensorBoard hides the
@@ -471,8 +470,6 @@ class RunTracker(_Trackers):
         if not self.state["backends"]:
             return
         from fedlora.federation.checkpoint import atomic_write_text
-        from fedlora.federation.runfiles import is_run_dir, wrote
-
         try:
             atomic_write_text(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1) + "\n")
             if is_run_dir(self.run_dir):
