@@ -491,7 +491,9 @@ def test_an_escalating_lone_node_cannot_ratchet_its_bound():
     adapted base weights' norm) and no accepted norm exceeds 4 x it."""
     from fedlora.core.norms import contribution_norm
 
-    rc = {**RUN, "overrides": RUN["overrides"] + " clients_per_round=1 rounds=5"}
+    # FLoRA starts every client from a fresh init: scaling B scales the contribution exactly
+    extra = " clients_per_round=1 rounds=5 strategy.name=flora"
+    rc = {**RUN, "overrides": RUN["overrides"] + extra}
     fs = build(rc)
 
     def attack(content):
@@ -509,6 +511,7 @@ def test_an_escalating_lone_node_cannot_ratchet_its_bound():
     assert len(accepted) == 5 and all(r["aggregated"] for r in fs.rounds)
     assert first < 1.0 and accepted[0] == pytest.approx(0.99 * first, rel=1e-4)
     assert max(accepted) <= 4 * first * 1.0001, accepted
+    assert accepted == pytest.approx([0.99 * first * k for k in (1, 2, 4, 4, 4)], rel=1e-3)
 
 
 class ReplayGrid(FakeGrid):
