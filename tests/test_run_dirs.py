@@ -438,3 +438,21 @@ def test_every_output_has_the_same_mode(tmp_path):
     for name, mode in modes.items():
         want = want_dir if (out / name).is_dir() else want_file
         assert mode == want, (name, oct(mode))
+
+
+def test_an_older_manifest_listing_folders_leaves_them(tmp_path, caplog):
+    """A marker of fedlora before issue 27 lists folders (``plots``): what is in them is not
+    known to be fedlora's, so --overwrite leaves them and says so; its files go."""
+    import logging
+
+    out = tmp_path / "old"
+    (out / "plots").mkdir(parents=True)
+    (out / "plots" / "fig1.png").write_bytes(b"mine")
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / MARKER).write_text(json.dumps({"fedlora_run": 1, "files": ["metrics.jsonl", "plots"]}))
+    with caplog.at_level(logging.INFO):
+        runfiles.clear_claimed(out, logging.getLogger("fedlora"))
+    assert not (out / "metrics.jsonl").exists()
+    assert (out / "plots" / "fig1.png").read_bytes() == b"mine"
+    assert runfiles.claimed(out) == ["plots"]
+    assert any("left plots" in r.getMessage() for r in caplog.records)
