@@ -590,11 +590,25 @@ def build_server(
     )
 
 
+def model_norm(host: Any) -> float | None:
+    """`LoraHost.base_norm` for the first-round lone bound; None (`NormBound`'s fallback 100,
+    said in a warning) where quantized weights cannot be read back."""
+    try:
+        return host.base_norm()
+    except Exception as e:  # noqa: BLE001 - a bitsandbytes layout this code does not know
+        LOG.warning(
+            "robust: cannot read the quantized base weights' norm (%s: %s); the first-round "
+            "lone bound is robust.fallback_max_norm's default 100: set it for this model",
+            type(e).__name__, e,
+        )  # fmt: skip
+        return None
+
+
 def build_federation(cfg: ExperimentConfig) -> Federation:
     """`build_clients`, `build_server` and the evaluation sets of `cfg`."""
     clients = build_clients(cfg)
     host = clients.host
     server = build_server(
-        cfg, host.shapes(), clients.specs, clients.train_clients, host.base_norm()
+        cfg, host.shapes(), clients.specs, clients.train_clients, model_norm(host)
     )
     return Federation(cfg, clients, server, eval_sets(cfg, clients.split))

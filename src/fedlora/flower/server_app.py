@@ -49,14 +49,14 @@ def _ints(text: Any) -> list[int]:
 
 def build(run_config: Mapping[str, Any]) -> FlowerStrategy:
     """The `FlowerStrategy` a run config describes (its ``num_rounds`` attribute is set)."""
-    from fedlora.federation.build import build_server
+    from fedlora.federation.build import build_server, model_norm
     from fedlora.flower.experiment import experiment_config
 
     cfg = experiment_config(run_config)
     backend = get_backend(run_config)  # cached: may be shared with runs of other strategies
     shapes = backend.shapes()
     server = build_server(
-        cfg, shapes, backend.specs, backend.split.training_clients, backend.clients.host.base_norm()
+        cfg, shapes, backend.specs, backend.split.training_clients, model_norm(backend.clients.host)
     )
     k = cfg.sampled_per_round()
     timeout = float(run_config.get("round-timeout", 120))
