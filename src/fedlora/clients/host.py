@@ -138,7 +138,9 @@ class LoraHost:
                 w = lin.weight
                 state = getattr(w, "quant_state", None)
                 if state is None:  # 8-bit: int8 rows and their absmax / 127
-                    w = w.data.float() * (lin.state.SCB.float()[:, None] / 127.0)
+                    scb = getattr(w, "SCB", None)
+                    scb = lin.state.SCB if scb is None else scb
+                    w = w.data.float() * (scb.float()[:, None] / 127.0)
                 else:
                     w = bnbf.dequantize_4bit(w.data, state)
             else:
