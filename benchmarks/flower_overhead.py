@@ -155,7 +155,7 @@ def simulation(preset: str, text: str, clients: int, tmp: Path) -> dict:
 
     home = tmp / "home"
     home.mkdir()
-    shutil.copy(APP / "flwr-home" / "config.toml", home / "config.toml")
+    shutil.copy(ROOT / "flwr-home" / "config.toml", home / "config.toml")
     out = tmp / "result"
     with open(tmp / "superlink.log", "w") as log:
         link, env = simulation_superlink(home, log)

@@ -102,7 +102,7 @@ def simulation(text: str, clients: int, cpus: int, tmp: Path) -> dict:
 
     home = tmp / "home"
     home.mkdir()
-    shutil.copy(ROOT / "flower_app" / "flwr-home" / "config.toml", home / "config.toml")
+    shutil.copy(ROOT / "flwr-home" / "config.toml", home / "config.toml")
     out = tmp / "sim"
     with open(tmp / "superlink.log", "w") as log:
         link, env = simulation_superlink(home, log)

@@ -382,3 +382,106 @@ def test_node_killed_mid_run_fault_report(tmp_path):
     assert "Node Unavailable" in rounds[2]["dropped"]["1"], rounds[2]
     # node 0 kept its one model for the whole run
     assert [rounds[n]["client_metrics"]["0"]["model-builds"] for n in (1, 2, 3)] == [1, 1, 1]
+
+
+# -- issue 27: a hostile node and a killed ServerApp ---------------------------------------
+
+
+def _serverapp_pids(root: int) -> list[int]:
+    """The ``flwr-serverapp`` processes descending from process `root` (the SuperLink: its
+    SuperExec, in a session of its own, starts them), by PID."""
+    parent, cmd = {}, {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                cmd[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, ValueError, IndexError):
+                continue
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == root:
+                return True
+        return False
+
+    return [p for p, c in cmd.items() if "flwr-serverapp" in c and descends(p)]
+
+
+def test_a_hostile_node_and_a_killed_server_app(tmp_path):
+    """Issue 27's acceptance: a SuperLink and 3 SuperNodes on 127.0.0.1, one of them hostile
+    (`tests/hostile_node.py`: 10**12 examples, a norm escalating x19 a round from 99, a bytes
+    node-place record). 4 rounds, 3 clients a round. The ServerApp is SIGKILLed once round 2's
+    checkpoint is written; a second ``flwr run`` with ``resume=true`` continues from it. Every
+    round finishes with the hostile node's reply dropped, and result.json is whole."""
+    port = free_port()
+    env = _flwr_home(tmp_path, port)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
+    result_dir = tmp_path / "result"
+    # min-nodes 4 of 3: before each round the ServerApp waits round-timeout for a 4th node, a
+    # window with no message in flight, where it is killed (a SuperNode that gets a message
+    # of a run that has died stops taking tasks: Flower 1.41's, not fedlora's)
+    config = (
+        f'overrides="rounds=4 clients_per_round=3" result-dir="{result_dir}" round-timeout=15 '
+        "min-nodes=4"
+    )
+    with _Processes(tmp_path, env) as ps:
+        link = ps.start(
+            "superlink",
+            [exe("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+             "--host", "127.0.0.1", "--port", str(port)],
+        )  # fmt: skip
+        for i in range(3):
+            node_port = free_port()
+            ps.start(
+                f"supernode{i}",
+                [exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                 "--isolation", "process", "--host", "127.0.0.1", "--port", str(node_port),
+                 "--node-config", f"partition-id={i}"],
+            )  # fmt: skip
+            runner = _runner(node_port)
+            if i == 2:
+                runner[1:3] = [str(ROOT / "tests" / "hostile_node.py")]
+            ps.start(f"runner{i}", runner)
+        first = ps.start(
+            "flwr-run-1", [exe("flwr"), "run", str(APP), "test", "--stream", "--run-config", config]
+        )
+        deadline = time.monotonic() + 300
+        while True:  # until round 2's checkpoint is there
+            ckpt_file = result_dir / "checkpoint.safetensors"
+            if ckpt_file.exists():
+                from fedlora.federation.checkpoint import load_checkpoint
+
+                if load_checkpoint(result_dir)["round"] >= 2:
+                    time.sleep(2)  # inside round 3's wait for nodes
+                    break
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        (pid,) = _serverapp_pids(link.pid)
+        os.kill(pid, signal.SIGKILL)
+        stop([first])
+        try:
+            second = _resume(env, config)
+        finally:
+            for left in _serverapp_pids(link.pid):  # a ServerApp of a failed run: ours
+                os.kill(left, signal.SIGKILL)
+        out = second.stdout + second.stderr
+        assert second.returncode == 0, out[-4000:]
+    result = json.loads((result_dir / "result.json").read_text())
+    rounds = result["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4], [r["round"] for r in rounds]
+    for r in rounds:
+        assert r["aggregated"] and sorted(r["used_clients"]) == ["0", "1"], r
+        assert "update norm" in r["dropped"]["2"], r["dropped"]
+    assert result["rounds"][0]["capped_weights"]["2"][0] == 10**12
+    log = (tmp_path / "runner2.log").read_text()
+    assert "hostile node: reply 4 scaled" in log  # it sent 4 escalating replies
+
+
+def _resume(env: dict, config: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [exe("flwr"), "run", str(APP), "test", "--stream", "--run-config", config + " resume=true"],
+        env=env, capture_output=True, text=True, timeout=300, start_new_session=True,
+    )  # fmt: skip

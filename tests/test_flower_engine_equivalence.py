@@ -190,6 +190,14 @@ def test_one_round_close_for_both_engines_with_a_dropped_client_under_local_dp(
     assert sorted(ledger["clients"]) == ["0", "1", "2", "3"]  # the dropped client too
     assert all(len(h) == 2 for h in ledger["clients"].values())
     assert result["privacy"] == ref.summary["privacy"]
+    # the ServerApp's metrics.jsonl (a run directory since issue 27) withholds the same
+    # per-client values as result.json (issue 26)
+    text = (tmp_path / "flower" / "metrics.jsonl").read_text()
+    rows = [json.loads(x) for x in text.splitlines() if x.strip()]
+    assert len(rows) == 2
+    for row in rows:
+        assert not ({"client_metrics", "update_norms", "capped_weights"} & set(row)), sorted(row)
+        assert row.get("train_loss") is None
 
 
 def test_flower_evaluates_the_global_delta_on_nodes(tmp_path):

@@ -35,7 +35,7 @@ OVERRIDES = "rounds=2 clients_per_round=6 strategy.name=flexlora"
 def test_two_node_ray_cluster_equals_engine(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
-    shutil.copy(ROOT / "flower_app" / "flwr-home" / "config.toml", home / "config.toml")
+    shutil.copy(ROOT / "flwr-home" / "config.toml", home / "config.toml")
     out = tmp_path / "sim"
     # Ray's socket paths must stay under 107 characters: a short directory of its own
     ray_tmp = Path(tempfile.mkdtemp(prefix="fl-ray-", dir="/tmp"))

@@ -2,7 +2,7 @@
 
 Runs the documented command from the repository root,
 
-    FLWR_HOME=<copy of flower_app/flwr-home> flwr run flower_app local-simulation --stream \
+    FLWR_HOME=<copy of flwr-home> flwr run flower_app local-simulation --stream \
         --run-config 'experiment="tiny" overrides="..." result-dir="..."'
 
 with the federation `local-simulation` as shipped (6 virtual SuperNodes, one per client of the
@@ -48,7 +48,7 @@ def simulation(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("simulation")
     home = tmp / "home"
     home.mkdir()
-    shutil.copy(ROOT / "flower_app" / "flwr-home" / "config.toml", home / "config.toml")
+    shutil.copy(ROOT / "flwr-home" / "config.toml", home / "config.toml")
     with open(tmp / "superlink.log", "w") as log:
         link, env = simulation_superlink(home, log)
         try:

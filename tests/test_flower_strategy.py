@@ -85,7 +85,9 @@ class FakeGrid:
                 out = client_app.hello_content(cfg)
             elif kind == "train":
                 out = client_app.train_content(content, cfg, self.run_config)
-                if fault in ("nan", "shape", "client", "scaled") or fault in HOSTILE:
+                if callable(fault):  # a test's own hostile node
+                    out = fault(out)
+                elif fault in ("nan", "shape", "client", "scaled") or fault in HOSTILE:
                     out = _corrupt(out, fault)
             else:
                 out = client_app.evaluate_content(content, cfg, self.run_config)
@@ -472,6 +474,83 @@ def test_a_lone_1e6_scaled_node_is_rejected():
     fresh.start(FakeGrid(_nodes([4]), faults={100: {"train": "scaled"}}), ArrayRecord(),
                 num_rounds=1, timeout=10)  # fmt: skip
     assert "robust.fallback_max_norm = 100" in fresh.rounds[0]["dropped"]["partition-0"]
+
+
+def _current_lone_bound(server) -> float:
+    """What the server would accept from a client alone this round (an oracle attacker);
+    before issue 27 (no ``lone_limit``): the bound as that code set it."""
+    if hasattr(server.history, "lone_limit"):
+        return server.history.lone_limit(server.bound)[0]
+    return server.bound.limit([], server.history.reference())[0]
+
+
+def test_an_escalating_lone_node_cannot_ratchet_its_bound():
+    """Issue 27, the Flower engine: one node a round (clients_per_round = 1), each reply scaled
+    to just under the server's current lone bound (an oracle attacker). Before: accepted
+    norms x19 a round from 99; now the first-round bound follows the model (0.25 x the
+    adapted base weights' norm) and no accepted norm exceeds 4 x it."""
+    from fedlora.core.norms import contribution_norm
+
+    # FLoRA starts every client from a fresh init: scaling B scales the contribution exactly
+    extra = " clients_per_round=1 rounds=5 strategy.name=flora"
+    rc = {**RUN, "overrides": RUN["overrides"] + extra}
+    fs = build(rc)
+
+    def attack(content):
+        limit = _current_lone_bound(fs.server)
+        u = codec.decode_update(content)
+        n = contribution_norm(u.adapter, {m: None for m in u.adapter})
+        u.adapter = scale_adapter(u.adapter, 0.99 * limit / n)
+        return codec.encode_update(u)
+
+    nodes = {100 + i: {"partition-id": i} for i in range(4)}
+    grid = FakeGrid(nodes, rc, faults={n: {"train": attack} for n in nodes})
+    fs.start(grid, ArrayRecord(), num_rounds=5, timeout=10)
+    first = fs.server.bound.fallback_norm
+    accepted = [n for r in fs.rounds for n in r["update_norms"].values()]
+    assert len(accepted) == 5 and all(r["aggregated"] for r in fs.rounds)
+    assert first < 1.0 and accepted[0] == pytest.approx(0.99 * first, rel=1e-4)
+    assert max(accepted) <= 4 * first * 1.0001, accepted
+    assert accepted == pytest.approx([0.99 * first * k for k in (1, 2, 4, 4, 4)], rel=1e-3)
+
+
+class ReplayGrid(FakeGrid):
+    """Node 102 answers round 2 with its round-1 reply (replayed: that message's id), or with
+    a reply whose ``reply_to_message_id`` matches nothing (``forge``)."""
+
+    def __init__(self, *a, forge=False, **k):
+        super().__init__(*a, **k)
+        self.forge, self.saved, self.trains = forge, None, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if not messages or messages[0].metadata.message_type != "train":
+            return replies
+        self.trains += 1
+        mine = [r for r in replies if r.metadata.src_node_id == 102]
+        if self.trains == 1:
+            self.saved = mine[0]
+            return replies
+        rest = [r for r in replies if r.metadata.src_node_id != 102]
+        if self.forge:
+            mine[0].metadata.__dict__["_reply_to_message_id"] = "not-a-message-of-this-round"
+            return rest + mine
+        return rest + [self.saved]
+
+
+@pytest.mark.parametrize("forge", [False, True])
+def test_a_reply_is_tied_to_its_message_and_round(forge):
+    """Issue 27: a node's round-1 reply replayed in round 2 was accepted as its round-2
+    answer, and a reply whose message id matches nothing was attributed to its sender. Both
+    are ignored now: node 102 has no usable reply in round 2."""
+    strategy = S.get("flexlora", shapes=SHAPES, seed=3)
+    fs = FlowerStrategy(strategy, SHAPES, min_nodes=4)
+    fs.start(ReplayGrid(_nodes(), forge=forge), ArrayRecord(), num_rounds=2, timeout=10)
+    second = fs.rounds[1]
+    assert "answers no message of this round" in second["ignored"]["node-102"]
+    assert second["dropped"]["partition-2"] == "no reply (failed or timed out)"
+    assert "partition-2" not in second["used_clients"] and len(second["used_clients"]) == 3
 
 
 def test_node_configs_known_to_the_runtime_skip_the_hello():

@@ -89,3 +89,15 @@ def test_merge_on_a_4bit_base_is_exact(saved_tiny):
     ref = x.double() @ merge[m].delta().T
     assert float((merged - plain - ref).norm()) < 1e-5 * float(ref.norm())
     assert torch.equal(lin.weight.data, packed)  # the quantized weights are untouched
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_a_quantized_base_has_the_norm_of_its_weights(saved_tiny, mode):
+    """The first-round lone bound follows the base weights' norm (issue 27): read back from
+    the quantized layout, it is the float model's within the quantization error."""
+    full, _ = load_model(saved_tiny, quantization="none", compute_dtype=torch.float32)
+    quant, _ = load_model(saved_tiny, quantization=mode, compute_dtype=torch.float32)
+    targets = default_target_modules(full)
+    ref = LoraHost(full, targets).base_norm()
+    got = LoraHost(quant, targets).base_norm()
+    assert ref > 0 and abs(got - ref) / ref < 0.05, (got, ref)

@@ -13,7 +13,7 @@ from helpers import SHAPES, np_delta
 
 import fedlora.strategies as registry
 from fedlora.core.contract import ClientUpdate, FedLoraError, LoraFactors, Payload
-from fedlora.core.norms import clip_contribution, scale_adapter
+from fedlora.core.norms import clip_contribution, contribution_norm, scale_adapter
 from fedlora.core.robust import (
     NormBound,
     NormHistory,
@@ -157,17 +157,43 @@ def test_a_lone_client_is_bounded_by_history_then_by_the_fallback():
     out = screen_updates(giant, first)
     assert not out.kept and "robust.fallback_max_norm = 100" in out.dropped["0"]
     history = NormHistory()
-    history.record([n])
-    out = screen_updates(giant, first, history=history.reference())  # later rounds
+    history.end_round(first, [n])
+    out = screen_updates(giant, first, history=history)  # later rounds
     assert not out.kept and "largest median accepted norm" in out.dropped["0"]
-    assert len(screen_updates(honest, first, history=history.reference()).kept) == 1
+    assert len(screen_updates(honest, first, history=history).kept) == 1
     # a slightly larger honest update in a later round passes (2 x the reference)
     bigger = [(ClientUpdate("0", scale_adapter(honest[0][0].adapter, 1.5), 10), {})]
-    assert len(screen_updates(bigger, first, history=history.reference()).kept) == 1
+    assert len(screen_updates(bigger, first, history=history).kept) == 1
     # no fallback and no history: unbounded, as the relative bound off
     assert len(screen_updates(giant, NormBound(max_ratio=2.0, fallback_norm=None)).kept) == 1
     with pytest.raises(FedLoraError, match="max_ratio"):
         NormBound(max_ratio=-1.0)
+
+
+@pytest.mark.parametrize("ratio", [2.0, 20.0, 1000.0])
+def test_a_lone_client_aiming_just_under_its_bound_cannot_ratchet_it(ratio):
+    """Issue 27: alone in every round and submitting 0.999 x the bound each time, a client
+    moved the bound x19 a round (99 -> 1,881 -> 35,740 -> 679,000 with ratio 20). Now the lone
+    bound grows at most x2 a round and to at most 4 x the first-round value, for 50 rounds."""
+    bound, history = NormBound(max_ratio=ratio, fallback_norm=0.5), NormHistory()
+    accepted = []
+    for _ in range(50):
+        limit, _ = history.lone_limit(bound)
+        accepted.append(0.999 * limit)
+        history.end_round(bound, [accepted[-1]])
+    assert accepted[0] == pytest.approx(0.4995)
+    assert all(b <= 2 * a * (1 + 1e-9) for a, b in zip(accepted, accepted[1:]))
+    assert max(accepted) <= 4 * 0.5, accepted[:5]
+    # honest norms far below the cap still follow the ratio x the reference
+    honest = NormHistory()
+    honest.end_round(bound, [0.01])
+    assert honest.lone_limit(bound)[0] == pytest.approx(min(ratio * 0.01, 1.0, 2.0))
+    # the growth state is checkpointed
+    again = NormHistory()
+    again.load_state_dict(history.state_dict())
+    assert again.lone_limit(bound) == history.lone_limit(bound)
+    with pytest.raises(FedLoraError, match="lone bound"):
+        again.load_state_dict({"medians": [1.0], "lone": float("inf")})
 
 
 def test_norm_history_keeps_a_window_of_round_medians():
@@ -382,10 +408,58 @@ def test_a_lone_1e6_client_is_never_accepted(tmp_path):
         assert r["aggregated"] == (r["round"] not in bad_rounds), r
         if r["round"] in bad_rounds:
             (why,) = r["dropped"].values()
-            bound = "fallback_max_norm" if r["round"] == 1 else "largest median accepted norm"
+            bound = "fallback_max_norm" if r["round"] == 1 else "(no round-mates)"
             assert bound in why, why
     for f in res.strategy.global_delta().values():
         assert float(f.B.abs().max()) < 1.0  # 5.9e9 before issue 18
+
+
+def _global_norm(strategy) -> float:
+    return math.sqrt(sum(float(f.delta().norm()) ** 2 for f in strategy.global_delta().values()))
+
+
+def _current_lone_bound(server) -> float:
+    """What the server would accept from a client alone this round (an oracle attacker);
+    before issue 27 (no ``lone_limit``): the bound as that code set it."""
+    if hasattr(server.history, "lone_limit"):
+        return server.history.lone_limit(server.bound)[0]
+    return server.bound.limit([], server.history.reference())[0]
+
+
+def test_an_escalating_lone_client_cannot_ratchet_its_bound(tmp_path, monkeypatch):
+    """Issue 27, the in-process engine: one client a round, each round its update scaled to
+    just under the server's current bound (an oracle attacker: it reads the server's own lone
+    bound). Before: accepted 99 -> 1,881 -> 35,740 -> 679,000, global delta 7.2e5 against 0.3
+    honest, then NaN. Now: the first-round bound is 0.25 x the adapted base weights' norm, and
+    no accepted norm exceeds 4 x it; the loss stays finite."""
+    import fedlora.federation.build as build
+
+    servers = []
+    real = build.build_server
+    monkeypatch.setattr(
+        build, "build_server", lambda *a, **k: servers.append(real(*a, **k)) or servers[-1]
+    )
+
+    def attack(rnd, spec, u):
+        limit = _current_lone_bound(servers[-1])
+        n = contribution_norm(u.adapter, {m: None for m in u.adapter})
+        return ClientUpdate(u.client_id, scale_adapter(u.adapter, 0.99 * limit / n), 8, u.extras)
+
+    # FLoRA starts every client from a fresh init: scaling B scales the contribution exactly
+    honest = run_experiment(_cfg(tmp_path / "h", "flora", rounds=5, clients_per_round=1),
+                            progress=False)  # fmt: skip
+    cfg = _cfg(tmp_path / "a", "flora", rounds=5, clients_per_round=1)
+    res = run_experiment(cfg, progress=False, on_update=attack)
+    first = servers[-1].bound.fallback_norm
+    accepted = [n for r in res.round_rows() for n in r["update_norms"].values()]
+    assert len(accepted) == 5 and all(r["aggregated"] for r in res.round_rows())
+    assert first < 1.0 and accepted[0] == pytest.approx(0.99 * first)
+    assert max(accepted) <= 4 * first * 1.0001, accepted
+    # x2 a round, then 4 x the first-round value: 0.67, 1.35, 2.69, 2.69, 2.69 on tiny
+    assert accepted == pytest.approx([0.99 * first * k for k in (1, 2, 4, 4, 4)], rel=1e-3)
+    assert all(math.isfinite(r["train_loss"]) for r in res.round_rows())
+    ratio = _global_norm(res.strategy) / _global_norm(honest.strategy)
+    assert ratio < 60, ratio  # 2.3e6 before issue 27 (7.2e5 against 0.3), and NaN losses
 
 
 def test_a_hostile_example_count_weighs_the_registered_count(tmp_path):

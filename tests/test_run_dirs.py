@@ -368,3 +368,87 @@ def test_bf16_on_a_cpu_without_bf16_units_is_said_once(monkeypatch, caplog):
         build.placement(load_preset("tiny", {"train.precision": "auto"}))  # auto: fp32, quiet
     said = [r for r in caplog.records if "without bfloat16 units" in r.getMessage()]
     assert len(said) == 1
+
+
+# -- issue 27: the manifest file by file, the lock on the directory, one mode ---------------
+
+
+def test_overwrite_keeps_a_users_files_inside_a_run_directory(tmp_path):
+    """A user's own ``merged/``, ``tracking.json`` and ``plots/fig1.png`` in a fedlora run
+    directory survive ``--overwrite`` byte-identical (before issue 27 the manifest claimed
+    every output name up front, and they were deleted): the run never wrote them."""
+    out = tmp_path / "run"
+    assert cli.main(_run(out)) == 0
+    (out / "merged").mkdir()
+    (out / "merged" / "model.safetensors").write_bytes(os.urandom(64))
+    (out / "tracking.json").write_text('{"mine": true}\n')
+    (out / "plots" / "fig1.png").write_bytes(os.urandom(32))
+    mine = {p: (out / p).read_bytes() for p in ("merged/model.safetensors", "tracking.json",
+                                                "plots/fig1.png")}  # fmt: skip
+    (out / "plots" / "curves.png").write_bytes(b"the old run's")  # the run's own file
+    assert cli.main(_run(out, "--seed", "5", "--overwrite")) == 0
+    for p, data in mine.items():
+        assert (out / p).read_bytes() == data, p
+    assert (out / "plots" / "curves.png").read_bytes() != b"the old run's"  # rewritten
+    files = runfiles.claimed(out)
+    assert "plots/curves.png" in files and "adapter/adapter_model.safetensors" in files
+    assert not {"merged", "tracking.json", "plots", "adapter", "tensorboard"} & set(files)
+    assert not set(mine) & set(files)
+
+
+def test_resume_of_a_finished_run_without_its_checkpoint_is_refused(finished, tmp_path, capsys):
+    """Before issue 27 it restarted at round 1 and rewrote metrics.jsonl (an INFO line)."""
+    run = _copy(finished, tmp_path / "nockpt")
+    (run / ckpt.CHECKPOINT).unlink()
+    before = _digest(run)
+    assert cli.main(["run", "--resume", str(run), "-q", "--rounds", "2"]) == 2
+    _one_error(capsys, str(run), "checkpoint.safetensors is missing", "metrics.jsonl holds")
+    after = _digest(run)
+    assert {k: v for k, v in after.items() if k != LOCK} == {
+        k: v for k, v in before.items() if k != LOCK
+    }
+
+
+def test_deleting_the_lock_file_does_not_unlock_the_directory(tmp_path):
+    """Before issue 27 the lock was on ``.fedlora.lock``: deleting it during a run let a
+    second run in (rounds duplicated in metrics.jsonl). Now the directory itself is locked."""
+    out = tmp_path / "run"
+    lock = runfiles.hold(out, resume=False, overwrite=False)
+    try:
+        (out / LOCK).unlink()
+        with pytest.raises(runfiles.FedLoraError, match="in use by another fedlora run"):
+            runfiles.hold(out, resume=True, overwrite=False)
+    finally:
+        lock.release()
+    runfiles.hold(out, resume=True, overwrite=False).release()  # released: free again
+
+
+def test_every_output_has_the_same_mode(tmp_path):
+    """Every file a run writes is 0666 minus the umask, the adapter's included (safetensors
+    made it 0600 before issue 27), every folder it makes 0777 minus the umask."""
+    out = tmp_path / "run"
+    assert cli.main(_run(out)) == 0
+    want_file, want_dir = 0o666 & ~ckpt._umask(), 0o777 & ~ckpt._umask()
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*")}
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    for name, mode in modes.items():
+        want = want_dir if (out / name).is_dir() else want_file
+        assert mode == want, (name, oct(mode))
+
+
+def test_an_older_manifest_listing_folders_leaves_them(tmp_path, caplog):
+    """A marker of fedlora before issue 27 lists folders (``plots``): what is in them is not
+    known to be fedlora's, so --overwrite leaves them and says so; its files go."""
+    import logging
+
+    out = tmp_path / "old"
+    (out / "plots").mkdir(parents=True)
+    (out / "plots" / "fig1.png").write_bytes(b"mine")
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / MARKER).write_text(json.dumps({"fedlora_run": 1, "files": ["metrics.jsonl", "plots"]}))
+    with caplog.at_level(logging.INFO):
+        runfiles.clear_claimed(out, logging.getLogger("fedlora"))
+    assert not (out / "metrics.jsonl").exists()
+    assert (out / "plots" / "fig1.png").read_bytes() == b"mine"
+    assert runfiles.claimed(out) == ["plots"]
+    assert any("left plots" in r.getMessage() for r in caplog.records)

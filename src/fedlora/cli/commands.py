@@ -12,6 +12,7 @@ fedlora report runs/demo-compare             # tables, CIs, tests and plots from
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
 import logging
 import re
@@ -173,8 +174,10 @@ def _run_tracked(
         result.run_dir, result.strategy.global_delta(), result.specs, result.partition
     )
     if label:
+        from fedlora.federation.checkpoint import atomic_write_text
+
         s = dict(result.summary, label=label)
-        (result.run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
+        atomic_write_text(result.run_dir / "summary.json", json.dumps(s, indent=2) + "\n")
     run = report.load_run(result.run_dir)
     report.plot_run(run)
     return run
@@ -476,7 +479,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (FedLoraError, FileNotFoundError) as e:
         return _error(e)
-    except (ValueError, OSError, UnicodeError) as e:
+    except OSError as e:
+        if e.errno not in DISK_ERRORS and not _raised_by_fedlora(e):
+            raise  # a real internal error: keep its traceback visible
+        return _error(_disk_error(e, args) if e.errno in DISK_ERRORS else e)
+    except (ValueError, UnicodeError) as e:
         if not _raised_by_fedlora(e):
             raise  # a real internal error: keep its traceback visible
         return _error(e)
@@ -488,7 +495,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _error(e: BaseException) -> int:
+#: a write the disk refused: the user's to fix, not a bug (one line, exit 2)
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def _disk_error(e: OSError, args: argparse.Namespace) -> str:
+    """One line for a refused write: which file, why, and that nothing checkpointed is lost."""
+    where = f"{e.filename}: " if e.filename else ""
+    resume = " (`fedlora run --resume <output_dir>` continues after the last checkpoint)"
+    return (
+        f"{where}cannot write: {e.strerror or e}; the rounds checkpointed so far are intact; "
+        "free space and run again" + (resume if getattr(args, "func", None) is cmd_run else "")
+    )
+
+
+def _error(e: BaseException | str) -> int:
     """One line on stderr, exit status 2 (bad input)."""
     text = " ".join(str(e).split()) if "\n  - " not in str(e) else str(e)
     print(f"fedlora: error: {text}", file=sys.stderr)

@@ -9,6 +9,7 @@ finished runs.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from fedlora.core.contract import Adapter, ClientSpec, FedLoraError
 from fedlora.federation.config import tomllib
 from fedlora.federation.rounds import fmt_bytes
 
+LOG = logging.getLogger("fedlora")
 HEADLINE = ("rouge_l", "accuracy", "f1")  # the first of these a run has is its "metric"
 
 
@@ -110,12 +112,24 @@ def spectrum(delta: Adapter, specs: Sequence[ClientSpec], module: str | None = N
 
 
 def write_run_extras(run_dir: str | Path, delta: Adapter, specs, partition_summary) -> None:
-    """Write ``spectrum.json`` and ``partition.json`` beside the run's metrics."""
+    """Write ``spectrum.json`` and ``partition.json`` beside the run's metrics (and in its
+    manifest)."""
     d = Path(run_dir)
     if delta:
-        (d / "spectrum.json").write_text(json.dumps(spectrum(delta, specs)) + "\n")
+        _write_json(d, "spectrum.json", spectrum(delta, specs))
     if partition_summary is not None:
-        (d / "partition.json").write_text(json.dumps(partition_summary.as_dict()) + "\n")
+        _write_json(d, "partition.json", partition_summary.as_dict())
+
+
+def _write_json(run_dir: Path, name: str, data: Any) -> None:
+    from fedlora.federation.checkpoint import atomic_write_text
+    from fedlora.federation.runfiles import is_run_dir, write_output
+
+    text = json.dumps(data) + "\n"
+    if is_run_dir(run_dir):
+        write_output(run_dir, name, lambda p: atomic_write_text(p, text))
+    else:
+        atomic_write_text(run_dir / name, text)
 
 
 # -- tables ----------------------------------------------------------------------------------
@@ -192,11 +206,31 @@ def pyplot():
 
 
 def plot_run(run: dict[str, Any], out_dir: str | Path | None = None) -> list[Path]:
-    """The run's PNGs: curves (eval loss and metric by round, 95% CI bands where recorded),
-    communication per round, partition histogram and the singular-value spectrum. Returns the
-    written paths."""
+    """The run's PNGs (`plot_figures`), in a run directory recorded in its manifest. Plots are
+    optional: a write that fails (a full disk) is a warning, and the figures written so far are
+    kept. Returns the written paths."""
+    from fedlora.federation.runfiles import is_run_dir, write_output, wrote
+
+    root = Path(out_dir or run["dir"])
+    written: list[Path] = []
+    try:
+        if is_run_dir(root):
+            write_output(root, "plots", lambda p: written.extend(plot_figures(run, p)))
+        else:
+            written = plot_figures(run, root / "plots")
+    except OSError as e:
+        where = e.filename or root / "plots"
+        LOG.warning("plots not written: %s: %s (the run's results are intact)", where, e.strerror)
+        if is_run_dir(root):  # the figures saved before the failure are the run's too
+            wrote(root, *[p for p in written if p.is_file()])
+    return written
+
+
+def plot_figures(run: dict[str, Any], out: Path) -> list[Path]:
+    """The run's PNGs in `out`: curves (eval loss and metric by round, 95% CI bands where
+    recorded), communication per round, partition histogram and the singular-value
+    spectrum. Returns the written paths."""
     plt = pyplot()
-    out = Path(out_dir or run["dir"]) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     rows, written = run["rows"], []
 

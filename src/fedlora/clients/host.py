@@ -126,6 +126,28 @@ class LoraHost:
         """module -> (d_out, d_in) of its weight."""
         return {m: (lin.out_features, lin.in_features) for m, lin in self._base.items()}
 
+    def base_norm(self) -> float:
+        """The Frobenius norm of the target modules' original base weights, all together
+        (dequantized where stored quantized): the scale the server's first-round lone bound
+        follows (`fedlora.core.robust.first_round_norm`)."""
+        total = 0.0
+        for m, lin in self._base.items():
+            if is_quantized(lin):
+                import bitsandbytes.functional as bnbf
+
+                w = lin.weight
+                state = getattr(w, "quant_state", None)
+                if state is None:  # 8-bit: int8 rows and their absmax / 127
+                    scb = getattr(w, "SCB", None)
+                    scb = lin.state.SCB if scb is None else scb
+                    w = w.data.float() * (scb.float()[:, None] / 127.0)
+                else:
+                    w = bnbf.dequantize_4bit(w.data, state)
+            else:
+                w = self.base.original(m)
+            total += float(w.detach().double().pow(2).sum())
+        return total**0.5
+
     @property
     def active_ranks(self) -> dict[str, int]:
         """Ranks of the adapter activated by the last `prepare`."""

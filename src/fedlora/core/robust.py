@@ -12,13 +12,24 @@ A client's *contribution* is what its training added to the model it was sent:
 
 `NormBound` bounds the contribution absolutely (``max_norm``) and relative to the median
 contribution of the round's *other* clients (``max_ratio``; leaving the client itself out
-lets a round of two still reject one giant update). A client without round-mates (one usable
-client in the round, or round-mates whose median is 0) is bounded by ``max_ratio`` times the
-largest median accepted norm of the last `NormHistory.WINDOW` rounds (`NormHistory`, kept by
-the server and checkpointed), and before any round was accepted by ``fallback_norm`` (an
-absolute default, 100): a lone 1e6-scaled update never passes unbounded. An update over its
-bound is rejected or clipped toward its start (`fedlora.core.norms.clip_contribution`); the
-reason names the bound. The privacy engine reuses `start_of` and the same norms.
+lets a round of two still reject one giant update). The privacy engine reuses `start_of` and
+the same norms. An update over its bound is rejected or clipped toward its start
+(`fedlora.core.norms.clip_contribution`); the reason names the bound.
+
+**The lone bound** (a client without round-mates: one usable client in the round, or
+round-mates whose median is 0), `NormHistory.lone_limit`: a client alone could otherwise set
+its own bound, since its accepted norm becomes the reference of the next round (issue 27: 99
+-> 1,881 -> 35,740 -> 679,000, x19 a round). So the lone bound L_t of round t is
+
+* round 1 (no accepted round yet): ``fallback_norm`` (the first-round value; engines derive
+  it from the model: `MODEL_NORM_FRACTION` x the Frobenius norm of the adapted modules' base
+  weights, `first_round_norm`);
+* later: min(``max_ratio`` x the largest median accepted norm of the last
+  `NormHistory.WINDOW` rounds, ``growth`` x L_{t-1}, ``max_growth`` x L_1).
+
+A lone client that submits just under its bound every round is accepted at most L_1, 2 L_1,
+4 L_1, 4 L_1, ... (defaults ``growth`` 2, ``max_growth`` 4): never above 4 x the first-round
+value, over the whole run. The history is server state, checkpointed.
 
 `WeightBound` bounds the aggregation weight a client's reported example count buys: a count
 the server registered for the client (the experiment's partition size) caps it; a client the
@@ -31,7 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -39,8 +50,25 @@ from fedlora.core.contract import ClientUpdate, FedLoraError, LoraFactors, Paylo
 from fedlora.core.norms import clip_contribution, contribution_norm, median
 
 Start = dict[str, LoraFactors | None]
-#: the bound of a lone client before any round was accepted (``robust.fallback_max_norm``)
+#: the bound of a lone client before any round was accepted, for a bare `NormBound` (engines
+#: derive it from the model: `first_round_norm`)
 DEFAULT_FALLBACK_NORM = 100.0
+#: the first-round lone bound as a fraction of the adapted base weights' Frobenius norm: a
+#: client whose first round changes the adapted weights by a quarter of their norm is not
+#: fine-tuning them (an honest `tiny` client: 0.06-0.18 against 0.68)
+MODEL_NORM_FRACTION = 0.25
+#: the lone bound's growth: per round, and over the whole run (x its first-round value)
+DEFAULT_LONE_GROWTH = 2.0
+DEFAULT_LONE_MAX_GROWTH = 4.0
+
+
+def first_round_norm(base_norm: float) -> float:
+    """The first-round lone bound a model implies: `MODEL_NORM_FRACTION` x `base_norm`, the
+    Frobenius norm of its adapted modules' base weights (all of them together)."""
+    value = MODEL_NORM_FRACTION * float(base_norm)
+    if not (math.isfinite(value) and value > 0):
+        raise FedLoraError(f"the adapted base weights' norm is {base_norm!r}: not a usable bound")
+    return value
 
 
 def start_of(update: ClientUpdate, payload: Payload) -> Start:
@@ -64,18 +92,26 @@ class NormBound:
 
     ``max_norm``: absolute bound (None: none). ``max_ratio``: bound as a multiple of the median
     contribution of the round's other clients (None: none); a client alone (or whose others'
-    median is 0) gets ``max_ratio`` x the history's reference (`NormHistory.reference`), or
-    ``fallback_norm`` when there is no history yet (None: unbounded). ``action``:
-    ``"reject"`` drops the client for the round, ``"clip"`` moves its update toward its start
-    until the norm equals the bound.
+    median is 0) gets the lone bound (`NormHistory.lone_limit`, see the module docstring):
+    ``fallback_norm`` in the first round (None: unbounded then), then ``max_ratio`` x the
+    history's reference, at most ``growth`` x the previous round's lone bound and
+    ``max_growth`` x ``fallback_norm`` (None: no such cap). ``action``: ``"reject"`` drops the
+    client for the round, ``"clip"`` moves its update toward its start until the norm equals
+    the bound.
     """
 
     max_norm: float | None = None
     max_ratio: float | None = None
     action: Literal["reject", "clip"] = "reject"
     fallback_norm: float | None = DEFAULT_FALLBACK_NORM
+    growth: float | None = DEFAULT_LONE_GROWTH
+    max_growth: float | None = DEFAULT_LONE_MAX_GROWTH
 
     def __post_init__(self) -> None:
+        for name in ("growth", "max_growth"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v >= 1):
+                raise FedLoraError(f"NormBound.{name} must be a finite number >= 1, got {v!r}")
         for name in ("max_norm", "max_ratio", "fallback_norm"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
@@ -93,11 +129,12 @@ class NormBound:
         return self.max_ratio is not None
 
     def limit(
-        self, others: Sequence[float], history: float | None = None
+        self, others: Sequence[float], lone: tuple[float, str] | None = None
     ) -> tuple[float, str] | None:
-        """The tightest bound for a client whose round-mates have norms `others` (`history`:
-        the reference of earlier rounds, for a client without round-mates), and how it was
-        set (for the drop reason); None when nothing bounds it."""
+        """The tightest bound for a client whose round-mates have norms `others` (`lone`: the
+        lone bound, `NormHistory.lone_limit`, for a client without round-mates; None: the
+        first-round value), and how it was set (for the drop reason); None when nothing
+        bounds it."""
         limits = []
         if self.max_norm is not None:
             limits.append((self.max_norm, f"robust.max_update_norm = {self.max_norm:g}"))
@@ -106,12 +143,10 @@ class NormBound:
         if ratio is not None and math.isfinite(ref) and ref > 0:
             why = f"the median {ref:.3g} of the round's other clients"
             limits.append((ratio * ref, f"robust.max_norm_ratio = {ratio:g} x {why}"))
-        elif ratio is not None and history is not None and math.isfinite(history) and history > 0:
-            why = f"{history:.3g}, the largest median accepted norm of recent rounds (no peers)"
-            limits.append((ratio * history, f"robust.max_norm_ratio = {ratio:g} x {why}"))
-        elif ratio is not None and self.fallback_norm is not None:
-            why = f"{self.fallback_norm:g} (no round-mates and no earlier accepted round)"
-            limits.append((self.fallback_norm, f"robust.fallback_max_norm = {why}"))
+        elif ratio is not None:
+            got = lone if lone is not None else NormHistory().lone_limit(self)
+            if got is not None:
+                limits.append(got)
         return min(limits) if limits else None
 
 
@@ -130,12 +165,13 @@ def screen_updates(
     items: Sequence[tuple[ClientUpdate, Start]],
     bound: NormBound,
     norms: Mapping[str, float] | None = None,
-    history: float | None = None,
+    history: NormHistory | None = None,
 ) -> Screened:
     """Apply `bound` to a round's (update, start) pairs, in order.
 
     `norms` may give contribution norms already computed (client id -> norm); the others are
-    computed here. `history` (`NormHistory.reference`) bounds a client without round-mates.
+    computed here. `history` (the server's; None: a first round) sets the lone bound of a
+    client without round-mates (`NormHistory.lone_limit`).
     A single pair is screened by the absolute bound alone when the relative bound is off,
     which is how an engine screens a streamed round.
     """
@@ -145,9 +181,10 @@ def screen_updates(
         n = given.get(u.client_id)
         out.norms[u.client_id] = n if n is not None else contribution_norm(u.adapter, start)
     values = list(out.norms.values())
+    lone = (history or NormHistory()).lone_limit(bound)
     for i, (u, start) in enumerate(items):
         n = out.norms[u.client_id]
-        lim = bound.limit(values[:i] + values[i + 1 :], history) if bound.active else None
+        lim = bound.limit(values[:i] + values[i + 1 :], lone) if bound.active else None
         if lim is None or n <= lim[0]:
             out.kept.append(u)
             continue
@@ -167,31 +204,71 @@ def screen_updates(
 
 @dataclass
 class NormHistory:
-    """The median accepted contribution norm of each of the last `WINDOW` rounds that accepted
-    any (server state, checkpointed): the reference that bounds a client without round-mates."""
+    """The server's memory of accepted norms (server state, checkpointed): the median accepted
+    contribution norm of each of the last `WINDOW` rounds that accepted any (the reference),
+    and the lone bound in force in the latest round (``lone``, for the growth cap)."""
 
     WINDOW = 10
     medians: list[float] = field(default_factory=list)
+    lone: float | None = None
 
     def reference(self) -> float | None:
         """The largest of the recent medians (None before any round was accepted)."""
         return max(self.medians) if self.medians else None
+
+    def lone_limit(self, bound: NormBound) -> tuple[float, str] | None:
+        """The bound of a client without round-mates this round, and how it was set (None:
+        unbounded: no relative bound, or no first-round value and no history)."""
+        ratio, first, ref = bound.max_ratio, bound.fallback_norm, self.reference()
+        if ratio is None:
+            return None
+        if ref is None:
+            if first is None:
+                return None
+            why = f"{first:.4g}, the first-round value (no round-mates and no earlier round)"
+            return first, f"robust.fallback_max_norm = {why}"
+        recent = f"{ref:.3g}, the largest median accepted norm of recent rounds (no round-mates)"
+        limits = [(ratio * ref, f"robust.max_norm_ratio = {ratio:g} x {recent}")]
+        if bound.growth is not None and self.lone is not None:
+            why = f"the previous round's lone bound {self.lone:.4g}"
+            limits.append(
+                (bound.growth * self.lone, f"robust.lone_growth = {bound.growth:g} x {why}")
+            )
+        if bound.max_growth is not None and first is not None:
+            why = f"the first-round value {first:.4g}"
+            limits.append(
+                (bound.max_growth * first, f"robust.lone_max_growth = {bound.max_growth:g} x {why}")
+            )
+        return min(limits)
+
+    def end_round(self, bound: NormBound, norms: Sequence[float]) -> None:
+        """After a round: keep the lone bound that was in force, then `record` the accepted
+        (unclipped) norms `norms`."""
+        lim = self.lone_limit(bound)
+        if lim is not None:
+            self.lone = float(lim[0])
+        self.record(norms)
 
     def record(self, norms: Sequence[float]) -> None:
         m = median(norms)
         if math.isfinite(m) and m > 0:
             self.medians = [*self.medians, float(m)][-self.WINDOW :]
 
-    def state_dict(self) -> dict[str, list[float]]:
-        return {"medians": list(self.medians)}
+    def state_dict(self) -> dict[str, Any]:
+        return {"medians": list(self.medians), "lone": self.lone}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
-        got = state.get("medians", [])
-        if not isinstance(got, list) or not all(
-            isinstance(v, float) and math.isfinite(v) and v > 0 for v in got
-        ):
+        got, lone = state.get("medians", []), state.get("lone")
+        if not isinstance(got, list) or not all(_positive(v) for v in got):
             raise FedLoraError(f"norm history: expected finite positive floats, got {got!r}")
+        if lone is not None and not _positive(lone):
+            raise FedLoraError(f"norm history: lone bound {lone!r} is not a finite float > 0")
         self.medians = [float(v) for v in got][-self.WINDOW :]
+        self.lone = None if lone is None else float(lone)
+
+
+def _positive(v: object) -> bool:
+    return isinstance(v, float) and math.isfinite(v) and v > 0
 
 
 @dataclass

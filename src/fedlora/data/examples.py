@@ -6,6 +6,7 @@ import csv
 import functools
 import gzip
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+LOG = logging.getLogger("fedlora.data")
 FIELDS = ("task", "instruction", "input", "output", "label")
 CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (131,072 characters) cuts long texts
 FILE_SUFFIXES = {
@@ -279,4 +281,17 @@ def load_examples(
                 label=label,
             )
         )
+    _warn_empty(out, what)
     return out
+
+
+def _warn_empty(examples: Sequence[Example], what: str) -> None:
+    """Say so when examples carry no text at all (empty prompt and output: a column mapping
+    gone wrong, a file of blanks): they train on nothing but the template."""
+    empty = [i for i, e in enumerate(examples) if not (e.instruction or e.input or e.output)]
+    if empty:
+        LOG.warning(
+            "%s: %d of %d rows have empty instruction, input and output (first: row %d); "
+            "check the columns (data.columns) or the file",
+            what, len(empty), len(examples), empty[0],
+        )  # fmt: skip

@@ -52,22 +52,15 @@ from fedlora.engine.training import train_clients
 from fedlora.federation import rounds
 from fedlora.federation.build import Federation, build_federation, set_threads
 from fedlora.federation.checkpoint import (
+    CHECKPOINT,
     atomic_write_text,
-    load_checkpoint,
-    remove_stale_temp,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from fedlora.federation.config import ExperimentConfig, dumps_toml, to_dict, validate_config
-from fedlora.federation.rundir import (
-    Jsonl,
-    check_resumable,
-    check_run_dir,
-    clear_run_dir,
-    rows_before,
-)
-from fedlora.federation.runfiles import OUTPUT_NAMES, claim, hold, resume_rows, rows_record
+from fedlora.federation.rundir import Jsonl, open_run_dir, rows_before
+from fedlora.federation.runfiles import hold, resume_rows, rows_record, write_output, wrote
 from fedlora.federation.tracking import RunTracker
 
 LOG = logging.getLogger("fedlora.engine")
@@ -125,6 +118,7 @@ def checkpoint(fed: Federation, run_dir: Path, rnd: int, sampler, rows, totals) 
             "clients_secret": format(fed.clients.secret, "x"),
         },
     )
+    wrote(run_dir, run_dir / CHECKPOINT)
 
 
 def report_round(log, cfg, row: dict[str, Any], eval_rows, bar) -> None:
@@ -158,15 +152,7 @@ class _Run:
 def _open(cfg: ExperimentConfig, resume: bool, overwrite: bool, log) -> _Run:
     """Check the run directory, build the federation and restore a checkpoint (``resume``)."""
     run_dir = Path(cfg.output_dir)
-    check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # locked by run_experiment
-    removed = remove_stale_temp(run_dir, OUTPUT_NAMES)
-    if removed:
-        log.info("removed %d temporary file(s) a killed run left in %s", len(removed), run_dir)
-    state = load_checkpoint(run_dir) if resume else None
-    if resume and state is None:
-        log.info("no checkpoint in %s: starting from round 1", run_dir)
-    if state is not None:
-        check_resumable(state, cfg, run_dir)
+    state = open_run_dir(cfg, resume=resume, overwrite=overwrite, log=log)  # locked by the caller
     threads = set_threads(cfg.threads)
     t_setup = time.perf_counter()
     fed = build_federation(cfg)
@@ -185,10 +171,8 @@ def _open(cfg: ExperimentConfig, resume: bool, overwrite: bool, log) -> _Run:
             fed.clients.secret = int(str(state["clients_secret"]), 16)
         run.start, run.resumed = int(state["round"]) + 1, True
         log.info("resuming %s after round %d", run_dir, state["round"])
-    elif overwrite:
-        clear_run_dir(run_dir, log)
-    claim(run_dir, *OUTPUT_NAMES)  # what a run (and `fedlora run`'s report) writes here
     atomic_write_text(run_dir / "config.toml", dumps_toml(cfg))
+    wrote(run_dir, run_dir / "config.toml")
     run.metrics = Jsonl(run_dir / "metrics.jsonl", run.rows)
     run.per_example = Jsonl(
         run_dir / EXAMPLES_FILE, rows_before(run_dir / EXAMPLES_FILE, run.start)
@@ -256,15 +240,16 @@ def _finish(run: _Run, result: RunResult, save_final: bool) -> None:
     )
     if fed.ledger is not None:
         result.summary["privacy"] = fed.ledger.summary()
-    atomic_write_text(run.run_dir / "summary.json", json.dumps(result.summary, indent=2) + "\n")
+    text = json.dumps(result.summary, indent=2) + "\n"
+    write_output(run.run_dir, "summary.json", lambda p: atomic_write_text(p, text))
     if not save_final:
         return
     delta = fed.strategy.global_delta()
     if any(f.rank > 0 for f in delta.values()):
-        host, dense = fed.clients.host, fed.strategy.dense
-        host.save_adapter(delta, run.run_dir / "adapter", alpha=None, dense=dense)
+        host, dense, tok = fed.clients.host, fed.strategy.dense, fed.clients.tokenizer
+        write_output(run.run_dir, "adapter", lambda p: host.save_adapter(delta, p, None, dense))
         if cfg.model.save_merged:
-            host.merge_and_save(delta, run.run_dir / "merged", fed.clients.tokenizer, dense)
+            write_output(run.run_dir, "merged", lambda p: host.merge_and_save(delta, p, tok, dense))
 
 
 def run_experiment(

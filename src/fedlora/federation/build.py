@@ -235,9 +235,18 @@ def client_specs(cfg: ExperimentConfig, modules: Sequence[str], shapes, sizes) -
         rank_types = {t + 1: RankType(a, b) for t, (a, b) in enumerate(zip(attn, mlp))}
     specs = []
     cache: dict[Any, dict[str, int]] = {}
+    capped: dict[str, tuple[int, int]] = {}  # module -> (largest rank asked, its size)
+
+    def cap(asked: dict[str, int]) -> dict[str, int]:
+        """Ranks above a module's min(d_out, d_in) mean nothing more: capped, and said."""
+        for m, k in asked.items():
+            if k > min(shapes[m]):
+                capped[m] = (max(k, capped.get(m, (0, 0))[0]), min(shapes[m]))
+        return {m: min(k, *shapes[m]) for m, k in asked.items()}
+
     for i, t in enumerate(types):
         if r.homogeneous_rank is not None:  # capped like the types' ranks below
-            ranks = {m: min(r.homogeneous_rank, *shapes[m]) for m in modules}
+            ranks = cap({m: r.homogeneous_rank for m in modules})
         else:
             key = t if isinstance(t, int) else repr(t)
             if key not in cache:
@@ -250,7 +259,7 @@ def client_specs(cfg: ExperimentConfig, modules: Sequence[str], shapes, sizes) -
                     default_kind="attention",
                     rank_types=rank_types,
                 )
-                cache[key] = {m: min(k, *shapes[m]) for m, k in raw.items()}
+                cache[key] = cap(raw)
             ranks = cache[key]
         specs.append(
             ClientSpec(
@@ -262,6 +271,14 @@ def client_specs(cfg: ExperimentConfig, modules: Sequence[str], shapes, sizes) -
                 resource_type=t if isinstance(t, int) else None,
             )
         )
+    if capped:
+        m, (k, size) = next(iter(capped.items()))
+        more = f" (and {len(capped) - 1} more modules)" if len(capped) > 1 else ""
+        LOG.warning(
+            "resources: rank %d is above module %s's min(d_out, d_in) = %d%s: capped to the "
+            "module's size; lower resources.ranks or set resources.rank_cap_fraction",
+            k, m, size, more,
+        )  # fmt: skip
     return specs
 
 
@@ -349,13 +366,14 @@ def build_privacy(
     return ledger
 
 
-def norm_bound(cfg: ExperimentConfig) -> NormBound:
-    """The robustness screen's norm bounds; none under central DP, whose clipping to
+def norm_bound(cfg: ExperimentConfig, base_norm: float | None = None) -> NormBound:
+    """The robustness screen's norm bounds (`base_norm`: the adapted base weights' Frobenius
+    norm, which sets the first-round lone bound); none under central DP, whose clipping to
     ``privacy.clip_norm`` bounds every client instead (a bound relative to the round's median
     would let one client's data decide whether another is dropped, outside the sensitivity)."""
     if cfg.privacy.mode == "central":
         return NormBound(None, None, cfg.robust.action)
-    return cfg.robust.bound()
+    return cfg.robust.bound(base_norm)
 
 
 def _subset(indices: Sequence[int], k: int, seed: int, salt: int) -> list[int]:
@@ -560,9 +578,11 @@ def build_server(
     shapes: dict[str, tuple[int, int]],
     specs: Sequence[ClientSpec],
     train_clients: Sequence[int],
+    base_norm: float | None = None,
 ) -> Server:
     """The server side for the training clients `train_clients` (indices into `specs`):
-    the strategy, the privacy ledger and the norm bounds of `cfg`."""
+    the strategy, the privacy ledger and the norm bounds of `cfg` (`base_norm`: the model's,
+    `fedlora.clients.host.LoraHost.base_norm`, for the first-round lone bound)."""
     k = cfg.sampled_per_round()
     if k > len(train_clients):
         raise ConfigError(
@@ -573,7 +593,7 @@ def build_server(
     registered = {specs[c].client_id: specs[c].num_examples or 1 for c in train_clients}
     return Server(
         strategy=build_strategy(cfg, shapes, specs, ledger),
-        bound=norm_bound(cfg),
+        bound=norm_bound(cfg, base_norm),
         weights=WeightBound(cfg.robust.max_weight_ratio, registered),
         ledger=ledger,
         fatal_drops=cfg.robust.fatal_drops,
@@ -583,8 +603,25 @@ def build_server(
     )
 
 
+def model_norm(host: Any) -> float | None:
+    """`LoraHost.base_norm` for the first-round lone bound; None (`NormBound`'s fallback 100,
+    said in a warning) where quantized weights cannot be read back."""
+    try:
+        return host.base_norm()
+    except Exception as e:  # noqa: BLE001 - a bitsandbytes layout this code does not know
+        LOG.warning(
+            "robust: cannot read the quantized base weights' norm (%s: %s); the first-round "
+            "lone bound is robust.fallback_max_norm's default 100: set it for this model",
+            type(e).__name__, e,
+        )  # fmt: skip
+        return None
+
+
 def build_federation(cfg: ExperimentConfig) -> Federation:
     """`build_clients`, `build_server` and the evaluation sets of `cfg`."""
     clients = build_clients(cfg)
-    server = build_server(cfg, clients.host.shapes(), clients.specs, clients.train_clients)
+    host = clients.host
+    server = build_server(
+        cfg, host.shapes(), clients.specs, clients.train_clients, model_norm(host)
+    )
     return Federation(cfg, clients, server, eval_sets(cfg, clients.split))

@@ -167,22 +167,34 @@ class RobustConfig:
 
     max_update_norm: float | None = None  # absolute bound on a client's contribution norm
     max_norm_ratio: float = 20.0  # bound: this x the others' median norm in the round; 0: off
-    # a client without round-mates, before any accepted round: this absolute bound; 0: none
-    fallback_max_norm: float = 100.0
+    # a client without round-mates, before any accepted round: this absolute bound (default:
+    # 0.25 x the adapted base weights' Frobenius norm, `fedlora.core.robust.first_round_norm`);
+    # 0: none
+    fallback_max_norm: float | None = None
+    # the lone bound grows at most this x a round, and to at most lone_max_growth x round 1's
+    lone_growth: float = 2.0
+    lone_max_growth: float = 4.0
     # a client whose count the server does not know weighs at most this x the median count
     max_weight_ratio: float = 4.0
     action: Literal["reject", "clip"] = "reject"  # an update over a bound: drop it, or clip it
     fatal_drops: bool = False  # stop the run at the first dropped client (debugging)
 
-    def bound(self):
-        """These bounds as the `fedlora.core.robust.NormBound` both engines screen with."""
-        from fedlora.core.robust import NormBound
+    def bound(self, base_norm: float | None = None):
+        """These bounds as the `fedlora.core.robust.NormBound` both engines screen with;
+        `base_norm` (the adapted base weights' Frobenius norm) sets the first-round lone bound
+        when ``fallback_max_norm`` is not given (neither: `NormBound`'s default)."""
+        from fedlora.core.robust import DEFAULT_FALLBACK_NORM, NormBound, first_round_norm
 
+        first = self.fallback_max_norm
+        if first is None:
+            first = DEFAULT_FALLBACK_NORM if base_norm is None else first_round_norm(base_norm)
         return NormBound(
             self.max_update_norm,
             self.max_norm_ratio or None,
             self.action,
-            self.fallback_max_norm or None,
+            first or None,
+            self.lone_growth,
+            self.lone_max_growth,
         )
 
 
@@ -211,6 +223,8 @@ class PrivacyConfig:
 
 
 BACKENDS = ("tensorboard", "mlflow", "wandb")
+#: the largest privacy.noise_multiplier accepted (see `_privacy_problems`)
+MAX_NOISE_MULTIPLIER = 1e4
 
 
 @dataclass
@@ -914,10 +928,15 @@ def _robust_problems(cfg: ExperimentConfig, p: _Problems) -> None:
         f"robust.max_norm_ratio = {rb.max_norm_ratio}: must be a number >= 0 (0: no relative "
         "bound)",
     )
-    p.need(
-        rb.fallback_max_norm >= 0 and math.isfinite(rb.fallback_max_norm),
-        f"robust.fallback_max_norm = {rb.fallback_max_norm}: must be a number >= 0 (0: none)",
-    )
+    if rb.fallback_max_norm is not None:
+        p.need(
+            rb.fallback_max_norm >= 0 and math.isfinite(rb.fallback_max_norm),
+            f"robust.fallback_max_norm = {rb.fallback_max_norm}: must be a number >= 0 (0: "
+            "none; leave it out for the model's value)",
+        )
+    for key in ("lone_growth", "lone_max_growth"):
+        v = getattr(rb, key)
+        p.need(math.isfinite(v) and v >= 1, f"robust.{key} = {v}: must be a number >= 1")
     p.need(
         rb.max_weight_ratio >= 1 and math.isfinite(rb.max_weight_ratio),
         f"robust.max_weight_ratio = {rb.max_weight_ratio}: must be a number >= 1",
@@ -957,6 +976,14 @@ def _privacy_problems(cfg: ExperimentConfig, p: _Problems) -> None:
             v.noise_multiplier > 0 and math.isfinite(v.noise_multiplier),
             f"privacy.noise_multiplier = {v.noise_multiplier}: must be > 0 in a DP mode "
             "(0 releases the data unprotected: set privacy.mode = 'none')",
+        )
+        # the accountants' arithmetic overflows past ~1e154 (OverflowError from Opacus at
+        # 1e308) and turns unstable before; epsilon stops falling long before 1e4
+        p.need(
+            not v.noise_multiplier > MAX_NOISE_MULTIPLIER,
+            f"privacy.noise_multiplier = {v.noise_multiplier:g}: must be at most "
+            f"{MAX_NOISE_MULTIPLIER:g} (more noise no longer lowers epsilon, and the "
+            "accountant cannot compute it)",
         )
     if v.target_epsilon is not None:
         p.need(

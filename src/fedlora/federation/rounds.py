@@ -12,7 +12,8 @@ when the aggregation asks for its update). `close_round` then, for every reply:
    at most the count registered for the client, else ``robust.max_weight_ratio`` x the
    median count), the reported count recorded in the row's ``capped_weights``;
 2. `screen`: the norm bounds (`fedlora.core.robust.screen_updates`; a client without
-   round-mates is bounded by earlier rounds' norms, `fedlora.core.robust.NormHistory`);
+   round-mates gets the lone bound, from earlier rounds' norms with a growth cap,
+   `fedlora.core.robust.NormHistory.lone_limit`);
 3. `aggregate`: fold the kept updates into the strategy (none: the global model is unchanged);
 4. `round_row`: the round's metrics row, with the epsilon spent so far.
 
@@ -242,7 +243,7 @@ def screen(
     the round's norms, so the round is gathered first; an absolute one screens the stream."""
     batches = [list(items)] if server.bound.needs_round else ([item] for item in items)
     for batch in batches:
-        result = screen_updates(batch, server.bound, history=server.history.reference())
+        result = screen_updates(batch, server.bound, history=server.history)
         tally.norms.update(result.norms)
         tally.clipped.update(result.clipped)
         for client, reason in result.dropped.items():
@@ -393,7 +394,7 @@ def close_round(
     items = (item for r in replies if (item := accept(server, rnd, r, tally)) is not None)
     aggregated = aggregate(server, rnd, screen(server, rnd, items, tally))
     kept = set(tally.used) - set(tally.clipped)
-    server.history.record([n for c, n in tally.norms.items() if c in kept])
+    server.history.end_round(server.bound, [n for c, n in tally.norms.items() if c in kept])
     return round_row(server, rnd, tally, aggregated, totals)
 
 

@@ -11,9 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.contract import FedLoraError
-from fedlora.federation.checkpoint import atomic_write_text
+from fedlora.federation.checkpoint import (
+    CHECKPOINT,
+    atomic_write_text,
+    load_checkpoint,
+    remove_stale_temp,
+)
 from fedlora.federation.config import ConfigError, ExperimentConfig, diff, from_dict, to_dict
-from fedlora.federation.runfiles import claim, clear_claimed, held_run_files, read_jsonl
+from fedlora.federation.runfiles import (
+    OUTPUT_NAMES,
+    clear_claimed,
+    held_run_files,
+    read_jsonl,
+    wrote,
+)
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -28,6 +39,43 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
             f"`fedlora run --resume {run_dir}`, replace it with --overwrite, or choose another "
             "--output-dir"
         )
+
+
+def open_run_dir(
+    cfg: ExperimentConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+    log: logging.Logger,
+    run_dir: Path | None = None,
+) -> dict[str, Any] | None:
+    """With the run directory (`run_dir`, default `cfg`'s) locked: refuse what may not be
+    done to it, remove the
+    temporary files a killed run left, and return the checkpoint to resume from (None: a new
+    run; ``overwrite`` has removed the old run's files, and only those).
+
+    ``resume`` of a directory whose checkpoint is gone while its ``metrics.jsonl`` holds rows
+    is refused: starting again at round 1 would rewrite them (issue 27)."""
+    run_dir = Path(cfg.output_dir) if run_dir is None else run_dir
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    removed = remove_stale_temp(run_dir, OUTPUT_NAMES)
+    if removed:
+        log.info("removed %d temporary file(s) a killed run left in %s", len(removed), run_dir)
+    state = load_checkpoint(run_dir) if resume else None
+    if resume and state is None:
+        rows = read_jsonl(run_dir / "metrics.jsonl")
+        if rows:
+            raise FedLoraError(
+                f"{run_dir}: cannot resume: {CHECKPOINT} is missing but metrics.jsonl holds "
+                f"{len(rows)} rows, which a restart would rewrite; restore the checkpoint, or "
+                "start again with --overwrite"
+            )
+        log.info("no checkpoint in %s: starting from round 1", run_dir)
+    if state is not None:
+        check_resumable(state, cfg, run_dir)
+    elif overwrite:
+        clear_run_dir(run_dir, log)
+    return state
 
 
 def clear_run_dir(run_dir: Path, log: logging.Logger) -> None:
@@ -62,12 +110,17 @@ class Jsonl:
 
     def __init__(self, path: Path, rows: list[dict[str, Any]]) -> None:
         self.path = path
-        claim(path.parent, path.name)
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        wrote(path.parent, path)
 
     def append(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk: name the file (a torn line is repaired on resume)
+            if not e.errno or e.filename is not None:
+                raise
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
 
 
 def rows_before(path: Path, start: int) -> list[dict[str, Any]]:

@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.federation.config import TrackingConfig
+from fedlora.federation.runfiles import TB_DIR, is_run_dir, write_output, wrote
+from fedlora.federation.runfiles import TRACKING_STATE as STATE_FILE
 
 LOG = logging.getLogger("fedlora.federation.tracking")
-STATE_FILE = "tracking.json"
-TB_DIR = "tensorboard"
 MLFLOW_PARAM_CHUNK = 100  # MLflow's limit of params per log_batch
 MLFLOW_METRIC_CHUNK = 1000  # ... and of metrics
 MLFLOW_VALUE_MAX = 6000  # longest param value MLflow stores
@@ -166,14 +166,21 @@ class TensorBoardBackend(Backend):
     name = "tensorboard"
 
     def open(self, req: OpenRequest) -> dict[str, Any]:
-        from torch.utils.tensorboard import SummaryWriter
 
         log_dir = req.run_dir / TB_DIR
         # a resumed run rewrites the rounds after the last one logged: TensorBoard hides the
         # earlier file's events from that step on
         purge = req.last_round + 1 if req.saved else None
-        self.writer = SummaryWriter(str(log_dir), purge_step=purge)
+        if is_run_dir(req.run_dir):  # its event file joins the run's manifest
+            write_output(req.run_dir, TB_DIR, lambda p: self._writer(p, purge))
+        else:
+            self._writer(log_dir, purge)
         return {"log_dir": str(log_dir)}
+
+    def _writer(self, log_dir: Path, purge: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge)
 
     def log_params(self, params: Mapping[str, str]) -> None:
         table = "| key | value |\n|---|---|\n" + "\n".join(
@@ -463,9 +470,10 @@ class RunTracker(_Trackers):
         if not self.state["backends"]:
             return
         from fedlora.federation.checkpoint import atomic_write_text
-
         try:
             atomic_write_text(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1) + "\n")
+            if is_run_dir(self.run_dir):
+                wrote(self.run_dir, self.run_dir / STATE_FILE)
         except OSError as e:
             self.log.warning("tracking: cannot write %s (%s)", self.run_dir / STATE_FILE, e)
 

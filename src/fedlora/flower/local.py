@@ -58,14 +58,40 @@ def stop(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
             p.wait(timeout=5)
 
 
+def check_home(home: Path) -> Path:
+    """`home` as a Flower home (``FLWR_HOME``): absolute, and not inside a Flower app folder
+    (one whose ``pyproject.toml`` has ``[tool.flwr.app]``): Flower installs the apps it runs
+    under its home, so a home inside the app it packages nests every earlier run's copy one
+    level deeper, until "exceeds the maximum directory depth of 10" (issue 27)."""
+    home = Path(home)
+    if not home.is_absolute():
+        raise ValueError(f"FLWR_HOME {home}: must be an absolute path")
+    for parent in home.resolve().parents:
+        project = parent / "pyproject.toml"
+        try:
+            if "[tool.flwr.app" in project.read_text(errors="replace"):
+                raise ValueError(
+                    f"FLWR_HOME {home} is inside the Flower app {parent}: Flower would package "
+                    "its own installs into every later run; use a folder outside the app"
+                )
+        except OSError:
+            continue
+    return home
+
+
 def simulation_env(
     home: Path, port: int, control_port: int, ray_address: str = "local"
 ) -> dict[str, str]:
     """Environment for ``flwr run ... local-simulation`` against `simulation_superlink` (and
     for that SuperLink: its runs' ``flwr-simulation`` calls ``ray.init()``, which joins the
-    cluster at ``RAY_ADDRESS``; ``"local"``: a new one-machine cluster per run)."""
+    cluster at ``RAY_ADDRESS``; ``"local"``: a new one-machine cluster per run). ``PATH``
+    starts with this Python's scripts folder: the SuperLink starts ``flower-superexec`` (and
+    it ``flwr-serverapp`` ...) by name, which failed from a virtual environment that was not
+    activated."""
+    check_home(home)
     return {
         **os.environ,
+        "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
         "FLWR_HOME": str(home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),

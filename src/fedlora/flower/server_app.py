@@ -17,26 +17,27 @@ Run config (``flower_app/pyproject.toml``, ``[tool.flwr.app.config]``, or
   node's ``partition-id`` from the runtime (`fedlora.flower.nodes.simulation_node_configs`)
   instead of sending it a ``query.hello``; ``"always"``: ask every node (a ClientApp whose
   hello declares more than its node config). Deployments always ask.
-* ``result-dir`` (empty: the experiment's ``output_dir``): the app writes ``result.json`` (per
-  round: clients used, dropped replies with reasons, metrics), ``global_delta.pt`` (the final
-  global delta as scale-1 factors ``{module: (A, B)}``) and ``config.toml`` (the resolved
-  experiment) there.
+* ``result-dir`` (empty: the experiment's ``output_dir``): a run directory
+  (`fedlora.flower.results`: locked, marked, a checkpoint after every round, ``metrics.jsonl``,
+  trackers); at the end ``result.json`` (per round: clients used, dropped replies with
+  reasons, metrics), ``global_delta.pt`` (the final global delta as scale-1 factors
+  ``{module: (A, B)}``) and ``config.toml`` (the resolved experiment), written atomically;
+* ``resume`` (default false): continue the run in ``result-dir`` after its last checkpointed
+  round (a ServerApp that was killed); ``overwrite`` (default false): replace the run there
+  (only the files it wrote are removed). Neither: a folder that holds a run is refused.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.federation import rounds
 from fedlora.flower.backend import get_backend
+from fedlora.flower.results import ResultDir, flag, write_result  # noqa: F401 (re-exported)
 from fedlora.flower.strategy import FlowerStrategy
 
 app = ServerApp()
@@ -48,13 +49,15 @@ def _ints(text: Any) -> list[int]:
 
 def build(run_config: Mapping[str, Any]) -> FlowerStrategy:
     """The `FlowerStrategy` a run config describes (its ``num_rounds`` attribute is set)."""
-    from fedlora.federation.build import build_server
+    from fedlora.federation.build import build_server, model_norm
     from fedlora.flower.experiment import experiment_config
 
     cfg = experiment_config(run_config)
     backend = get_backend(run_config)  # cached: may be shared with runs of other strategies
     shapes = backend.shapes()
-    server = build_server(cfg, shapes, backend.specs, backend.split.training_clients)
+    server = build_server(
+        cfg, shapes, backend.specs, backend.split.training_clients, model_norm(backend.clients.host)
+    )
     k = cfg.sampled_per_round()
     timeout = float(run_config.get("round-timeout", 120))
     rank_types = _ints(run_config.get("rank-types", "")) or list(cfg.resources.ranks or [])
@@ -76,36 +79,6 @@ def build(run_config: Mapping[str, Any]) -> FlowerStrategy:
     fs.result_dir = str(run_config.get("result-dir", "") or "") or cfg.output_dir
     fs.experiment = cfg
     return fs
-
-
-def write_result(fs: FlowerStrategy, result_dir: str) -> None:
-    os.makedirs(result_dir, exist_ok=True)
-    delta = fs.strategy.global_delta() if any(r["aggregated"] for r in fs.rounds) else {}
-    torch.save(
-        {m: (f.A, f.B) for m, f in delta.items()}, os.path.join(result_dir, "global_delta.pt")
-    )
-    cfg = fs.experiment
-    result = {
-        "strategy": fs.strategy.name,
-        "experiment": cfg.name,
-        "nodes": {
-            str(n): {"client_id": s.client_id, "ranks": dict(s.ranks)} for n, s in fs.specs.items()
-        },
-        "rejected": {str(n): why for n, why in fs.rejected.items()},
-        "rounds": fs.rounds,
-        "evaluate": fs.eval_rounds,
-        "global_delta_fro": {m: float(f.delta().norm()) for m, f in delta.items()},
-    }
-    if fs.privacy is not None:
-        result["privacy"] = fs.privacy.summary()
-        result["privacy_ledger"] = fs.privacy.state_dict()  # every client's history
-    with open(os.path.join(result_dir, "result.json"), "w") as fh:
-        # under privacy: no secret, no per-client unnoised values (`rounds.public_result`)
-        json.dump(rounds.public_result(result, fs.privacy), fh, indent=1)
-    from fedlora.federation.config import dumps_toml
-
-    with open(os.path.join(result_dir, "config.toml"), "w") as fh:
-        fh.write(dumps_toml(cfg))
 
 
 class PollingGrid:
@@ -194,17 +167,20 @@ def main(grid: Grid, context: Context) -> None:
         from fedlora.flower.nodes import simulation_node_configs
 
         fs.node_configs = lambda: simulation_node_configs(grid)
+    results = ResultDir(fs, resume=flag(rc.get("resume")), overwrite=flag(rc.get("overwrite")))
+    done = results.open()  # locked, checked, and restored from its checkpoint (resume)
+    failed = True
     try:
         fs.start(
             # a Grid that pushes and pulls (every Flower runtime's); a test double that only
             # answers send_and_receive is used as it is
             _polling(grid, rc, simulation),
             initial_arrays=ArrayRecord(),
-            num_rounds=fs.num_rounds,
+            num_rounds=max(0, fs.num_rounds - done),
             timeout=float(rc.get("round-timeout", 600)),
             train_config=ConfigRecord(),
             evaluate_config=ConfigRecord(),
         )
+        failed = False
     finally:
-        if fs.result_dir:
-            write_result(fs, fs.result_dir)
+        results.close(failed)

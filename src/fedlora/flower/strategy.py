@@ -19,6 +19,7 @@ node that missed rounds trains from the current global model.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,6 +45,9 @@ from fedlora.flower import codec
 from fedlora.flower.nodes import resolve_spec
 
 HELLO = "query.hello"
+SUPERLINK_NODE_ID = 1  # the source of the error replies the SuperLink writes for a node
+#: how much of a node's free text (an error reason, a place's value) reaches the result files
+MAX_TEXT = 500
 
 
 class FlowerStrategy(FlwrStrategy):
@@ -124,6 +128,11 @@ class FlowerStrategy(FlwrStrategy):
         # node id -> node config, for nodes whose config the runtime knows (set by
         # `fedlora.flower.server_app.main` in Flower's simulation runtime); None: ask every node
         self.node_configs: Callable[[], Mapping[int, Mapping[str, Any]]] | None = None
+        # rounds done before this `start` (a resumed ServerApp: Flower counts from 1 again),
+        # and what runs after each round's aggregation (the result folder's checkpoint)
+        self.round_offset = 0
+        self.on_round_end: Callable[[int], None] | None = None
+        self._eval_messages: dict[int, Message] = {}
 
     @property
     def strategy(self) -> Strategy:
@@ -203,10 +212,14 @@ class FlowerStrategy(FlwrStrategy):
         answered = set()
         for msg in replies:
             node = self.reply_node(msg, sent)
+            if node is None or node in answered:
+                log(WARNING, "fedlora: a hello reply that answers no hello of this round ignored")
+                continue
             answered.add(node)
             if msg.has_error():
-                self.rejected[node] = f"hello failed: {msg.error.reason}"
-                log(WARNING, "fedlora: node %s hello failed: %s", node, msg.error.reason)
+                reason = _text(msg.error.reason)
+                self.rejected[node] = f"hello failed: {reason}"
+                log(WARNING, "fedlora: node %s hello failed: %s", node, reason)
                 continue
             declared = msg.content.config_records.get(codec.NODE)
             self.learn(node, dict(declared or {}))
@@ -249,6 +262,7 @@ class FlowerStrategy(FlwrStrategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         self._round_start = time.perf_counter()
         nodes = self._wait_for_nodes(grid)
         new = {n for n in nodes if n not in self.specs and n not in self.rejected}
@@ -293,30 +307,36 @@ class FlowerStrategy(FlwrStrategy):
         self._configured_at = time.perf_counter()
         return messages
 
-    def reply_node(self, msg: Message, sent: Mapping[int, Message] | None = None) -> int:
+    def reply_node(self, msg: Message, sent: Mapping[int, Message] | None = None) -> int | None:
         """The node a reply answers: the destination of the message it replies to (among
-        `sent`, node -> message; default: this round's train messages).
+        `sent`, node -> message; default: this round's train messages); None when it answers
+        none of them (a reply to an earlier round's message replayed, an id that matches
+        nothing, or a reply sent by another node than the one addressed): it is ignored.
 
-        Matched by ``reply_to_message_id`` (the Grid gives each sent message its id): an error
-        reply that the SuperLink writes for a node that went offline comes from the SuperLink
-        (``src_node_id`` 1), not from the node. Grids that assign no message ids (tests) fall
-        back to the reply's source node.
+        Matched by ``reply_to_message_id`` (the Grid gives each sent message its id), never
+        by the sender alone (issue 27: a round-1 reply replayed in round 2 was taken as the
+        node's round-2 answer). An error reply that the SuperLink writes for a node that went
+        offline comes from the SuperLink (``src_node_id`` 1), not from the node. Only a Grid
+        that assigns no message ids at all (a test double) is matched by the reply's source.
         """
+        sent = self._messages if sent is None else sent
         to = msg.metadata.reply_to_message_id
-        if to:
-            for node, out in (self._messages if sent is None else sent).items():
-                if out.metadata.message_id == to:
-                    return node
-        return msg.metadata.src_node_id
+        src = msg.metadata.src_node_id
+        if not to:
+            return src if not any(m.metadata.message_id for m in sent.values()) else None
+        for node, out in sent.items():
+            if out.metadata.message_id == to:
+                return node if src in (node, SUPERLINK_NODE_ID) else None
+        return None
 
     def check_reply(self, server_round: int, msg: Message) -> ClientUpdate:
         """Decode one reply; raise FedLoraError with the reason (an error reply, undecodable,
         another client's). Its checks against the payload are the federation core's."""
         node = self.reply_node(msg)
-        if node not in self._sent:
+        if node is None or node not in self._sent:
             raise FedLoraError(f"reply from node {node}, which was not sent a payload")
         if msg.has_error():
-            raise FedLoraError(f"error reply: {msg.error.reason}")
+            raise FedLoraError(f"error reply: {_text(msg.error.reason)}")
         spec = self._sent[node][0]
         declared = msg.content.config_records.get(codec.NODE)
         if declared is not None:  # the node's declaration may change; used from next round
@@ -338,14 +358,17 @@ class FlowerStrategy(FlwrStrategy):
         for msg in replies:
             node = self.reply_node(msg)
             why = (
-                "not sent a payload this round" if node not in self._sent
+                "answers no message of this round (replayed, or its id matches none)"
+                if node is None
+                else "not sent a payload this round" if node not in self._sent
                 else "second reply in one round" if node in got else None
             )  # fmt: skip
             if why is None:
                 got[node] = msg
                 continue
-            ignored[f"node-{node}"] = why
-            log(WARNING, "fedlora: round %s: reply of node %s ignored: %s", server_round, node, why)
+            src = msg.metadata.src_node_id if node is None else node
+            ignored[f"node-{src}"] = why
+            log(WARNING, "fedlora: round %s: reply of node %s ignored: %s", server_round, src, why)
         out: list[rounds.Reply] = []
         decoded: dict[str, tuple[ClientUpdate, Message]] = {}
         for node, (spec, payload, _) in self._sent.items():
@@ -366,6 +389,7 @@ class FlowerStrategy(FlwrStrategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         received_at = time.perf_counter()
         answers, decoded, ignored, received = self._replies(server_round, replies)
         tally = self._tally
@@ -407,10 +431,7 @@ class FlowerStrategy(FlwrStrategy):
                 "metrics": dict(metrics),
                 "client_metrics": {c: _client_metrics(u, m) for c, (u, m) in decoded.items()},
                 # host, pid and Ray node id of the process that trained each used client
-                "client_places": {
-                    c: dict(m.content.config_records.get(codec.NODE_PLACE) or {})
-                    for c, (u, m) in decoded.items()
-                },
+                "client_places": {c: _place(m) for c, (u, m) in decoded.items()},
                 # wall time from configure to aggregated, and its parts: configure (incl.
                 # waiting for nodes and hellos), send and receive (messaging and the nodes'
                 # work), checks and aggregation
@@ -420,6 +441,8 @@ class FlowerStrategy(FlwrStrategy):
                 "aggregate_seconds": time.perf_counter() - received_at,
             }
         )
+        if self.on_round_end is not None:
+            self.on_round_end(server_round)
         if not row["aggregated"]:
             return None, metrics
         return self.global_arrays(), metrics
@@ -433,6 +456,8 @@ class FlowerStrategy(FlwrStrategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
+        self._eval_messages = {}
         if self.fraction_evaluate <= 0:
             return []
         try:
@@ -448,17 +473,26 @@ class FlowerStrategy(FlwrStrategy):
             c = RecordDict(dict(content))
             c[codec.SPEC] = codec.encode_spec(self.specs[node])
             c["config"] = ConfigRecord({**dict(config), "server-round": server_round})
-            out.append(
-                Message(c, dst_node_id=node, message_type="evaluate", group_id=str(server_round))
-            )
+            msg = Message(c, dst_node_id=node, message_type="evaluate", group_id=str(server_round))
+            self._eval_messages[node] = msg
+            out.append(msg)
         return out
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        server_round += self.round_offset
         good = []
         dropped = 0
+        answered: set[int] = set()
         for msg in replies:
+            node = self.reply_node(msg, self._eval_messages)
+            if node is None or node in answered:  # a replay, a forged id, a second reply
+                dropped += 1
+                log(WARNING, "fedlora: round %s: an evaluation reply that answers no "
+                    "evaluation message of this round ignored", server_round)  # fmt: skip
+                continue
+            answered.add(node)
             mr = None if msg.has_error() else msg.content.metric_records.get(codec.METRICS)
             vals = dict(mr or {})
             n = vals.pop("num-examples", 0)
@@ -489,10 +523,40 @@ class FlowerStrategy(FlwrStrategy):
 
 
 def _client_metrics(u: ClientUpdate, msg: Message) -> dict[str, float]:
-    """One used reply's float metrics and its node's counters (model builds, load seconds)."""
-    out = {k: v for k, v in u.extras.items() if isinstance(v, float)}
+    """One used reply's finite float metrics and its node's counters (model builds, load
+    seconds): what the node sends beyond that never reaches the result files."""
+    out = {k: v for k, v in u.extras.items() if isinstance(k, str) and _finite(v)}
     node = msg.content.metric_records.get(codec.NODE_METRICS)
-    out.update({k: float(v) for k, v in dict(node or {}).items() if isinstance(v, (int, float))})
+    out.update({str(k)[:MAX_TEXT]: float(v) for k, v in dict(node or {}).items() if _finite(v)})
+    return out
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _text(value: Any) -> str:
+    """A node's free text as it may reach a file: a str, at most `MAX_TEXT` characters."""
+    return (value if isinstance(value, str) else repr(value))[:MAX_TEXT]
+
+
+def _place(msg: Message) -> dict[str, Any]:
+    """A reply's ``fedlora.node-place`` record (host, pid, Ray node), validated: str keys with
+    str, int, finite float or bool values; anything else (bytes, lists: issue 27, bytes broke
+    result.json) is left out and named."""
+    try:
+        raw = dict(msg.content.config_records.get(codec.NODE_PLACE) or {})
+    except Exception as e:  # noqa: BLE001 - a node's record never crashes the server
+        return {"invalid": _text(f"{type(e).__name__}: {e}")}
+    out: dict[str, Any] = {}
+    bad = []
+    for k, v in raw.items():
+        if isinstance(k, str) and (isinstance(v, (str, bool, int)) or _finite(v)):
+            out[k[:MAX_TEXT]] = v[:MAX_TEXT] if isinstance(v, str) else v
+        else:
+            bad.append(_text(k))
+    if bad:
+        out["invalid"] = f"left out (not a str, number or bool): {', '.join(bad)}"
     return out
 
 
