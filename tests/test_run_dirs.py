@@ -78,9 +78,12 @@ def test_a_second_run_into_a_directory_in_use_is_refused(tmp_path, capsys):
     # must still be training when it is interrupted, however loaded the machine is
     argv = _run(out, "--rounds", "100000", "--clients_per_round", "1", "--eval.every", "100000")
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # a shell's background job (nohup ... &) starts with SIGINT ignored, and Python keeps an
+    # ignored SIGINT ignored: restore the default so the child gets its KeyboardInterrupt
     first = subprocess.Popen(
-        [sys.executable, "-m", "fedlora.cli", *argv], env=env, stderr=subprocess.PIPE, text=True
-    )
+        [sys.executable, "-m", "fedlora.cli", *argv], env=env, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
         metrics = out / "metrics.jsonl"
