@@ -98,7 +98,13 @@ def test_a_second_run_into_a_directory_in_use_is_refused(tmp_path, capsys):
         assert first.poll() is None  # the first was running all along
     finally:
         first.send_signal(signal.SIGINT)
-        assert first.wait(timeout=300) == 130, first.stderr.read()
+        try:
+            code = first.wait(timeout=300)
+        except subprocess.TimeoutExpired:  # never leave it training after the test
+            first.kill()
+            first.wait()
+            raise
+    assert code == 130, first.stderr.read()
     done = ckpt.load_checkpoint(out)["round"]
     assert 2 <= done < 100000
     # released on exit, and intact: it resumes and continues
