@@ -155,7 +155,7 @@ def _cells(raw, runs, common, where) -> list[dict[str, Any]]:
     cells = []
     axes = raw.get("axis", [])
     if axes:
-        names = [[f"{a['name']}{_fmt_value(v)}" for v in a["values"]] for a in axes]
+        names = [[f"{a['name']}{v}" for v in a["values"]] for a in axes]
         values = [[(a["key"], v) for v in a["values"]] for a in axes]
         for parts, setting in zip(itertools.product(*names), itertools.product(*values)):
             cells.append({"name": "-".join(parts), "set": {**common, **dict(setting)},
@@ -186,10 +186,6 @@ def _check_refs(study: Study, where: str) -> None:
             raise FedLoraError(f"{where}: {kind} refers to {ref!r}, not a cell/run of the study")
 
 
-def _fmt_value(v: Any) -> str:
-    return str(v)
-
-
 # -- compact results -------------------------------------------------------------------------
 
 
@@ -214,9 +210,8 @@ def compact_examples(row: dict[str, Any]) -> dict[str, Any]:
     for key in ("nll", "rouge_l"):
         if key in row:
             out[key] = [_round(v) if v is not None else None for v in row[key]]
-    for key in ("ntok",):
-        if key in row:
-            out[key] = row[key]
+    if "ntok" in row:
+        out["ntok"] = row["ntok"]
     if "label" in row:
         classes = sorted({str(v) for k in ("label", "pred") for v in row.get(k) or [] if v})
         out["classes"] = classes
