@@ -158,6 +158,7 @@ def test_toy_study_runs_resumes_and_rebuilds_from_results_alone(tmp_path, capsys
     for r in results.values():
         assert r["precision"] == "fp32" and r["device"] == "cpu"
         assert {"cpu", "bf16_native"} <= set(r["hardware"]) and r["time"]["wall_s"] > 0
+        assert r["time"]["resumed"] is False and r["summary"]["time_total"] > 0
         assert r["overrides"]["model.name"] == "tiny-bert" and r["curve"]
         assert len(json.dumps(r)) < 20_000  # compact: a few KB
         assert as_run(r)["examples"][0]["example"]
@@ -173,6 +174,24 @@ def test_toy_study_runs_resumes_and_rebuilds_from_results_alone(tmp_path, capsys
     assert main(args) == 0  # nothing left to run
     assert "4 of 4 units finished, 0 to run" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()
+
+
+def test_costs_count_a_resumed_runs_rounds_not_its_last_process():
+    """A run resumed after an interruption lands with the wall time of its last part only;
+    the cost table takes the run's own round times, which span every part."""
+    from fedlora.cli.study_page import _costs
+
+    study = load_study("lora_a2", "cpu")
+    cell = study.cells[0]["name"]
+    hw = {"cpu": "some CPU"}
+    results = {
+        (cell, "fedit", 0): {"summary": {"time_total": 300.0}, "time": {"wall_s": 30.0},
+                             "precision": "fp32", "device": "cpu", "hardware": hw},
+        (cell, "fedit", 1): {"summary": {"time_total": 420.0}, "time": {"wall_s": 400.0},
+                             "precision": "fp32", "device": "cpu", "hardware": hw},
+    }  # fmt: skip
+    row = next(line for line in _costs(study, results).splitlines() if line.startswith(f"| {cell}"))
+    assert row == f"| {cell} | 2 | 12.0 | 6.0 (5.0-7.0) | fp32 | cpu | some CPU |"
 
 
 def test_committed_page_is_rebuilt_unchanged_from_committed_results(tmp_path):

@@ -200,21 +200,22 @@ def run_units(study, todo, results_root, runs_root, args, doc) -> int:
                 continue
             if _finished(where):  # finished before this runner saw it: its own timing
                 took = json.loads((where / "summary.json").read_text()).get("time_total", 0.0)
-                land(study, unit, where, results_root, args, doc, wall=took, cpu=took)
+                land(study, unit, where, results_root, args, doc, wall=took, cpu=took,
+                     resumed=False)
                 release(where)
                 continue
             where.parent.mkdir(parents=True, exist_ok=True)
             log = open(where.parent / f"{where.name}.log", "a")  # noqa: SIM115
-            proc = subprocess.Popen(command(study, unit, runs_root, args.threads),
-                                    stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            cmd = command(study, unit, runs_root, args.threads)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
             print(f"[{unit.key}] started (pid {proc.pid}, log {log.name})", flush=True)
-            active[proc.pid] = (unit, time.perf_counter(), (proc, log))
+            active[proc.pid] = (unit, time.perf_counter(), (proc, log, "--resume" in cmd))
         if not active:
             continue
         pid, status, usage = os.wait4(-1, 0)
         if pid not in active:
             continue
-        unit, t0, (proc, log) = active.pop(pid)
+        unit, t0, (proc, log, resumed) = active.pop(pid)
         proc.returncode = os.waitstatus_to_exitcode(status)
         log.close()
         wall, cpu = time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
@@ -223,7 +224,8 @@ def run_units(study, todo, results_root, runs_root, args, doc) -> int:
             failed += 1
             print(f"[{unit.key}] FAILED (exit {proc.returncode}); see {log.name}", flush=True)
         else:
-            land(study, unit, where, results_root, args, doc, wall=wall, cpu=cpu)
+            land(study, unit, where, results_root, args, doc, wall=wall, cpu=cpu,
+                 resumed=resumed)
         release(where)
     return failed
 
@@ -263,9 +265,14 @@ def _finished(where: Path) -> bool:
     return (where / "summary.json").is_file()
 
 
-def land(study, unit, where, results_root, args, doc, *, wall: float, cpu: float) -> None:
-    """Write `unit`'s compact result (atomically), rebuild the page, commit if asked."""
+def land(
+    study, unit, where, results_root, args, doc, *, wall: float, cpu: float, resumed: bool
+) -> None:
+    """Write `unit`'s compact result (atomically), rebuild the page, commit if asked. `wall`
+    and `cpu` are the landing process's (`resumed`: it continued an interrupted run, so they
+    cover only its last part; the run's own round times are in the result's summary)."""
     settings = run_settings(study, unit, args.threads, wall, cpu)
+    settings["time"]["resumed"] = resumed
     result = compact_result(where, unit, settings)
     path = result_path(results_root, unit)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -227,21 +227,24 @@ def _curves(study: Study, results: Results) -> str:
 
 
 def _costs(study: Study, results: Results) -> str:
-    rows = ["| cell | runs | wall min | CPU min | precision | device | hardware |",
-            "|---|---:|---:|---:|---|---|---|"]  # fmt: skip
+    rows = ["| cell | runs | min, all runs | min a run (range) | precision | device | hardware |",
+            "|---|---:|---:|---|---|---|---|"]  # fmt: skip
     for cell in study.cells:
         rs = [r for (c, _, _), r in results.items() if c == cell["name"]]
         if not rs:
             continue
-        wall = sum(r["time"]["wall_s"] for r in rs) / 60
-        cpu = sum(r["time"]["cpu_s"] for r in rs) / 60
+        # the run's own round times: they span a resumed run's parts (the landing process's
+        # wall time, also in each result, covers only its last part)
+        mins = [r["summary"]["time_total"] / 60 for r in rs]
         prec = ", ".join(sorted({r["precision"] for r in rs}))
         dev = ", ".join(sorted({r["device"] for r in rs}))
         hw = "; ".join(sorted({r["hardware"]["cpu"] for r in rs}))
-        rows.append(f"| {cell['name']} | {len(rs)} | {wall:.1f} | {cpu:.1f} | {prec} | {dev} "
-                    f"| {hw} |")  # fmt: skip
-    return "Cost of the finished runs (each run one process, one torch thread):\n\n" + "\n".join(
-        rows
+        rows.append(f"| {cell['name']} | {len(rs)} | {sum(mins):.1f} | {sum(mins) / len(rs):.1f} "
+                    f"({min(mins):.1f}-{max(mins):.1f}) | {prec} | {dev} | {hw} |")  # fmt: skip
+    return (
+        "Cost of the finished runs: the time of their rounds (training, aggregation and "
+        "evaluation; each run one process, one torch thread, beside at most one other):\n\n"
+        + "\n".join(rows)
     )
 
 
