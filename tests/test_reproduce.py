@@ -195,6 +195,32 @@ def test_costs_count_a_resumed_runs_rounds_not_its_last_process():
     assert row == f"| {cell} | 2 | 12.0 | 6.0 (5.0-7.0) | fp32 | cpu | some CPU |"
 
 
+def test_a_run_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
+    """Cells run different subsets of the runs (LoRA-A2's rsLoRA cells: FL+LoRA and LoRA-A2
+    only): a run's line has one colour in every panel, the one the legend gives it."""
+    from pathlib import Path
+
+    import fedlora.cli.report as report
+    from fedlora.cli.study_page import plot_curves
+
+    root = Path(__file__).resolve().parents[1]
+    study = load_study("lora_a2", "cpu")
+    results = load_results(root / "results/fidelity", study)
+    if not any("rslora" in c for c, _, _ in results):
+        pytest.skip("no committed result of a cell with a subset of the runs")
+    figs = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figs.append(fig) or path)
+    plot_curves(study, results, tmp_path / "curves.png")
+    colour: dict[str, set] = {}
+    for ax in figs[0].axes:
+        for line in ax.get_lines():
+            colour.setdefault(line.get_label(), set()).add(line.get_color())
+    assert len(colour) >= 2 and all(len(c) == 1 for c in colour.values()), colour
+    legend = figs[0].axes[0].get_legend()
+    for text, handle in zip(legend.get_texts(), legend.legend_handles):
+        assert {handle.get_color()} == colour[text.get_text()]
+
+
 def test_committed_page_is_rebuilt_unchanged_from_committed_results(tmp_path):
     """docs/fidelity.md is what `fedlora reproduce STUDY --tables-only` makes of results/."""
     from pathlib import Path

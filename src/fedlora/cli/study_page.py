@@ -283,17 +283,24 @@ def plot_curves(study: Study, results: Results, path: Path) -> Path | None:
     cols = min(3, len(cells))
     rows = -(-len(cells) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    # a run keeps its colour in every panel (cells run different subsets of the runs), and the
+    # one legend lists every run drawn anywhere
+    colour = {lab: f"C{i % 10}" for i, lab in enumerate(study.runs)}
+    handles = {}
     for ax, cell in zip(axes.flat, cells):
         for lab in cell["runs"]:
             pts = curve_points(study, results, cell["name"], lab)
             if pts:
-                ax.plot(list(pts), list(pts.values()), marker=".", label=study.display(lab))
+                (handles[lab],) = ax.plot(list(pts), list(pts.values()), marker=".",
+                                          color=colour[lab], label=study.display(lab))  # fmt: skip
         ax.set_title(cell["name"], fontsize=9)
         ax.set_xlabel("round")
         ax.set_ylabel(study.metric.split("/")[-1])
     for ax in list(axes.flat)[len(cells):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    order = [lab for lab in study.runs if lab in handles]
+    axes.flat[0].legend([handles[lab] for lab in order], [study.display(lab) for lab in order],
+                        fontsize=7)  # fmt: skip
     fig.suptitle(study.title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
