@@ -65,6 +65,37 @@ def test_unknown_study_scale_and_cell_are_one_line_errors(capsys):
     assert "--cells 'dir9-*': no such cell in lora_a2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("where", "fragment"),
+    [
+        ("cell", 'run_set = { fedit = { "train.lr" = 1.0 } }'),  # a per-run setting misplaced
+        ("runs.fedit", 'sett = { "train.lr" = 1.0 }'),
+        ("claim", 'expected = "worse"'),
+        ("floor", "at_most = 0.5"),
+        ("scale.toy", 'cell = ["dir0.01-r1"]'),
+    ],
+)
+def test_a_misspelt_key_anywhere_in_a_study_is_refused_by_name(where, fragment):
+    """Every table of a study file is checked: a key no study reads would otherwise be
+    dropped without a word, and the unit would run without the setting it was meant to have."""
+    from importlib import resources
+
+    import tomllib
+
+    from fedlora.cli.study import _parse
+
+    text = resources.files("fedlora.cli").joinpath("studies", "lora_a2.toml").read_text()
+    raw = tomllib.loads(text)
+    _parse("lora_a2", "cpu", raw, "studies/lora_a2.toml")  # the shipped file is clean
+    table = {"cell": raw["cell"][0], "runs.fedit": raw["runs"]["fedit"],
+             "claim": raw["claim"][0], "floor": raw["floor"][0],
+             "scale.toy": raw["scale"]["toy"]}[where]  # fmt: skip
+    key, value = next(iter(tomllib.loads(fragment).items()))
+    table[key] = value
+    with pytest.raises(FedLoraError, match=rf"studies/lora_a2.toml: .*unknown key '{key}'"):
+        _parse("lora_a2", "cpu", raw, "studies/lora_a2.toml")
+
+
 def _row(rng, n, classes=("a", "b", "c")):
     return {
         "round": 3,

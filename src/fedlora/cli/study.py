@@ -108,12 +108,37 @@ def load_study(name: str, scale: str = "cpu") -> Study:
     return _parse(name, scale, raw, f"studies/{name}.toml")
 
 
+#: the keys each table of a study file may have (anything else is a typo, refused by name)
+KEYS = {
+    "": {"title", "preset", "seeds", "metric", "baseline", "set", "runs", "axis", "cell",
+         "claim", "floor", "scale", "notes", "grid_runs"},
+    "runs": {"strategy", "name", "set", "untrained"},
+    "axis": {"name", "key", "values"},
+    "cell": {"name", "set", "runs", "seeds", "baseline"},
+    "claim": {"text", "a", "b", "metric", "expect"},
+    "floor": {"text", "run", "at_least", "than", "metric"},
+    "scale": {"set", "seeds", "cells"},
+}  # fmt: skip
+
+
+def _check_keys(raw: dict[str, Any], where: str) -> None:
+    """A one-line error naming the first key of `raw`'s tables that no study reads."""
+    tables = [("", raw)]
+    tables += [(f"runs.{k}", v) for k, v in raw.get("runs", {}).items()]
+    tables += [(f"scale.{k}", v) for k, v in raw.get("scale", {}).items()]
+    for kind in ("axis", "cell", "claim", "floor"):
+        tables += [(f"{kind} {v.get('name')!r}" if isinstance(v, dict) and "name" in v
+                    else f"{kind}[{i}]", v) for i, v in enumerate(raw.get(kind, []))]  # fmt: skip
+    for name, table in tables:
+        if not isinstance(table, dict):
+            raise FedLoraError(f"{where}: {name} must be a table")
+        unknown = sorted(set(table) - KEYS[name.split(".")[0].split("[")[0].split(" ")[0]])
+        if unknown:
+            raise FedLoraError(f"{where}: {name + ': ' if name else ''}unknown key {unknown[0]!r}")
+
+
 def _parse(name: str, scale: str, raw: dict[str, Any], where: str) -> Study:
-    known = {"title", "preset", "seeds", "metric", "baseline", "set", "runs", "axis", "cell",
-             "claim", "floor", "scale", "notes", "grid_runs"}  # fmt: skip
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise FedLoraError(f"{where}: unknown key {unknown[0]!r}")
+    _check_keys(raw, where)
     scales = raw.get("scale", {})
     chain = {"toy": ["toy"], "cpu": [], "gpu": ["gpu"]}[scale]
     common = dict(raw.get("set", {}))
