@@ -123,18 +123,20 @@ KEYS = {
 
 def _check_keys(raw: dict[str, Any], where: str) -> None:
     """A one-line error naming the first key of `raw`'s tables that no study reads."""
-    tables = [("", raw)]
-    tables += [(f"runs.{k}", v) for k, v in raw.get("runs", {}).items()]
-    tables += [(f"scale.{k}", v) for k, v in raw.get("scale", {}).items()]
+    tables = [("", "", raw)]  # (kind, label, table)
+    tables += [("runs", f"runs.{k}", v) for k, v in raw.get("runs", {}).items()]
+    tables += [("scale", f"scale.{k}", v) for k, v in raw.get("scale", {}).items()]
     for kind in ("axis", "cell", "claim", "floor"):
-        tables += [(f"{kind} {v.get('name')!r}" if isinstance(v, dict) and "name" in v
-                    else f"{kind}[{i}]", v) for i, v in enumerate(raw.get(kind, []))]  # fmt: skip
-    for name, table in tables:
+        for i, v in enumerate(raw.get(kind, [])):
+            named = isinstance(v, dict) and "name" in v
+            tables.append((kind, f"{kind} {v['name']!r}" if named else f"{kind}[{i}]", v))
+    for kind, label, table in tables:
         if not isinstance(table, dict):
-            raise FedLoraError(f"{where}: {name} must be a table")
-        unknown = sorted(set(table) - KEYS[name.split(".")[0].split("[")[0].split(" ")[0]])
+            raise FedLoraError(f"{where}: {label} must be a table")
+        unknown = sorted(set(table) - KEYS[kind])
         if unknown:
-            raise FedLoraError(f"{where}: {name + ': ' if name else ''}unknown key {unknown[0]!r}")
+            at = f"{label}: " if label else ""
+            raise FedLoraError(f"{where}: {at}unknown key {unknown[0]!r}")
 
 
 def _parse(name: str, scale: str, raw: dict[str, Any], where: str) -> Study:
