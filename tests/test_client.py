@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import llama_host, tiny_bert
@@ -354,3 +355,41 @@ def test_lora_a2_masked_training_picks_slots_from_the_first_gradient_and_trains_
         assert torch.equal(trained[m].A, f.A)  # frozen this round
     moved = [m for m, idx in u.extras["slots"].items() if len(idx)]
     assert any(not torch.equal(trained[m].B, payload.adapter[m].B) for m in moved)
+
+
+def test_lora_a2_without_alternating_freeze_masks_both_factors_to_the_probed_slots():
+    """The ablation trains A and B: its slots come from the first gradient's change of each
+    slot's outer product (numpy reference), and the unselected slots of both factors stay
+    bit-identical while the selected ones move in both."""
+    host = llama_host()
+    shapes = host.shapes()
+    strategy = get("lora_a2", shapes=shapes, global_rank=4, seed=2, alternating_freeze=False)
+    spec = ClientSpec("nf", {m: 1 for m in shapes})
+    data = lm_examples(4)
+    cfg = TrainConfig(local_steps=3, batch_size=4, lr=1e-2, weight_decay=0.1)
+    strategy.aggregate(1, [train_client(host, spec, strategy.configure(spec, 1), data, cfg)])
+    payload = strategy.configure(spec, 2)  # B is nonzero on round 1's slots: A has a gradient
+    assert payload.trainable == {"A", "B"}
+    host.prepare(spec, payload)
+    host.model(**collate(data, 0)).loss.backward()
+    scores = []
+    for m, (a, b, s) in host.lora_weights().items():
+        A, B = a.detach().double().numpy(), b.detach().double().numpy()
+        dA, dB = -a.grad.double().numpy(), -b.grad.double().numpy()
+        for i in range(4):
+            change = np.outer(B[:, i] + dB[:, i], A[i] + dA[i]) - np.outer(B[:, i], A[i])
+            scores.append((s * np.linalg.norm(change), m, i))
+    top = {(m, i) for _, m, i in sorted(scores, reverse=True)[: payload.extras["budget"]]}
+    u = train_client(host, spec, payload, data, cfg)
+    assert {(m, int(i)) for m, idx in u.extras["slots"].items() for i in idx} == top
+    trained = host.read_adapter()
+    moved_a = moved_b = False
+    for m, f in payload.adapter.items():
+        chosen = set(u.extras["slots"].get(m, torch.zeros(0, dtype=torch.long)).tolist())
+        rest = [i for i in range(4) if i not in chosen]
+        assert torch.equal(trained[m].B[:, rest], f.B[:, rest])
+        assert torch.equal(trained[m].A[rest], f.A[rest])
+        picked = sorted(chosen)
+        moved_a |= not torch.equal(trained[m].A[picked], f.A[picked])
+        moved_b |= not torch.equal(trained[m].B[:, picked], f.B[:, picked])
+    assert moved_a and moved_b

@@ -13,7 +13,7 @@ import fedlora.strategies as S
 from fedlora import ClientUpdate, FedLoraError, LoraFactors, init_lora
 from fedlora.strategies.fedit import aggregation_noise
 from fedlora.strategies.hetlora import pruned_rank, self_pruning_penalty
-from fedlora.strategies.lora_a2 import masked_upload, select_slots
+from fedlora.strategies.lora_a2 import masked_upload, select_slots, slot_importance
 
 HET = [  # per-client, per-module ranks, mixed alphas (so mixed scales)
     spec("c0", {"attn": 2, "mlp": 3}, alpha=8),
@@ -494,6 +494,76 @@ def test_lora_a2_select_slots_matches_importance_reference():
     top = sorted(scores, reverse=True)[:4]
     assert {(m, i) for _, m, i in top} == {(m, int(i)) for m, idx in slots.items() for i in idx}
     del rng
+
+
+def test_lora_a2_without_alternating_freeze_averages_both_factors_per_slot():
+    """The ablation trains A and B every round; the server averages each uploaded slot's A row
+    and scale * B column over the round's clients (a product of averages), checked against a
+    float64 numpy reference; nothing counts as frozen, but the scale is still checked."""
+    rng = np.random.default_rng()
+    rG = 5
+    strat = S.get("lora_a2", shapes=SHAPES, global_rank=rG, alternating_freeze=False)
+    clients = [spec(f"n{i}", {"attn": i + 1, "mlp": 3 - i}, alpha=8.0 * (i + 1)) for i in range(3)]
+    A_ref = {m: strat.A[m].numpy().copy() for m in SHAPES}
+    G_ref = {m: np.zeros((d_out, rG)) for m, (d_out, _) in SHAPES.items()}
+    for t in (1, 2, 3):
+        updates = []
+        for s in clients:
+            p = strat.configure(s, t)
+            assert p.trainable == {"A", "B"}
+            full = s.__class__(s.client_id, {m: rG for m in SHAPES}, alpha=s.alpha)
+            after = train_from(p, full, rng).adapter
+            slots = select_slots(p.adapter, after, p.trainable, p.extras["budget"])
+            upload = masked_upload(after, slots)
+            updates.append(
+                ClientUpdate(s.client_id, upload, int(rng.integers(1, 50)), {"slots": slots})
+            )
+        strat.aggregate(t, updates)
+        w = np_weights(updates)
+        for m in SHAPES:
+            dA, dG = np.zeros_like(A_ref[m]), np.zeros_like(G_ref[m])
+            for wk, u in zip(w, updates):
+                if m not in u.adapter:
+                    continue
+                f = u.adapter[m]
+                for j, i in enumerate(u.extras["slots"][m].tolist()):
+                    dA[i] += wk * (f.A.double().numpy()[j] - A_ref[m][i])
+                    dG[:, i] += wk * (f.scale * f.B.double().numpy()[:, j] - G_ref[m][:, i])
+            A_ref[m], G_ref[m] = A_ref[m] + dA, G_ref[m] + dG
+            assert rel(dense(strat.global_delta()[m]), G_ref[m] @ A_ref[m]) < 1e-6
+    p = strat.configure(clients[0], 4)
+    after = train_from(p, spec("n0", {m: rG for m in SHAPES}, alpha=8.0), rng).adapter
+    slots = select_slots(p.adapter, after, p.trainable, p.extras["budget"])
+    up = masked_upload(after, slots)
+    m = next(iter(up))
+    up[m] = LoraFactors(up[m].A, up[m].B, up[m].scale * 2)
+    with pytest.raises(FedLoraError, match=f"client n0, module {m}: scale"):
+        strat.aggregate(4, [ClientUpdate("n0", up, 5, {"slots": slots})])
+
+
+def test_lora_a2_slot_importance_with_both_factors_is_the_norm_of_the_slots_change():
+    before = {
+        m: LoraFactors(torch.randn(5, d_in), torch.randn(d_out, 5), 1.5)
+        for m, (d_out, d_in) in SHAPES.items()
+    }
+    after = {
+        m: LoraFactors(f.A + torch.randn_like(f.A), f.B + torch.randn_like(f.B), 1.5)
+        for m, f in before.items()
+    }
+    slots = select_slots(before, after, frozenset({"A", "B"}), budget=3)
+    scores = []
+    for m in sorted(SHAPES):
+        b0, b1 = before[m].B.double().numpy(), after[m].B.double().numpy()
+        a0, a1 = before[m].A.double().numpy(), after[m].A.double().numpy()
+        ref = [
+            1.5 * np.linalg.norm(np.outer(b1[:, i], a1[i]) - np.outer(b0[:, i], a0[i]))
+            for i in range(5)
+        ]
+        got = slot_importance(before[m], after[m], "AB").numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-5)
+        scores += [(ref[i], m, i) for i in range(5)]
+    top = sorted(scores, reverse=True)[:3]
+    assert {(m, i) for _, m, i in top} == {(m, int(i)) for m, idx in slots.items() for i in idx}
 
 
 def test_lora_a2_rejects_uploads_over_budget_or_out_of_range():

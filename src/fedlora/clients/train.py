@@ -376,9 +376,7 @@ def train_client(
     return make_update(spec, payload, before, trained, len(data), dp_extras, t0, privacy)
 
 
-def client_seed(
-    cfg: TrainConfig, spec: ClientSpec, server_round: int, privacy: Any = None
-) -> int:
+def client_seed(cfg: TrainConfig, spec: ClientSpec, server_round: int, privacy: Any = None) -> int:
     """The seed of a client's round: its batch order, its dropout stream and under local DP
     its DP-SGD noise (from `_seed_base`)."""
     return module_seed(_seed_base(cfg, privacy), f"client/{spec.client_id}", server_round)
@@ -562,9 +560,9 @@ def slots_from_grads(
 
 
 class SlotMask:
-    """Keeps every unselected LoRA-A2 slot of the trained factor fixed: a gradient hook zeroes
-    its gradient (so clipping and Adam never see it) and an optimizer post-step hook restores
-    its value (weight decay would move it).
+    """Keeps every unselected LoRA-A2 slot of the trained factor(s) fixed: a gradient hook
+    zeroes its gradient (so clipping and Adam never see it) and an optimizer post-step hook
+    restores its value (weight decay would move it).
 
     ``weights``: module -> (A, B, scale) being trained. ``hook=False`` (factors that are views
     outside autograd, `fedlora.clients.parallel`): the caller calls `mask_grads` before clipping.
@@ -576,14 +574,14 @@ class SlotMask:
         self.items = []
         self.handles = []
         for m, (a, b, _s) in weights.items():
-            p, dim = (b, 1) if "B" in trainable else (a, 0)
-            keep = torch.zeros(p.shape[dim], dtype=torch.bool, device=p.device)
-            if m in slots:
-                keep[slots[m].to(p.device)] = True
-            frozen = (~keep).view((1, -1) if dim == 1 else (-1, 1)).expand_as(p)
-            self.items.append((p, frozen, p.detach().clone()))
-            if hook:
-                self.handles.append(p.register_hook(lambda g, f=frozen: g.masked_fill(f, 0.0)))
+            for p, dim in [(a, 0)] * ("A" in trainable) + [(b, 1)] * ("B" in trainable):
+                keep = torch.zeros(p.shape[dim], dtype=torch.bool, device=p.device)
+                if m in slots:
+                    keep[slots[m].to(p.device)] = True
+                frozen = (~keep).view((1, -1) if dim == 1 else (-1, 1)).expand_as(p)
+                self.items.append((p, frozen, p.detach().clone()))
+                if hook:
+                    self.handles.append(p.register_hook(lambda g, f=frozen: g.masked_fill(f, 0.0)))
         self.handles.append(opt.register_step_post_hook(lambda *_: self.restore()))
 
     def mask_grads(self) -> None:

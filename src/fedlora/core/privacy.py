@@ -18,7 +18,8 @@ Two modes (``[privacy] mode``):
   - ``"factors"`` (fedit, zero_pad, hetlora): the factor vector (A, scale * B) of every module,
     padded to the global rank;
   - ``"B"`` (ffa_lora): scale * B only, A is public;
-  - ``"trained"`` (lora_a2): the uploaded slots of the factor trained this round;
+  - ``"trained"`` (lora_a2): the uploaded slots of the factor trained this round (of both
+    factors, clipped together, with ``alternating_freeze = false``);
   - ``"delta"`` (flexlora, flora): the effective delta ``scale * B @ A``, whose norm is bounded
     from above by `delta_change_norm` (QR of the stacked factors plus the rounding: no upload
     can cancel or overflow it), never from the dense matrix. Noise on a delta is dense.

@@ -6,6 +6,11 @@ Clients" (LoRA-A2), ACL 2025, sec. 4:
 * Every client holds the global A and B of rank r_G. On odd rounds A is frozen and B trained,
   on even rounds the reverse (``freeze_a_on="odd"``; ``"even"`` swaps), so one factor moves
   per round and averaging it is exact: ``sum_k p_k dB_k A = (sum_k p_k dB_k) A``.
+  ``alternating_freeze=False`` (an ablation, not the paper's method) trains both factors every
+  round and averages each slot's A row and B column separately, a product of averages like
+  FedIT's; slot importance is then the change of the slot's whole outer product,
+  ``||B'[:, i] A'[i, :] - B[:, i] A[i, :]||_F``, which reduces to the forms below when one
+  factor is frozen.
 * A client with budget r_k (``sum`` of its per-module ranks, each capped at r_G) ranks every
   slot i of every module by its importance ``||dB[:, i] A[i, :]||_F`` (or
   ``||B[:, i] dA[i, :]||_F`` when A is trained), keeps its top slots across all modules
@@ -67,6 +72,7 @@ class LoRAA2(Strategy):
         freeze_a_on: str = "odd",
         renormalize: bool = False,
         masked_training: bool = True,
+        alternating_freeze: bool = True,
         **options,
     ) -> None:
         super().__init__(**options)
@@ -80,6 +86,7 @@ class LoRAA2(Strategy):
         self.freeze_a_on = freeze_a_on
         self.renormalize = renormalize
         self.masked_training = bool(masked_training)
+        self.alternating_freeze = bool(alternating_freeze)
         self.A = {
             m: init_lora_A(self.seed, m, global_rank, d_in, dtype=F64)
             for m, (_, d_in) in self.shapes.items()
@@ -108,6 +115,8 @@ class LoRAA2(Strategy):
         return problems
 
     def trainable(self, server_round: int) -> Trainable:
+        if not self.alternating_freeze:
+            return frozenset({"A", "B"})
         odd = server_round % 2 == 1
         return frozenset({"B"}) if odd == (self.freeze_a_on == "odd") else frozenset({"A"})
 
@@ -143,8 +152,7 @@ class LoRAA2(Strategy):
     def check_update(self, server_round: int, update: ClientUpdate) -> None:
         super().check_update(server_round, update)
         check_slots(update, self.global_rank, self.budgets.get(update.client_id), server_round)
-        trained = "B" if "B" in self.trainable(server_round) else "A"
-        self.check_frozen(update, trained, server_round)
+        self.check_frozen(update, self.trainable(server_round), server_round)
 
     def dp_problem(self) -> str | None:
         """Why central DP cannot run with these options (None: it can)."""
@@ -157,40 +165,52 @@ class LoRAA2(Strategy):
 
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
         updates = self.check_updates(server_round, updates, same_modules=False)
-        trained = "B" if "B" in self.trainable(server_round) else "A"
+        trained = sorted(self.trainable(server_round))
         self.aggregate_dense(server_round, updates)
         weights = self.weights(updates)
         if self.privacy is not None:  # clip each client's masked factor change to clip_norm
             weights = [w * self._dp_clip(u, trained) for u, w in zip(updates, weights)]
-        for module in self.shapes:
-            old = self.G[module] if trained == "B" else self.A[module].T  # slots as columns
-            delta = torch.zeros_like(old)
-            mass = torch.zeros(self.global_rank, dtype=F64)
-            for u, w in zip(updates, weights):
-                if module not in u.adapter:
-                    continue
-                idx = u.extras["slots"][module]
-                f = u.adapter[module]
-                new = f.scaled_B() if trained == "B" else f.A.to(F64).T
-                delta[:, idx] += w * (new - old[:, idx])
-                mass[idx] += w
-            if self.renormalize:
-                delta /= torch.where(mass > 0, mass, torch.ones_like(mass))
-            if self.privacy is not None and self.privacy.noise_multiplier > 0:
-                # clipping bounds B's change in the clients' units; G = scale * B, so the
-                # noise scales with the largest scale any client can have (1 for A): the
-                # configuration's, not the round's (which would depend on who was sampled)
-                unit = self.privacy.scales.get(module, 1.0) if trained == "B" else 1.0
-                noise = self.privacy.noise(delta.shape, server_round, f"{trained}/{module}")
-                delta += unit * noise
-            if trained == "B":
-                self.G[module] = old + delta
-            else:
-                self.A[module] = (old + delta).T.contiguous()
+        for factor in trained:  # both (no alternating freeze): each averaged on its own
+            for module in self.shapes:
+                self._aggregate_factor(server_round, updates, weights, module, factor)
 
-    def check_frozen(self, u: ClientUpdate, trained: str, server_round: int) -> None:
-        """Raise unless the upload kept the factor it was told to freeze, at the scale it was
-        configured with (a changed frozen factor would make the exact average wrong)."""
+    def _aggregate_factor(
+        self,
+        server_round: int,
+        updates: list[ClientUpdate],
+        weights: list[float],
+        module: str,
+        factor: str,
+    ) -> None:
+        """Add the clients' weighted, masked changes of `factor` ("A" or "B") of `module`."""
+        old = self.G[module] if factor == "B" else self.A[module].T  # slots as columns
+        delta = torch.zeros_like(old)
+        mass = torch.zeros(self.global_rank, dtype=F64)
+        for u, w in zip(updates, weights):
+            if module not in u.adapter:
+                continue
+            idx = u.extras["slots"][module]
+            f = u.adapter[module]
+            new = f.scaled_B() if factor == "B" else f.A.to(F64).T
+            delta[:, idx] += w * (new - old[:, idx])
+            mass[idx] += w
+        if self.renormalize:
+            delta /= torch.where(mass > 0, mass, torch.ones_like(mass))
+        if self.privacy is not None and self.privacy.noise_multiplier > 0:
+            # clipping bounds B's change in the clients' units; G = scale * B, so the
+            # noise scales with the largest scale any client can have (1 for A): the
+            # configuration's, not the round's (which would depend on who was sampled)
+            unit = self.privacy.scales.get(module, 1.0) if factor == "B" else 1.0
+            noise = self.privacy.noise(delta.shape, server_round, f"{factor}/{module}")
+            delta += unit * noise
+        if factor == "B":
+            self.G[module] = old + delta
+        else:
+            self.A[module] = (old + delta).T.contiguous()
+
+    def check_frozen(self, u: ClientUpdate, trained: Trainable, server_round: int) -> None:
+        """Raise unless the upload kept the factor it was told to freeze (if any), at the scale
+        it was configured with (a changed frozen factor would make the exact average wrong)."""
         scales = self.scales[u.client_id]
         for module, f in u.adapter.items():
             who = f"lora_a2: round {server_round}, client {u.client_id}, module {module}"
@@ -198,8 +218,10 @@ class LoRAA2(Strategy):
                 raise FedLoraError(
                     f"{who}: scale {f.scale}, but it was configured with {scales[module]}"
                 )
+            if len(trained) > 1:
+                continue  # nothing frozen
             idx = torch.as_tensor(u.extras["slots"][module])
-            if trained == "B":
+            if "B" in trained:
                 sent, back, name = self.A[module][idx].float(), f.A, "A"
             else:
                 sent, back, name = (self.G[module][:, idx] / scales[module]).float(), f.B, "B"
@@ -209,15 +231,17 @@ class LoRAA2(Strategy):
     def global_delta(self) -> Adapter:
         return {m: LoraFactors(self.A[m].clone(), self.G[m].clone(), 1.0) for m in self.shapes}
 
-    def _dp_clip(self, u: ClientUpdate, trained: str) -> float:
-        """The clip multiplier of `u`'s change of the trained factor on its uploaded slots."""
+    def _dp_clip(self, u: ClientUpdate, trained: list[str]) -> float:
+        """The clip multiplier of `u`'s change of the trained factor(s) on its uploaded slots."""
         sq = 0.0
         for module, f in u.adapter.items():
             idx = torch.as_tensor(u.extras["slots"][module])
-            scale = f.scale  # B in the client's own units, as it trained it
-            old = self.G[module][:, idx] / scale if trained == "B" else self.A[module][idx]
-            new = f.B.to(F64) if trained == "B" else f.A.to(F64)
-            sq += float(((new - old) ** 2).sum())
+            for factor in trained:
+                if factor == "B":  # B in the client's own units, as it trained it
+                    old, new = self.G[module][:, idx] / f.scale, f.B.to(F64)
+                else:
+                    old, new = self.A[module][idx], f.A.to(F64)
+                sq += float(((new - old) ** 2).sum())
         return self.privacy.clip(sq**0.5)
 
 
@@ -253,10 +277,18 @@ def check_slots(u: ClientUpdate, global_rank: int, budget: int | None, server_ro
 
 def slot_importance(before: LoraFactors, after: LoraFactors, trained: str) -> Tensor:
     """Per-slot importance ``||dB[:, i] A[i, :]||_F`` (B trained) or ``||B[:, i] dA[i, :]||_F``
-    (A trained); for an outer product this is the product of the two vectors' norms."""
+    (A trained); for an outer product this is the product of the two vectors' norms. Both
+    trained (``"AB"``): the norm of the slot's change ``dB A' + B dA`` (float64), from
+    ``||u v^T + x y^T||^2 = |u|^2 |v|^2 + |x|^2 |y|^2 + 2 (u . x)(v . y)``."""
     if trained == "B":
         return (after.B - before.B).norm(dim=0) * after.A.norm(dim=1) * abs(after.scale)
-    return after.B.norm(dim=0) * (after.A - before.A).norm(dim=1) * abs(after.scale)
+    if trained == "A":
+        return after.B.norm(dim=0) * (after.A - before.A).norm(dim=1) * abs(after.scale)
+    dB, A1 = (after.B - before.B).to(F64), after.A.to(F64)
+    B0, dA = before.B.to(F64), (after.A - before.A).to(F64)
+    sq = (dB**2).sum(0) * (A1**2).sum(1) + (B0**2).sum(0) * (dA**2).sum(1)
+    sq += 2 * (dB * B0).sum(0) * (A1 * dA).sum(1)
+    return sq.clamp(min=0).sqrt() * abs(after.scale)
 
 
 def select_slots(
@@ -267,7 +299,7 @@ def select_slots(
     Returns module -> sorted slot indices (modules with no selected slot are left out). Ties
     are broken by module order then slot index, so the choice is deterministic.
     """
-    trained = "B" if "B" in trainable else "A"
+    trained = "".join(sorted(trainable))  # "A", "B" or "AB"
     scores, owners = [], []
     for module in sorted(after):
         s = slot_importance(before[module], after[module], trained).to(F64)
