@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import fedlora.strategies as S
 from fedlora import ClientUpdate, FedLoraError, LoraFactors, init_lora
+from fedlora.core.privacy import CentralDP, attach_central
 from fedlora.strategies.fedit import aggregation_noise
 from fedlora.strategies.hetlora import pruned_rank, self_pruning_penalty
 from fedlora.strategies.lora_a2 import masked_upload, select_slots, slot_importance
@@ -161,6 +162,54 @@ def test_flora_accumulates_exactly_under_partial_participation_and_catches_up_la
 
 
 # -- FedIT and FedEx-LoRA -------------------------------------------------------------------
+
+
+def test_fedit_restart_merges_the_product_of_averages_and_restarts_like_flora():
+    """FedIT with ``restart``: each round's mean(scale B) mean(A) joins the merged total (float64
+    numpy reference) and every client starts a fresh LoRA from FLoRA's seed of that round; with
+    one client a round both aggregations are exact, so it then equals FLoRA."""
+    rng = np.random.default_rng()
+    strat, flora = S.get("fedit", restart=True), S.get("flora")
+    expected = {m: np.zeros(SHAPES[m]) for m in SHAPES}
+    for t in (1, 2, 3):
+        payloads = [strat.configure(s, t) for s in HOMO]
+        for p in payloads:
+            assert p.adapter is None and p.trainable == {"A", "B"}
+            assert p.seed == flora.configure(HOMO[0], t).seed
+            if t == 1:
+                assert p.merge is None
+            else:
+                for m in SHAPES:
+                    assert rel(dense(p.merge[m]), expected[m]) < 1e-6
+        updates = [train_from(p, s, rng) for p, s in zip(payloads, HOMO)]
+        w = np_weights(updates)
+        for m in SHAPES:
+            A = sum(wk * u.adapter[m].A.double().numpy() for wk, u in zip(w, updates))
+            G = sum(
+                wk * u.adapter[m].scale * u.adapter[m].B.double().numpy()
+                for wk, u in zip(w, updates)
+            )
+            expected[m] += G @ A
+        strat.aggregate(t, updates)
+        for m in SHAPES:
+            assert rel(dense(strat.global_delta()[m]), expected[m]) < 1e-6
+            if t == 1:  # not FLoRA's exact sum: the product of averages is another matrix
+                assert rel(dense(strat.global_delta()[m]), np_exact_sum(updates, m)) > 1e-3
+    resumed = S.get("fedit", restart=True)
+    resumed.load_state_dict(strat.state_dict())
+    for m in SHAPES:
+        assert rel(dense(resumed.configure(HOMO[0], 4).merge[m]), expected[m]) < 1e-6
+    alone, flora = S.get("fedit", restart=True), S.get("flora")
+    for t in (1, 2):
+        up = train_from(alone.configure(HOMO[0], t), HOMO[0], rng)
+        alone.aggregate(t, [up])
+        flora.configure(HOMO[0], t)
+        flora.aggregate(t, [up])
+    for m in SHAPES:
+        assert rel(dense(alone.global_delta()[m]), dense(flora.global_delta()[m])) < 1e-9
+    with pytest.raises(FedLoraError, match="restart"):
+        attach_central(S.get("fedit", restart=True), CentralDP(1.0, 1.0, 2))
+
 
 
 def test_fedit_averages_A_and_B_separately():

@@ -20,6 +20,7 @@ from fedlora.core.contract import (
     LoraFactors,
     Strategy,
     init_lora_A,
+    module_seed,
 )
 from fedlora.core.linalg import LowRankSum
 
@@ -39,6 +40,20 @@ def padded_mean(
         A[: f.rank] += w * f.A.to(F64)
         G[:, : f.rank] += w * f.scaled_B()
     return A, G
+
+
+def round_seed(seed: int, server_round: int) -> int:
+    """The seed of a round's fresh LoRA modules, shared by the round's clients (FLoRA, and
+    FedIT with ``restart``: the same seed, so the two differ only in their aggregation)."""
+    return module_seed(seed, "flora-round", server_round) % (2**31)
+
+
+def merge_total(total: dict[str, LoraFactors], module: str, acc: LowRankSum) -> None:
+    """Fold `module`'s accumulated delta (``total``, compact exact factors) into the round's
+    sum `acc` and keep the result as the new total."""
+    if module in total:
+        acc.add(total[module].scaled_B(), total[module].A)
+    total[module] = acc.factors()
 
 
 def truncate_for(

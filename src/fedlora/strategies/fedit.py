@@ -5,11 +5,16 @@ Server step: ``A = sum_k p_k A_k``, ``B = sum_k p_k B_k`` (p_k proportional to n
 ``scale_k * B_k`` so clients' scales combine. The product of averages is not the average of
 products: `aggregation_noise` measures the gap, FLoRA's motivating figure (Wang et al. 2024,
 fig. 1). Needs homogeneous ranks.
+
+``restart=True`` (an ablation, not FedIT's method): like FLoRA, merge each round's aggregate
+into the base and start every client from a fresh LoRA (FLoRA's seed), but aggregate FedIT's
+way, ``mean(B) mean(A)``; it separates FLoRA's two changes, exact stacking and the restart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -18,13 +23,22 @@ from fedlora.core.contract import (
     ClientSpec,
     ClientUpdate,
     FedLoraError,
+    LoraFactors,
     Payload,
     Strategy,
     validate_updates,
 )
+from fedlora.core.linalg import LowRankSum
 from fedlora.core.privacy import private_factor_release
 from fedlora.strategies import register
-from fedlora.strategies.base import factored, homogeneous_ranks, padded_mean, truncate_for
+from fedlora.strategies.base import (
+    factored,
+    homogeneous_ranks,
+    merge_total,
+    padded_mean,
+    round_seed,
+    truncate_for,
+)
 
 
 @register
@@ -35,12 +49,35 @@ class FedIT(Strategy):
     homogeneous_only = True
     dp_released = "factors"
 
-    def __init__(self, **options) -> None:
+    def __init__(self, *, restart: bool = False, **options) -> None:
         super().__init__(**options)
+        self.restart = bool(restart)
         self.A: dict[str, torch.Tensor] = {}
         self.G: dict[str, torch.Tensor] = {}
+        self.total: dict[str, LoraFactors] = {}  # restart: the merged deltas, exact factors
+
+    @classmethod
+    def option_problems(cls, options: Mapping[str, Any], privacy_mode: str = "none") -> list[str]:
+        problems = super().option_problems(options, privacy_mode)
+        if privacy_mode == "central" and options.get("restart"):
+            problems.append(
+                "strategy.options.restart: fedit's central DP releases the global factors, "
+                "which a restart discards each round; set it to false with privacy.mode = "
+                "'central'"
+            )
+        return problems
+
+    def dp_problem(self) -> str | None:
+        """Why central DP cannot run with these options (None: it can)."""
+        if self.restart:
+            return "restart = true discards the released factors each round; set it to false"
+        return None
 
     def configure(self, client: ClientSpec, server_round: int) -> Payload:
+        if self.restart:  # the merged total as the base, a fresh LoRA from FLoRA's seed
+            merge = dict(self.total) if self.total else None
+            payload = Payload(merge, None, seed=round_seed(self.seed, server_round))
+            return self.expect(client, payload)
         if not self.A:
             return self.expect(client, Payload(None, None, seed=self.seed))
         for module, r in client.ranks.items():
@@ -61,10 +98,16 @@ class FedIT(Strategy):
             return
         w = self.weights(updates)
         for module, f in updates[0].adapter.items():
-            self.A[module], self.G[module] = padded_mean(updates, w, module, f.rank)
+            A, G = padded_mean(updates, w, module, f.rank)
+            if self.restart:
+                acc = LowRankSum(f.shape)
+                acc.add(G, A)
+                merge_total(self.total, module, acc)
+            else:
+                self.A[module], self.G[module] = A, G
 
     def global_delta(self) -> Adapter:
-        return factored(self.A, self.G)
+        return dict(self.total) if self.restart else factored(self.A, self.G)
 
 
 def aggregation_noise(updates: Iterable[ClientUpdate], uniform: bool = False) -> dict[str, float]:

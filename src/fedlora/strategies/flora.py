@@ -22,10 +22,9 @@ from fedlora.core.contract import (
     LoraFactors,
     Payload,
     Strategy,
-    module_seed,
 )
 from fedlora.strategies import register
-from fedlora.strategies.base import streamed_sums
+from fedlora.strategies.base import merge_total, round_seed, streamed_sums
 
 
 @register
@@ -42,16 +41,13 @@ class FLoRA(Strategy):
 
     def configure(self, client: ClientSpec, server_round: int) -> Payload:
         # fresh LoRA every round, from a seed shared by the round's clients
-        seed = module_seed(self.seed, "flora-round", server_round) % (2**31)
         merge = dict(self.total) if self.total else None
-        return self.expect(client, Payload(merge, None, seed=seed))
+        return self.expect(client, Payload(merge, None, seed=round_seed(self.seed, server_round)))
 
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
         # the round's exact sum (streamed), then the previous total joins it
         for module, acc in streamed_sums(self, server_round, updates, self.dense_rank).items():
-            if module in self.total:
-                acc.add(self.total[module].scaled_B(), self.total[module].A)
-            self.total[module] = acc.factors()
+            merge_total(self.total, module, acc)
 
     def global_delta(self) -> Adapter:
         return dict(self.total)
