@@ -271,8 +271,7 @@ def land(
     """Write `unit`'s compact result (atomically), rebuild the page, commit if asked. `wall`
     and `cpu` are the landing process's (`resumed`: it continued an interrupted run, so they
     cover only its last part; the run's own round times are in the result's summary)."""
-    settings = run_settings(study, unit, args.threads, wall, cpu)
-    settings["time"]["resumed"] = resumed
+    settings = run_settings(study, unit, args.threads, wall, cpu, resumed)
     result = compact_result(where, unit, settings)
     path = result_path(results_root, unit)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -287,8 +286,11 @@ def land(
                           f"{settings['precision']}, {wall / 60:.1f} min)")  # fmt: skip
 
 
-def run_settings(study: Study, unit: Unit, threads: int, wall: float, cpu: float) -> dict:
-    """What made the result: precision and device as resolved here, hardware, versions, time."""
+def run_settings(
+    study: Study, unit: Unit, threads: int, wall: float, cpu: float, resumed: bool = False
+) -> dict:
+    """What made the result: precision and device as resolved here, hardware, versions, time
+    (`resumed`: the landing process continued an interrupted run)."""
     import torch
 
     from fedlora.clients.device import (
@@ -309,7 +311,7 @@ def run_settings(study: Study, unit: Unit, threads: int, wall: float, cpu: float
                      "cores": os.cpu_count()},  # fmt: skip
         "versions": versions(),
         "time": {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "threads": threads,
-                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed": resumed,
                  "load_avg": [round(x, 2) for x in os.getloadavg()]},  # fmt: skip
     }
 
