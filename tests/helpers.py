@@ -49,3 +49,27 @@ def dense(f: LoraFactors) -> np.ndarray:
 def rel(a: np.ndarray, b: np.ndarray) -> float:
     nb = np.linalg.norm(b)
     return float(np.linalg.norm(a - b) / (nb if nb > 0 else 1.0))
+
+
+def np_factor_means(updates, module: str) -> tuple[np.ndarray, np.ndarray]:
+    """float64 numpy ``(sum_k p_k A_k, sum_k p_k scale_k B_k)``, p_k proportional to n_k: the
+    factors FedIT averages."""
+    w = np_weights(updates)
+    A = sum(wk * u.adapter[module].A.double().numpy() for wk, u in zip(w, updates))
+    G = sum(
+        wk * u.adapter[module].scale * u.adapter[module].B.double().numpy()
+        for wk, u in zip(w, updates)
+    )
+    return A, G
+
+
+def load_script(name: str):
+    """The module ``scripts/<name>.py`` (scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

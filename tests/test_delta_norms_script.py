@@ -3,23 +3,16 @@ by hand (two modules, one with its own alpha through ``alpha_pattern``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
+from helpers import load_script
 from safetensors.torch import save_file
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    path = ROOT / "scripts" / "delta_norms.py"
-    spec = importlib.util.spec_from_file_location("delta_norms", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("delta_norms")
 
 
 def test_delta_norm_matches_the_dense_product(tmp_path, capsys):

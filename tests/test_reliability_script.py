@@ -3,18 +3,15 @@ themselves run in the suite as their tests)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    path = ROOT / "scripts" / "reliability.py"
-    spec = importlib.util.spec_from_file_location("reliability", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("reliability")
 
 
 def test_every_case_names_a_test_that_exists():

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import SHAPES, dense, np_exact_sum, np_weights, random_update, rel, spec
+from helpers import (
+    SHAPES,
+    dense,
+    np_exact_sum,
+    np_factor_means,
+    np_weights,
+    random_update,
+    rel,
+    spec,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -182,13 +191,8 @@ def test_fedit_restart_merges_the_product_of_averages_and_restarts_like_flora():
                 for m in SHAPES:
                     assert rel(dense(p.merge[m]), expected[m]) < 1e-6
         updates = [train_from(p, s, rng) for p, s in zip(payloads, HOMO)]
-        w = np_weights(updates)
         for m in SHAPES:
-            A = sum(wk * u.adapter[m].A.double().numpy() for wk, u in zip(w, updates))
-            G = sum(
-                wk * u.adapter[m].scale * u.adapter[m].B.double().numpy()
-                for wk, u in zip(w, updates)
-            )
+            A, G = np_factor_means(updates, m)
             expected[m] += G @ A
         strat.aggregate(t, updates)
         for m in SHAPES:
@@ -261,13 +265,8 @@ def test_fedex_lora_global_model_is_exact_over_rounds():
                     assert rel(dense(p.merge[m]), base[m]) < 1e-6
         updates = [train_from(p, s, rng) for p, s in zip(payloads, participants)]
         strat.aggregate(t, updates)
-        w = np_weights(updates)
         for m in SHAPES:
-            A = sum(wk * u.adapter[m].A.double().numpy() for wk, u in zip(w, updates))
-            B = sum(
-                wk * u.adapter[m].scale * u.adapter[m].B.double().numpy()
-                for wk, u in zip(w, updates)
-            )
+            A, B = np_factor_means(updates, m)
             exact_avg_model = base[m] + np_exact_sum(updates, m)
             base[m] = base[m] + np_exact_sum(updates, m) - B @ A  # the paper's residual
             assert rel(dense(strat.global_delta()[m]), exact_avg_model) < 1e-6
