@@ -357,6 +357,35 @@ def test_lora_a2_masked_training_picks_slots_from_the_first_gradient_and_trains_
     assert any(not torch.equal(trained[m].B, payload.adapter[m].B) for m in moved)
 
 
+def test_lora_a2_per_module_selection_probes_each_modules_slots_from_the_first_gradient():
+    """``selection="per_module"``: every module gets exactly its rank's worth of slots, each the
+    module's top by the first gradient's importance (numpy reference), the others untouched."""
+    host = llama_host()
+    shapes = host.shapes()
+    strategy = get("lora_a2", shapes=shapes, global_rank=4, seed=3, selection="per_module")
+    ranks = {m: 1 + i % 2 for i, m in enumerate(sorted(shapes))}
+    spec = ClientSpec("pm", ranks)
+    data = lm_examples(4)
+    cfg = TrainConfig(local_steps=3, batch_size=4, lr=1e-2, weight_decay=0.1)
+    strategy.aggregate(1, [train_client(host, spec, strategy.configure(spec, 1), data, cfg)])
+    payload = strategy.configure(spec, 3)  # B trained, A nonzero: every slot has a gradient
+    assert payload.extras["budget"] == ranks
+    host.prepare(spec, payload)
+    host.model(**collate(data, 0)).loss.backward()
+    top = set()
+    for m, (a, b, s) in host.lora_weights().items():
+        score = [float(b.grad[:, i].double().norm() * a[i].double().norm() * s) for i in range(4)]
+        top |= {(m, int(i)) for i in np.argsort(score)[::-1][: ranks[m]]}
+    u = train_client(host, spec, payload, data, cfg)
+    assert {(m, int(i)) for m, idx in u.extras["slots"].items() for i in idx} == top
+    assert {m: len(idx) for m, idx in u.extras["slots"].items()} == ranks
+    trained = host.read_adapter()
+    for m, f in payload.adapter.items():
+        rest = [i for i in range(4) if (m, i) not in top]
+        assert torch.equal(trained[m].B[:, rest], f.B[:, rest])
+    strategy.aggregate(3, [u])  # the server accepts it against each module's budget
+
+
 def test_lora_a2_without_alternating_freeze_masks_both_factors_to_the_probed_slots():
     """The ablation trains A and B: its slots come from the first gradient's change of each
     slot's outer product (numpy reference), and the unselected slots of both factors stay

@@ -150,6 +150,22 @@ def test_lora_a2_without_alternating_freeze_matches_sequential():
         a2.aggregate(rnd, iter(seq))
 
 
+def test_lora_a2_per_module_selection_matches_sequential():
+    """Per-module budgets differ between clients (their ranks): each probes its own."""
+    host = llama_host()
+    mods = host.module_names()
+    specs = [ClientSpec(str(i), {m: r for m in mods}) for i, r in enumerate(RANKS)]
+    data = [lm_data(n, i) for i, n in enumerate(SIZES)]
+    a2 = registry.get(
+        "lora_a2", seed=0, shapes=host.shapes(), global_rank=4, selection="per_module"
+    )
+    for rnd in (1, 2):
+        payloads = [a2.configure(s, rnd) for s in specs]
+        seq, par = both(host, specs, payloads, data, rnd=rnd)
+        assert_same(seq, par)
+        a2.aggregate(rnd, iter(seq))
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_classifier_head_and_dropout_streams(dropout):
     """A classifier head (modules_to_save) per client; with dropout each client's masks come

@@ -629,6 +629,44 @@ def test_lora_a2_rejects_uploads_over_budget_or_out_of_range():
         strat.aggregate(1, [ClientUpdate("a", up, 5, {"slots": bad})])
 
 
+def test_lora_a2_per_module_selection_keeps_each_modules_top_slots_and_checks_each_module():
+    """``selection="per_module"`` (ablation): the budget is each module's rank capped at r_G,
+    the client keeps each module's own most important slots (float64 numpy reference), the
+    server aggregates them as before, and a client that moves its budget into one module is
+    refused even though its total is within budget (the global selection accepts it)."""
+    rng = np.random.default_rng()
+    rG = 4
+    strat = S.get("lora_a2", shapes=SHAPES, global_rank=rG, selection="per_module")
+    s = spec("p", {"attn": 1, "mlp": 6})
+    p = strat.configure(s, 1)
+    assert p.extras["budget"] == {"attn": 1, "mlp": rG}
+    after = train_from(p, spec("p", {m: rG for m in SHAPES}), rng).adapter
+    slots = select_slots(p.adapter, after, p.trainable, p.extras["budget"])
+    for m, k in p.extras["budget"].items():
+        dB = (after[m].B - p.adapter[m].B).double().numpy()
+        A = after[m].A.double().numpy()
+        ref = [after[m].scale * np.linalg.norm(np.outer(dB[:, i], A[i])) for i in range(rG)]
+        assert sorted(slots[m].tolist()) == sorted(np.argsort(ref)[::-1][:k].tolist())
+    G_ref = {m: np.zeros((d_out, rG)) for m, (d_out, _) in SHAPES.items()}
+    for m, idx in slots.items():
+        G_ref[m][:, idx.numpy()] = after[m].scale * after[m].B.double().numpy()[:, idx.numpy()]
+    strat.aggregate(1, [ClientUpdate("p", masked_upload(after, slots), 7, {"slots": slots})])
+    for m in SHAPES:
+        assert rel(dense(strat.global_delta()[m]), G_ref[m] @ strat.A[m].numpy()) < 1e-6
+    greedy = {"attn": torch.tensor([0, 1]), "mlp": torch.tensor([0, 1, 2])}  # 5 of 5, 2 in attn
+    p = strat.configure(s, 2)
+    after = train_from(p, spec("p", {m: rG for m in SHAPES}), rng).adapter
+    up = ClientUpdate("p", masked_upload(after, greedy), 7, {"slots": greedy})
+    with pytest.raises(FedLoraError, match="client p, module attn: uploaded 2 slots, over its"):
+        strat.aggregate(2, [up])
+    glob = S.get("lora_a2", shapes=SHAPES, global_rank=rG)  # the same upload: 5 of 5 in all
+    after = train_from(glob.configure(s, 1), spec("p", {m: rG for m in SHAPES}), rng).adapter
+    glob.aggregate(1, [ClientUpdate("p", masked_upload(after, greedy), 7, {"slots": greedy})])
+    assert np.abs(glob.G["attn"][:, :2].numpy()).sum() > 0
+    with pytest.raises(FedLoraError, match="selection must be 'global' or 'per_module'"):
+        S.get("lora_a2", shapes=SHAPES, selection="layer")
+
+
 # -- shared behaviour: single client, zero updates, bad inputs, state ---------------------------
 
 ALL = ["fedex_lora", "fedit", "ffa_lora", "flexlora", "flora", "hetlora", "lora_a2", "zero_pad"]

@@ -614,7 +614,7 @@ class _Group:
             sum(loss / len(micro[m.k]) for (m, _), loss in zip(parts, losses)).backward()
         for m in live:
             self._grads_to_views(m)
-            budget = int(m.payload.extras["budget"])  # each client's own
+            budget = m.payload.extras["budget"]  # each client's own
             m.slots = slots_from_grads(m.weights, m.payload.trainable, budget)
             m.mask = SlotMask(m.weights, m.slots, m.payload.trainable, m.opt, hook=False)
         self._zero_grads()

@@ -57,7 +57,7 @@ from fedlora.core.contract import (
 from fedlora.data import collate, encode_example
 from fedlora.data import pad_id as padding_id
 from fedlora.strategies.hetlora import pruned_rank, self_pruning_penalty
-from fedlora.strategies.lora_a2 import masked_upload, select_slots
+from fedlora.strategies.lora_a2 import Budget, masked_upload, select_slots
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "labels")
 
@@ -340,7 +340,7 @@ def train_client(
         slots = mask = None
         if budget is not None and payload.extras.get("masked_training"):
             first = [_to(collate([data[i] for i in idx], pad_id), device) for idx in steps[0]]
-            slots = _a2_probe_slots(host, model, first, amp, payload, int(budget))
+            slots = _a2_probe_slots(host, model, first, amp, payload, budget)
             mask = SlotMask(host.lora_weights(), slots, payload.trainable, opt)
         dp_extras: dict[str, float] = {}
         try:
@@ -467,7 +467,7 @@ def _client_side(
     extras: dict[str, Any] = {}
     if budget is not None:
         if slots is None:  # trained every slot: pick from the whole local change
-            slots = select_slots(before, after, payload.trainable, int(budget))
+            slots = select_slots(before, after, payload.trainable, budget)
         adapter = masked_upload(after, slots)
         extras["slots"] = slots
     if het:
@@ -525,7 +525,7 @@ def _train_dp(
 
 
 def _a2_probe_slots(
-    host: LoraHost, model: torch.nn.Module, micro: list, amp: Amp, payload: Payload, budget: int
+    host: LoraHost, model: torch.nn.Module, micro: list, amp: Amp, payload: Payload, budget: Budget
 ) -> dict[str, torch.Tensor]:
     """LoRA-A2's slots picked before training: `select_slots` on the first-order change of one
     gradient step on the first step's micro-batches (dB = -grad B, or dA = -grad A), so the
@@ -544,7 +544,7 @@ def _a2_probe_slots(
 
 
 def slots_from_grads(
-    weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]], trainable, budget: int
+    weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]], trainable, budget: Budget
 ) -> dict[str, torch.Tensor]:
     """`select_slots` on the first-order change ``-grad`` of the factors in `weights` (module
     -> (A, B, scale), their ``.grad`` holding the probe step's gradient)."""

@@ -15,6 +15,9 @@ Clients" (LoRA-A2), ACL 2025, sec. 4:
   slot i of every module by its importance ``||dB[:, i] A[i, :]||_F`` (or
   ``||B[:, i] dA[i, :]||_F`` when A is trained), keeps its top slots across all modules
   (`select_slots`) and uploads only those, with their indices in ``extras["slots"]``.
+  ``selection="per_module"`` (an ablation, not the paper's method) keeps instead the top
+  ``min(r_k[m], r_G)`` slots of each module m, so every module gets its share of the budget
+  (as FedIT's rank-r_k adapter has), and the server checks each module's count.
 * ``masked_training=True`` (default, the paper's eq. 3): the client selects its slots *before*
   local training, from the first-order change of its first batch (dB = -grad, `select_slots`
   on the gradient), and trains only those slots; the others stay bit-identical.
@@ -56,6 +59,7 @@ from fedlora.core.contract import (
 from fedlora.strategies import register
 
 F64 = torch.float64
+Budget = int | Mapping[str, int]  # slots over all modules, or per module
 
 
 @register
@@ -73,6 +77,7 @@ class LoRAA2(Strategy):
         renormalize: bool = False,
         masked_training: bool = True,
         alternating_freeze: bool = True,
+        selection: str = "global",
         **options,
     ) -> None:
         super().__init__(**options)
@@ -82,11 +87,16 @@ class LoRAA2(Strategy):
             raise FedLoraError(f"lora_a2: global_rank must be >= 1, got {global_rank}")
         if freeze_a_on not in ("odd", "even"):
             raise FedLoraError(f"lora_a2: freeze_a_on must be 'odd' or 'even', got {freeze_a_on!r}")
+        if selection not in ("global", "per_module"):
+            raise FedLoraError(
+                f"lora_a2: selection must be 'global' or 'per_module', got {selection!r}"
+            )
         self.global_rank = global_rank
         self.freeze_a_on = freeze_a_on
         self.renormalize = renormalize
         self.masked_training = bool(masked_training)
         self.alternating_freeze = bool(alternating_freeze)
+        self.selection = selection
         self.A = {
             m: init_lora_A(self.seed, m, global_rank, d_in, dtype=F64)
             for m, (_, d_in) in self.shapes.items()
@@ -94,7 +104,7 @@ class LoRAA2(Strategy):
         self.G = {  # scale * B: effective, so clients with different alphas combine
             m: torch.zeros(d_out, global_rank, dtype=F64) for m, (d_out, _) in self.shapes.items()
         }
-        self.budgets: dict[str, int] = {}
+        self.budgets: dict[str, Budget] = {}
         self.scales: dict[str, dict[str, float]] = {}  # client -> module -> its LoRA scale
 
     @classmethod
@@ -120,14 +130,16 @@ class LoRAA2(Strategy):
         odd = server_round % 2 == 1
         return frozenset({"B"}) if odd == (self.freeze_a_on == "odd") else frozenset({"A"})
 
-    def budget(self, client: ClientSpec) -> int:
-        """Total number of rank slots the client may upload, over all modules."""
+    def budget(self, client: ClientSpec) -> Budget:
+        """The rank slots the client may upload, each module's rank capped at r_G: their total
+        over all modules (``selection="global"``), or module -> count (``"per_module"``)."""
         unknown = set(client.ranks) - set(self.shapes)
         if unknown:
             raise FedLoraError(
                 f"lora_a2: client {client.client_id}: unknown modules {sorted(unknown)[:3]}"
             )
-        return sum(min(r, self.global_rank) for r in client.ranks.values())
+        per = {m: min(r, self.global_rank) for m, r in client.ranks.items()}
+        return per if self.selection == "per_module" else sum(per.values())
 
     def client_scale(self, client: ClientSpec, module: str) -> float:
         """The client's LoRA scale on the rank-r_G adapter: its alpha over r_G (or sqrt)."""
@@ -245,9 +257,11 @@ class LoRAA2(Strategy):
         return self.privacy.clip(sq**0.5)
 
 
-def check_slots(u: ClientUpdate, global_rank: int, budget: int | None, server_round: int) -> None:
+def check_slots(
+    u: ClientUpdate, global_rank: int, budget: Budget | None, server_round: int
+) -> None:
     """An upload's slot indices: present per module, in range, unique, matching its factors,
-    and within the client's budget."""
+    and within the client's budget (in total, or per module)."""
     slots = u.extras.get("slots")
     who = f"lora_a2: round {server_round}, client {u.client_id}"
     if not isinstance(slots, Mapping) or set(slots) != set(u.adapter):
@@ -271,6 +285,14 @@ def check_slots(u: ClientUpdate, global_rank: int, budget: int | None, server_ro
         total += idx.numel()
     if budget is None:
         raise FedLoraError(f"{who}: was never configured, so it has no budget to upload against")
+    if isinstance(budget, Mapping):
+        for module, idx in slots.items():
+            n, cap = torch.as_tensor(idx).numel(), budget.get(module, 0)
+            if n > cap:
+                raise FedLoraError(
+                    f"{who}, module {module}: uploaded {n} slots, over its budget of {cap}"
+                )
+        return
     if total > budget:
         raise FedLoraError(f"{who}: uploaded {total} slots, over its budget of {budget}")
 
@@ -292,27 +314,28 @@ def slot_importance(before: LoraFactors, after: LoraFactors, trained: str) -> Te
 
 
 def select_slots(
-    before: Adapter, after: Adapter, trainable: Trainable, budget: int
+    before: Adapter, after: Adapter, trainable: Trainable, budget: Budget
 ) -> dict[str, Tensor]:
-    """LoRA-A2's client-side selection: the `budget` most important slots over all modules.
+    """LoRA-A2's client-side selection: the `budget` most important slots over all modules,
+    or, with a per-module budget (module -> count), each module's most important slots.
 
     Returns module -> sorted slot indices (modules with no selected slot are left out). Ties
     are broken by module order then slot index, so the choice is deterministic.
     """
     trained = "".join(sorted(trainable))  # "A", "B" or "AB"
-    scores, owners = [], []
-    for module in sorted(after):
-        s = slot_importance(before[module], after[module], trained).to(F64)
-        scores.append(s)
-        owners += [(module, i) for i in range(s.numel())]
-    if not scores:
-        return {}
-    flat = torch.cat(scores)
-    order = sorted(range(flat.numel()), key=lambda j: (-float(flat[j]), j))[: max(budget, 0)]
+    scores = {m: slot_importance(before[m], after[m], trained).to(F64) for m in sorted(after)}
+    if isinstance(budget, Mapping):
+        groups = [({m: s}, int(budget.get(m, 0))) for m, s in scores.items()]
+    else:
+        groups = [(scores, int(budget))]
     chosen: dict[str, list[int]] = {}
-    for j in order:
-        module, i = owners[j]
-        chosen.setdefault(module, []).append(i)
+    for group, k in groups:
+        owners = [(m, i) for m, s in group.items() for i in range(s.numel())]
+        if not owners:
+            continue
+        flat = torch.cat(list(group.values()))
+        for j in sorted(range(flat.numel()), key=lambda j: (-float(flat[j]), j))[: max(k, 0)]:
+            chosen.setdefault(owners[j][0], []).append(owners[j][1])
     return {m: torch.tensor(sorted(v), dtype=torch.long) for m, v in chosen.items()}
 
 
