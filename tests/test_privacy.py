@@ -13,7 +13,7 @@ import torch
 from helpers import SHAPES, np_delta, random_update, spec
 
 import fedlora.strategies as S
-from fedlora import ClientUpdate, LoraFactors
+from fedlora import ClientUpdate, FedLoraError, LoraFactors
 from fedlora.core.accounting import Plan, PrivacyLedger, epsilon, noise_multiplier_for, plan
 from fedlora.core.privacy import (
     CentralDP,
@@ -294,6 +294,13 @@ def test_strategies_refuse_central_dp_by_name():
         attach_central(S.get("fedex_lora", shapes=SHAPES), CentralDP(1.0, 1.0, 2))
     with pytest.raises(Exception, match="renormalize"):
         attach_central(S.get("lora_a2", shapes=SHAPES, renormalize=True), CentralDP(1.0, 1.0, 2))
+    # a strategy built in code meets the configuration's rules: HetLoRA's data-dependent
+    # self-pruning is refused here too, not only in a config file
+    with pytest.raises(FedLoraError, match="strategy.options.prune_lambda"):
+        attach_central(S.get("hetlora", prune_lambda=0.1), CentralDP(1.0, 1.0, 2))
+    for name in ("fedit", "hetlora", "lora_a2"):  # their defaults are accepted
+        strategy = S.get(name, shapes=SHAPES) if name == "lora_a2" else S.get(name)
+        assert attach_central(strategy, CentralDP(1.0, 1.0, 2)).privacy is not None
 
 
 # -- accounting -------------------------------------------------------------------------------

@@ -227,6 +227,13 @@ class Strategy(ABC):
             )
         return problems
 
+    def held_options(self) -> dict[str, Any]:
+        """The method's options as this built strategy holds them (each stored under its own
+        name; the engine's are left out), so `option_problems` checks a strategy built in code
+        by the same rules as a configuration."""
+        names = (self.option_names() or set()) - self.engine_options
+        return {n: getattr(self, n) for n in sorted(names) if hasattr(self, n)}
+
     def __init__(
         self,
         *,

@@ -441,14 +441,11 @@ def release_shape(
 
 def attach_central(strategy: Any, dp: CentralDP) -> Any:
     """Turn central DP on for `strategy` (a `fedlora.Strategy`); a strategy whose released
-    quantity has no bounded sensitivity refuses by name."""
-    if not strategy.dp_released:
-        raise FedLoraError(
-            f"privacy.mode = 'central': strategy {strategy.name} refuses it: {strategy.dp_refusal}"
-        )
-    reason = getattr(strategy, "dp_problem", lambda: None)()
-    if reason:
-        raise FedLoraError(f"privacy.mode = 'central': strategy {strategy.name}: {reason}")
+    quantity has no bounded sensitivity, or whose options central DP cannot bound, refuses by
+    name: the rules of `Strategy.option_problems`, on the options it holds."""
+    problems = strategy.option_problems(strategy.held_options(), "central")
+    if problems:
+        raise FedLoraError(f"privacy.mode = 'central': {'; '.join(problems)}")
     strategy.privacy = dp
     return strategy
 

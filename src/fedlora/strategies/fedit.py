@@ -67,12 +67,6 @@ class FedIT(Strategy):
             )
         return problems
 
-    def dp_problem(self) -> str | None:
-        """Why central DP cannot run with these options (None: it can)."""
-        if self.restart:
-            return "restart = true discards the released factors each round; set it to false"
-        return None
-
     def configure(self, client: ClientSpec, server_round: int) -> Payload:
         if self.restart:  # the merged total as the base, a fresh LoRA from FLoRA's seed
             merge = dict(self.total) if self.total else None

@@ -166,15 +166,6 @@ class LoRAA2(Strategy):
         check_slots(update, self.global_rank, self.budgets.get(update.client_id), server_round)
         self.check_frozen(update, self.trainable(server_round), server_round)
 
-    def dp_problem(self) -> str | None:
-        """Why central DP cannot run with these options (None: it can)."""
-        if self.renormalize:
-            return (
-                "renormalize = true divides each slot by the share of clients that uploaded it, "
-                "a data-dependent denominator; set strategy.options.renormalize = false"
-            )
-        return None
-
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
         updates = self.check_updates(server_round, updates, same_modules=False)
         trained = sorted(self.trainable(server_round))
