@@ -226,6 +226,23 @@ def test_costs_count_a_resumed_runs_rounds_not_its_last_process():
     assert row == f"| {cell} | 2 | 12.0 | 6.0 (5.0-7.0) | fp32 | cpu | some CPU |"
 
 
+def test_costs_leave_out_an_untrained_reference():
+    """FLoRA's homogeneous cell holds an untrained reference (one evaluation, seconds): the
+    cost of a run is that of the training runs alone."""
+    from fedlora.cli.study_page import _costs
+
+    study = load_study("flora", "cpu")
+    hw = {"cpu": "some CPU"}
+    row = {"precision": "bf16", "device": "cpu", "hardware": hw}
+    results = {
+        ("homogeneous", "untrained", 0): {**row, "summary": {"time_total": 24.0}},
+        ("homogeneous", "fedit", 0): {**row, "summary": {"time_total": 600.0}},
+        ("homogeneous", "flora", 0): {**row, "summary": {"time_total": 900.0}},
+    }
+    line = next(s for s in _costs(study, results).splitlines() if s.startswith("| homogeneous"))
+    assert line == "| homogeneous | 2 | 25.0 | 12.5 (10.0-15.0) | bf16 | cpu | some CPU |"
+
+
 def test_a_run_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
     """Cells run different subsets of the runs (LoRA-A2's rsLoRA cells: FL+LoRA and LoRA-A2
     only): a run's line has one colour in every panel, the one the legend gives it."""

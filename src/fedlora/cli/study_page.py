@@ -230,7 +230,9 @@ def _costs(study: Study, results: Results) -> str:
     rows = ["| cell | runs | min, all runs | min a run (range) | precision | device | hardware |",
             "|---|---:|---:|---|---|---|---|"]  # fmt: skip
     for cell in study.cells:
-        rs = [r for (c, _, _), r in results.items() if c == cell["name"]]
+        # training runs only: an untrained reference is one evaluation (well under a minute)
+        rs = [r for (c, lab, _), r in results.items()
+              if c == cell["name"] and not study.runs[lab]["untrained"]]  # fmt: skip
         if not rs:
             continue
         # the run's own round times: they span a resumed run's parts (the landing process's
@@ -243,7 +245,8 @@ def _costs(study: Study, results: Results) -> str:
                     f"({min(mins):.1f}-{max(mins):.1f}) | {prec} | {dev} | {hw} |")  # fmt: skip
     return (
         "Cost of the finished runs: the time of their rounds (training, aggregation and "
-        "evaluation; each run one process, one torch thread, beside at most one other):\n\n"
+        "evaluation; each run one process, one torch thread, beside at most one other; an "
+        "untrained reference, one evaluation, is left out):\n\n"
         + "\n".join(rows)
     )
 
