@@ -134,31 +134,21 @@ def test_lora_a2_unmasked_and_ffa_frozen_a():
             assert torch.equal(f.A, p.adapter[m].A if p.adapter else f.A)
 
 
-def test_lora_a2_without_alternating_freeze_matches_sequential():
-    """Both factors trained and masked to the probed slots (round 2: A has a gradient)."""
+@pytest.mark.parametrize(
+    "option",
+    [
+        # both factors trained and masked to the probed slots (round 2: A has a gradient)
+        {"alternating_freeze": False},
+        # per-module budgets differ between clients (their ranks): each probes its own
+        {"selection": "per_module"},
+    ],
+)
+def test_lora_a2_ablations_match_sequential(option):
     host = llama_host()
     mods = host.module_names()
     specs = [ClientSpec(str(i), {m: r for m in mods}) for i, r in enumerate(RANKS)]
     data = [lm_data(n, i) for i, n in enumerate(SIZES)]
-    a2 = registry.get(
-        "lora_a2", seed=0, shapes=host.shapes(), global_rank=4, alternating_freeze=False
-    )
-    for rnd in (1, 2):
-        payloads = [a2.configure(s, rnd) for s in specs]
-        seq, par = both(host, specs, payloads, data, rnd=rnd)
-        assert_same(seq, par)
-        a2.aggregate(rnd, iter(seq))
-
-
-def test_lora_a2_per_module_selection_matches_sequential():
-    """Per-module budgets differ between clients (their ranks): each probes its own."""
-    host = llama_host()
-    mods = host.module_names()
-    specs = [ClientSpec(str(i), {m: r for m in mods}) for i, r in enumerate(RANKS)]
-    data = [lm_data(n, i) for i, n in enumerate(SIZES)]
-    a2 = registry.get(
-        "lora_a2", seed=0, shapes=host.shapes(), global_rank=4, selection="per_module"
-    )
+    a2 = registry.get("lora_a2", seed=0, shapes=host.shapes(), global_rank=4, **option)
     for rnd in (1, 2):
         payloads = [a2.configure(s, rnd) for s in specs]
         seq, par = both(host, specs, payloads, data, rnd=rnd)
