@@ -41,9 +41,14 @@ def module_norms(adapter_dir: str) -> dict[str, float]:
     return norms
 
 
+def frobenius(norms: dict[str, float]) -> float:
+    """``||delta||_F`` over all modules, from their norms (`module_norms`)."""
+    return math.sqrt(sum(v**2 for v in norms.values()))
+
+
 def delta_norm(adapter_dir: str) -> float:
     """``||delta||_F`` over every module of the PEFT adapter in `adapter_dir` (float64)."""
-    return math.sqrt(sum(v**2 for v in module_norms(adapter_dir).values()))
+    return frobenius(module_norms(adapter_dir))
 
 
 def by_kind(norms: dict[str, float]) -> dict[str, tuple[int, int, float]]:
@@ -67,9 +72,8 @@ def main(args: list[str]) -> int:
         return 2
     for run in runs:
         norms = module_norms(f"{run}/adapter")
-        total = math.sqrt(sum(v**2 for v in norms.values()))
-        moved = sum(v > 0 for v in norms.values())
-        print(f"{run}  ||delta||_F = {total:.3f}  modules moved: {moved} of {len(norms)}")
+        moved = f"modules moved: {sum(v > 0 for v in norms.values())} of {len(norms)}"
+        print(f"{run}  ||delta||_F = {frobenius(norms):.3f}  {moved}")
         for kind, (k, n, share) in (by_kind(norms) if kinds else {}).items():
             print(f"    {kind}: {k} of {n} moved, {100 * share:.1f}% of ||delta||^2")
     return 0

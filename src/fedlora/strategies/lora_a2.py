@@ -273,18 +273,15 @@ def check_slots(
             raise FedLoraError(
                 f"{who}, module {module}: slot indices must be unique in [0, {global_rank})"
             )
+        if isinstance(budget, Mapping) and idx.numel() > budget.get(module, 0):
+            raise FedLoraError(
+                f"{who}, module {module}: uploaded {idx.numel()} slots, over its budget of "
+                f"{budget.get(module, 0)}"
+            )
         total += idx.numel()
     if budget is None:
         raise FedLoraError(f"{who}: was never configured, so it has no budget to upload against")
-    if isinstance(budget, Mapping):
-        for module, idx in slots.items():
-            n, cap = torch.as_tensor(idx).numel(), budget.get(module, 0)
-            if n > cap:
-                raise FedLoraError(
-                    f"{who}, module {module}: uploaded {n} slots, over its budget of {cap}"
-                )
-        return
-    if total > budget:
+    if not isinstance(budget, Mapping) and total > budget:
         raise FedLoraError(f"{who}: uploaded {total} slots, over its budget of {budget}")
 
 
