@@ -298,6 +298,9 @@ def test_strategies_refuse_central_dp_by_name():
     # self-pruning is refused here too, not only in a config file
     with pytest.raises(FedLoraError, match="strategy.options.prune_lambda"):
         attach_central(S.get("hetlora", prune_lambda=0.1), CentralDP(1.0, 1.0, 2))
+    for name in S.names():  # every option is held under its own name: none escapes the rules
+        strategy = S.get(name, shapes=SHAPES) if name in ("ffa_lora", "lora_a2") else S.get(name)
+        assert set(strategy.held_options()) == strategy.option_names() - strategy.engine_options
     for name in ("fedit", "hetlora", "lora_a2"):  # their defaults are accepted
         strategy = S.get(name, shapes=SHAPES) if name == "lora_a2" else S.get(name)
         assert attach_central(strategy, CentralDP(1.0, 1.0, 2)).privacy is not None
