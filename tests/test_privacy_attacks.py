@@ -242,6 +242,9 @@ def test_a_local_dp_client_refuses_a_payload_asking_for_masked_training(tmp_path
         **{
             "strategy.name": "lora_a2",
             "privacy.mode": "local",
+            # Poisson sampling from the OS-drawn secret draws nobody with probability 1/64
+            # (6 clients, rate 1/2), and a round without clients refuses nothing
+            "privacy.sampling": "fixed",
             "strategy.options": {"masked_training": False},
         },
     )
