@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -218,15 +217,21 @@ def test_builtin_model_errors():
 
 
 @pytest.mark.real_model
-def test_real_smollm2_cache_conversion_and_minilm(tmp_path):
-    t0 = time.perf_counter()
+def test_real_smollm2_cache_conversion_and_minilm(tmp_path, monkeypatch):
+    from fedlora.clients import models
+
     path = builtin_model_path("smollm2", cache=tmp_path)
-    convert = time.perf_counter() - t0
     assert path.startswith(str(tmp_path)) and os.path.exists(os.path.join(path, "config.json"))
     assert not [p for p in os.listdir(os.path.dirname(path)) if p.startswith(".")]  # no temp left
-    t0 = time.perf_counter()
+    stamp = os.stat(os.path.join(path, "model.safetensors")).st_mtime_ns
+
+    def converted_again(*a, **k):
+        raise AssertionError("the cached copy was converted again")
+
+    # the second call is a cache hit: no conversion, the weights untouched (not a timing)
+    monkeypatch.setattr(models, "_convert_gguf", converted_again)
     assert builtin_model_path("smollm2", cache=tmp_path) == path
-    assert time.perf_counter() - t0 < 1.0 < convert
+    assert os.stat(os.path.join(path, "model.safetensors")).st_mtime_ns == stamp
     model = AutoModelForCausalLM.from_pretrained(path)
     assert getattr(model.config, "quantization_config", None) is None
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.hidden_size == 576
