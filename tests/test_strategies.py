@@ -303,6 +303,52 @@ def test_zero_pad_pads_averages_and_truncates():
             )
 
 
+def test_zero_pad_restart_merges_the_padded_product_and_restarts_each_client_at_its_rank():
+    """zero_pad with ``restart`` under heterogeneous ranks and scales: each round's
+    mean(pad(scale B)) mean(pad(A)) joins the merged total (float64 numpy reference), every
+    client starts a fresh LoRA at its own ranks from FLoRA's seed of the round, a resumed
+    strategy hands out the same base; with one client a round it equals FLoRA (both exact)."""
+    rng = np.random.default_rng()
+    strat, flora = S.get("zero_pad", restart=True), S.get("flora")
+    expected = {m: np.zeros(SHAPES[m]) for m in SHAPES}
+    for t in (1, 2, 3):
+        payloads = [strat.configure(s, t) for s in HET]
+        for p, s in zip(payloads, HET):
+            assert p.adapter is None and p.trainable == {"A", "B"}
+            assert p.seed == flora.configure(s, t).seed
+            assert strat.expected_ranks[s.client_id] == s.ranks
+            if t == 1:
+                assert p.merge is None
+            else:
+                for m in SHAPES:
+                    assert rel(dense(p.merge[m]), expected[m]) < 1e-6
+        updates = [train_from(p, s, rng) for p, s in zip(payloads, HET)]
+        for m in SHAPES:
+            A, G = np_padded(updates, np_weights(updates), m)
+            expected[m] += G @ A
+        strat.aggregate(t, updates)
+        for m in SHAPES:
+            assert rel(dense(strat.global_delta()[m]), expected[m]) < 1e-6
+            if t == 1:  # the padded product is not FLoRA's exact sum
+                assert rel(dense(strat.global_delta()[m]), np_exact_sum(updates, m)) > 1e-3
+    resumed = S.get("zero_pad", restart=True)
+    resumed.load_state_dict(strat.state_dict())
+    for m in SHAPES:
+        assert rel(dense(resumed.configure(HET[0], 4).merge[m]), expected[m]) < 1e-6
+    alone, flora = S.get("zero_pad", restart=True), S.get("flora")
+    for t in (1, 2):
+        up = train_from(alone.configure(HET[2], t), HET[2], rng)
+        alone.aggregate(t, [up])
+        flora.configure(HET[2], t)
+        flora.aggregate(t, [up])
+    for m in SHAPES:
+        assert rel(dense(alone.global_delta()[m]), dense(flora.global_delta()[m])) < 1e-9
+    with pytest.raises(FedLoraError, match="restart"):
+        attach_central(S.get("zero_pad", restart=True), CentralDP(1.0, 1.0, 2))
+    with pytest.raises(FedLoraError, match="strategy.options.restart"):
+        S.get("hetlora", restart=True)  # its pruning lives in the factors a restart discards
+
+
 def test_zero_pad_gives_fresh_trainable_rows_beyond_the_global_rank():
     rng = np.random.default_rng()
     strat = S.get("zero_pad")

@@ -7,7 +7,8 @@ different alphas or ranks combine on their effective deltas ``G @ A``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,6 +19,7 @@ from fedlora.core.contract import (
     ClientUpdate,
     FedLoraError,
     LoraFactors,
+    Payload,
     Strategy,
     init_lora_A,
     module_seed,
@@ -54,6 +56,38 @@ def merge_total(total: dict[str, LoraFactors], module: str, acc: LowRankSum) -> 
     if module in total:
         acc.add(total[module].scaled_B(), total[module].A)
     total[module] = acc.factors()
+
+
+# -- ``restart`` (an ablation of FedIT and zero-padding): FLoRA's restart without its stacking --
+
+
+def restart_problems(name: str, options: Mapping[str, Any], privacy_mode: str) -> list[str]:
+    """The ``restart`` option's rule: central DP releases the global factors, which a restart
+    discards each round, so the two are refused together."""
+    if privacy_mode == "central" and options.get("restart"):
+        return [
+            f"strategy.options.restart: {name}'s central DP releases the global factors, "
+            "which a restart discards each round; set it to false with privacy.mode = "
+            "'central'"
+        ]
+    return []
+
+
+def restart_payload(
+    strategy: Strategy, client: ClientSpec, server_round: int, total: Mapping[str, LoraFactors]
+) -> Payload:
+    """A restarted client's payload: the merged `total` as its base and a fresh LoRA at its
+    own ranks from FLoRA's seed of the round (`round_seed`)."""
+    merge = dict(total) if total else None
+    seed = round_seed(strategy.seed, server_round)
+    return strategy.expect(client, Payload(merge, None, seed=seed))
+
+
+def merge_product(total: dict[str, LoraFactors], module: str, A: Tensor, G: Tensor) -> None:
+    """Fold a round's aggregate ``G @ A`` (the product of the averaged factors) into `total`."""
+    acc = LowRankSum((G.shape[0], A.shape[1]))
+    acc.add(G, A)
+    merge_total(total, module, acc)
 
 
 def truncate_for(

@@ -28,15 +28,15 @@ from fedlora.core.contract import (
     Strategy,
     validate_updates,
 )
-from fedlora.core.linalg import LowRankSum
 from fedlora.core.privacy import private_factor_release
 from fedlora.strategies import register
 from fedlora.strategies.base import (
     factored,
     homogeneous_ranks,
-    merge_total,
+    merge_product,
     padded_mean,
-    round_seed,
+    restart_payload,
+    restart_problems,
     truncate_for,
 )
 
@@ -59,19 +59,11 @@ class FedIT(Strategy):
     @classmethod
     def option_problems(cls, options: Mapping[str, Any], privacy_mode: str = "none") -> list[str]:
         problems = super().option_problems(options, privacy_mode)
-        if privacy_mode == "central" and options.get("restart"):
-            problems.append(
-                "strategy.options.restart: fedit's central DP releases the global factors, "
-                "which a restart discards each round; set it to false with privacy.mode = "
-                "'central'"
-            )
-        return problems
+        return problems + restart_problems(cls.name, options, privacy_mode)
 
     def configure(self, client: ClientSpec, server_round: int) -> Payload:
         if self.restart:  # the merged total as the base, a fresh LoRA from FLoRA's seed
-            merge = dict(self.total) if self.total else None
-            payload = Payload(merge, None, seed=round_seed(self.seed, server_round))
-            return self.expect(client, payload)
+            return restart_payload(self, client, server_round, self.total)
         if not self.A:
             return self.expect(client, Payload(None, None, seed=self.seed))
         for module, r in client.ranks.items():
@@ -94,9 +86,7 @@ class FedIT(Strategy):
         for module, f in updates[0].adapter.items():
             A, G = padded_mean(updates, w, module, f.rank)
             if self.restart:
-                acc = LowRankSum(f.shape)
-                acc.add(G, A)
-                merge_total(self.total, module, acc)
+                merge_product(self.total, module, A, G)
             else:
                 self.A[module], self.G[module] = A, G
 

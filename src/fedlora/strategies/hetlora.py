@@ -25,10 +25,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedlora.core.contract import ClientSpec, ClientUpdate, LoraFactors
+from fedlora.core.contract import ClientSpec, ClientUpdate, FedLoraError, LoraFactors
 from fedlora.strategies import register
 from fedlora.strategies.zero_pad import ZeroPad
 
+#: why hetlora refuses zero-padding's ``restart`` ablation
+RESTART_REFUSED = (
+    "hetlora has no restart: a fresh LoRA at the client's full ranks each round would undo its "
+    "self-pruning (restart is zero_pad's ablation)"
+)
 
 @register
 class HetLoRA(ZeroPad):
@@ -39,6 +44,8 @@ class HetLoRA(ZeroPad):
 
     def __init__(self, *, gamma: float = 0.99, prune_lambda: float = 0.0, **options) -> None:
         super().__init__(**options)
+        if self.restart:  # a fresh LoRA at the spec's ranks each round would undo the pruning
+            raise FedLoraError(f"strategy.options.restart: {RESTART_REFUSED}")
         if not 0 < gamma <= 1:
             raise ValueError(f"hetlora: gamma must be in (0, 1], got {gamma}")
         self.gamma = gamma
@@ -50,6 +57,8 @@ class HetLoRA(ZeroPad):
     @classmethod
     def option_problems(cls, options: Mapping[str, Any], privacy_mode: str = "none") -> list[str]:
         problems = super().option_problems(options, privacy_mode)
+        if options.get("restart"):
+            problems.append(f"strategy.options.restart: {RESTART_REFUSED}")
         if privacy_mode != "none" and options.get("prune_lambda", 0) > 0:
             problems.append(
                 "strategy.options.prune_lambda: hetlora's self-pruning lowers a client's rank "

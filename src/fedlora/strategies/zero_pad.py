@@ -3,18 +3,38 @@
 Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models",
 EMNLP 2024, sec. 3 (the zero-padding baseline): ``A = sum_k p_k pad(A_k)``,
 ``B = sum_k p_k pad(B_k)``; a client of rank r receives the first r slots.
+
+``restart=True`` (an ablation, not the baseline's method): like FLoRA, merge each round's
+``mean(pad(scale B)) mean(pad(A))`` into the base and start every client from a fresh LoRA at
+its own rank (FLoRA's seed); it separates FLoRA's two changes under heterogeneous ranks, as
+FedIT's ``restart`` does under homogeneous ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
-from fedlora.core.contract import Adapter, ClientSpec, ClientUpdate, Payload, Strategy
+from fedlora.core.contract import (
+    Adapter,
+    ClientSpec,
+    ClientUpdate,
+    LoraFactors,
+    Payload,
+    Strategy,
+)
 from fedlora.core.privacy import private_factor_release
 from fedlora.strategies import register
-from fedlora.strategies.base import factored, padded_mean, truncate_for
+from fedlora.strategies.base import (
+    factored,
+    merge_product,
+    padded_mean,
+    restart_payload,
+    restart_problems,
+    truncate_for,
+)
 
 
 @register
@@ -25,16 +45,25 @@ class ZeroPad(Strategy):
     name = "zero_pad"
     dp_released = "factors"
 
-    def __init__(self, **options) -> None:
+    def __init__(self, *, restart: bool = False, **options) -> None:
         super().__init__(**options)
+        self.restart = bool(restart)
         self.A: dict[str, torch.Tensor] = {}
         self.G: dict[str, torch.Tensor] = {}
+        self.total: dict[str, LoraFactors] = {}  # restart: the merged deltas, exact factors
+
+    @classmethod
+    def option_problems(cls, options: Mapping[str, Any], privacy_mode: str = "none") -> list[str]:
+        problems = super().option_problems(options, privacy_mode)
+        return problems + restart_problems(cls.name, options, privacy_mode)
 
     def client_ranks(self, client: ClientSpec) -> dict[str, int]:
         """The ranks `client` trains this round (HetLoRA lowers them after self-pruning)."""
         return dict(client.ranks)
 
     def configure(self, client: ClientSpec, server_round: int) -> Payload:
+        if self.restart:  # the merged total as the base, a fresh LoRA from FLoRA's seed
+            return restart_payload(self, client, server_round, self.total)
         if not self.A:
             return self.expect(client, Payload(None, None, seed=self.seed))
         ranks = self.client_ranks(client)
@@ -56,7 +85,11 @@ class ZeroPad(Strategy):
         w = self.aggregation_weights(updates)
         for module in updates[0].adapter:
             rank = max(u.adapter[module].rank for u in updates)
-            self.A[module], self.G[module] = padded_mean(updates, w, module, rank)
+            A, G = padded_mean(updates, w, module, rank)
+            if self.restart:
+                merge_product(self.total, module, A, G)
+            else:
+                self.A[module], self.G[module] = A, G
 
     def global_delta(self) -> Adapter:
-        return factored(self.A, self.G)
+        return dict(self.total) if self.restart else factored(self.A, self.G)
