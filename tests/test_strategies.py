@@ -173,49 +173,6 @@ def test_flora_accumulates_exactly_under_partial_participation_and_catches_up_la
 # -- FedIT and FedEx-LoRA -------------------------------------------------------------------
 
 
-def test_fedit_restart_merges_the_product_of_averages_and_restarts_like_flora():
-    """FedIT with ``restart``: each round's mean(scale B) mean(A) joins the merged total (float64
-    numpy reference) and every client starts a fresh LoRA from FLoRA's seed of that round; with
-    one client a round both aggregations are exact, so it then equals FLoRA."""
-    rng = np.random.default_rng()
-    strat, flora = S.get("fedit", restart=True), S.get("flora")
-    expected = {m: np.zeros(SHAPES[m]) for m in SHAPES}
-    for t in (1, 2, 3):
-        payloads = [strat.configure(s, t) for s in HOMO]
-        for p in payloads:
-            assert p.adapter is None and p.trainable == {"A", "B"}
-            assert p.seed == flora.configure(HOMO[0], t).seed
-            if t == 1:
-                assert p.merge is None
-            else:
-                for m in SHAPES:
-                    assert rel(dense(p.merge[m]), expected[m]) < 1e-6
-        updates = [train_from(p, s, rng) for p, s in zip(payloads, HOMO)]
-        for m in SHAPES:
-            A, G = np_factor_means(updates, m)
-            expected[m] += G @ A
-        strat.aggregate(t, updates)
-        for m in SHAPES:
-            assert rel(dense(strat.global_delta()[m]), expected[m]) < 1e-6
-            if t == 1:  # not FLoRA's exact sum: the product of averages is another matrix
-                assert rel(dense(strat.global_delta()[m]), np_exact_sum(updates, m)) > 1e-3
-    resumed = S.get("fedit", restart=True)
-    resumed.load_state_dict(strat.state_dict())
-    for m in SHAPES:
-        assert rel(dense(resumed.configure(HOMO[0], 4).merge[m]), expected[m]) < 1e-6
-    alone, flora = S.get("fedit", restart=True), S.get("flora")
-    for t in (1, 2):
-        up = train_from(alone.configure(HOMO[0], t), HOMO[0], rng)
-        alone.aggregate(t, [up])
-        flora.configure(HOMO[0], t)
-        flora.aggregate(t, [up])
-    for m in SHAPES:
-        assert rel(dense(alone.global_delta()[m]), dense(flora.global_delta()[m])) < 1e-9
-    with pytest.raises(FedLoraError, match="restart"):
-        attach_central(S.get("fedit", restart=True), CentralDP(1.0, 1.0, 2))
-
-
-
 def test_fedit_averages_A_and_B_separately():
     rng = np.random.default_rng()
     strat = S.get("fedit")
@@ -303,17 +260,19 @@ def test_zero_pad_pads_averages_and_truncates():
             )
 
 
-def test_zero_pad_restart_merges_the_padded_product_and_restarts_each_client_at_its_rank():
-    """zero_pad with ``restart`` under heterogeneous ranks and scales: each round's
-    mean(pad(scale B)) mean(pad(A)) joins the merged total (float64 numpy reference), every
-    client starts a fresh LoRA at its own ranks from FLoRA's seed of the round, a resumed
-    strategy hands out the same base; with one client a round it equals FLoRA (both exact)."""
+@pytest.mark.parametrize("name, specs", [("fedit", HOMO), ("zero_pad", HET)])
+def test_restart_merges_the_product_of_averages_and_restarts_like_flora(name, specs):
+    """FedIT (homogeneous ranks) and zero-padding (heterogeneous ranks and scales) with
+    ``restart``: each round's mean(pad(scale B)) mean(pad(A)) joins the merged total (float64
+    numpy reference) and every client starts a fresh LoRA at its own ranks from FLoRA's seed of
+    the round; a resumed strategy hands out the same base; with one client a round both
+    aggregations are exact, so it then equals FLoRA. Central DP refuses the option."""
     rng = np.random.default_rng()
-    strat, flora = S.get("zero_pad", restart=True), S.get("flora")
+    strat, flora = S.get(name, restart=True), S.get("flora")
     expected = {m: np.zeros(SHAPES[m]) for m in SHAPES}
     for t in (1, 2, 3):
-        payloads = [strat.configure(s, t) for s in HET]
-        for p, s in zip(payloads, HET):
+        payloads = [strat.configure(s, t) for s in specs]
+        for p, s in zip(payloads, specs):
             assert p.adapter is None and p.trainable == {"A", "B"}
             assert p.seed == flora.configure(s, t).seed
             assert strat.expected_ranks[s.client_id] == s.ranks
@@ -322,31 +281,38 @@ def test_zero_pad_restart_merges_the_padded_product_and_restarts_each_client_at_
             else:
                 for m in SHAPES:
                     assert rel(dense(p.merge[m]), expected[m]) < 1e-6
-        updates = [train_from(p, s, rng) for p, s in zip(payloads, HET)]
+        updates = [train_from(p, s, rng) for p, s in zip(payloads, specs)]
         for m in SHAPES:
             A, G = np_padded(updates, np_weights(updates), m)
             expected[m] += G @ A
         strat.aggregate(t, updates)
         for m in SHAPES:
             assert rel(dense(strat.global_delta()[m]), expected[m]) < 1e-6
-            if t == 1:  # the padded product is not FLoRA's exact sum
+            if t == 1:  # not FLoRA's exact sum: the product of averages is another matrix
                 assert rel(dense(strat.global_delta()[m]), np_exact_sum(updates, m)) > 1e-3
-    resumed = S.get("zero_pad", restart=True)
+    resumed = S.get(name, restart=True)
     resumed.load_state_dict(strat.state_dict())
     for m in SHAPES:
-        assert rel(dense(resumed.configure(HET[0], 4).merge[m]), expected[m]) < 1e-6
-    alone, flora = S.get("zero_pad", restart=True), S.get("flora")
+        assert rel(dense(resumed.configure(specs[0], 4).merge[m]), expected[m]) < 1e-6
+    alone, flora = S.get(name, restart=True), S.get("flora")
     for t in (1, 2):
-        up = train_from(alone.configure(HET[2], t), HET[2], rng)
+        up = train_from(alone.configure(specs[-1], t), specs[-1], rng)
         alone.aggregate(t, [up])
-        flora.configure(HET[2], t)
+        flora.configure(specs[-1], t)
         flora.aggregate(t, [up])
     for m in SHAPES:
         assert rel(dense(alone.global_delta()[m]), dense(flora.global_delta()[m])) < 1e-9
     with pytest.raises(FedLoraError, match="restart"):
-        attach_central(S.get("zero_pad", restart=True), CentralDP(1.0, 1.0, 2))
+        attach_central(S.get(name, restart=True), CentralDP(1.0, 1.0, 2))
+
+
+def test_hetlora_refuses_restart():
+    """A restart hands every client a fresh LoRA at its full ranks, undoing HetLoRA's pruning."""
+    from fedlora.strategies.hetlora import HetLoRA
+
     with pytest.raises(FedLoraError, match="strategy.options.restart"):
-        S.get("hetlora", restart=True)  # its pruning lives in the factors a restart discards
+        S.get("hetlora", restart=True)
+    assert "strategy.options.restart" in HetLoRA.option_problems({"restart": True})[0]
 
 
 def test_zero_pad_gives_fresh_trainable_rows_beyond_the_global_rank():

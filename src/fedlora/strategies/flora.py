@@ -24,7 +24,7 @@ from fedlora.core.contract import (
     Strategy,
 )
 from fedlora.strategies import register
-from fedlora.strategies.base import merge_total, round_seed, streamed_sums
+from fedlora.strategies.base import merge_total, restart_payload, streamed_sums
 
 
 @register
@@ -41,8 +41,7 @@ class FLoRA(Strategy):
 
     def configure(self, client: ClientSpec, server_round: int) -> Payload:
         # fresh LoRA every round, from a seed shared by the round's clients
-        merge = dict(self.total) if self.total else None
-        return self.expect(client, Payload(merge, None, seed=round_seed(self.seed, server_round)))
+        return restart_payload(self, client, server_round, self.total)
 
     def aggregate(self, server_round: int, updates: Iterable[ClientUpdate]) -> None:
         # the round's exact sum (streamed), then the previous total joins it
