@@ -71,6 +71,7 @@ def test_unknown_study_scale_and_cell_are_one_line_errors(capsys):
         ("cell", 'run_set = { fedit = { "train.lr" = 1.0 } }'),  # a per-run setting misplaced
         ("runs.fedit", 'sett = { "train.lr" = 1.0 }'),
         ("claim", 'expected = "worse"'),
+        ("check", 'expect = "worse"'),  # a check has no verdict, so no direction
         ("floor", "at_most = 0.5"),
         ("scale.toy", 'cell = ["dir0.01-r1"]'),
     ],
@@ -88,7 +89,7 @@ def test_a_misspelt_key_anywhere_in_a_study_is_refused_by_name(where, fragment):
     raw = tomllib.loads(text)
     _parse("lora_a2", "cpu", raw, "studies/lora_a2.toml")  # the shipped file is clean
     table = {"cell": raw["cell"][0], "runs.fedit": raw["runs"]["fedit"],
-             "claim": raw["claim"][0], "floor": raw["floor"][0],
+             "claim": raw["claim"][0], "check": raw["check"][0], "floor": raw["floor"][0],
              "scale.toy": raw["scale"]["toy"]}[where]  # fmt: skip
     key, value = next(iter(tomllib.loads(fragment).items()))
     table[key] = value
@@ -155,6 +156,44 @@ def test_claim_across_cells_against_a_numpy_reference():
     assert verdict("seen_clients/accuracy", m["diff"], m["p_value"]) == (
         "holds" if m["p_value"] < 0.05 else "not significant"
     )
+
+
+def test_a_check_is_tabulated_with_its_ci_and_p_and_no_verdict():
+    """A ``[[check]]`` (a diagnostic comparison) shows a - b, its CI and p as a claim does,
+    from the same `compare_pair`, and never a verdict; one whose run has not landed is
+    pending; one naming no run of the study is refused by name."""
+    from fedlora.cli.study import _check_refs
+    from fedlora.cli.study_page import render_study
+
+    study = load_study("lora_a2")
+    study.claims = []
+    study.checks = [
+        {"text": "combined vs LoRA-A2", "a": "dir0.1-r1/fedit", "b": "dir0.1-r1/lora_a2"},
+        {"text": "not landed", "a": "dir0.1-r8/fedit", "b": "dir0.1-r1/lora_a2"},
+    ]
+    rng = np.random.default_rng()
+    results = {}
+    for seed in (0, 1):
+        a, b = _row(rng, 80), _row(rng, 80)
+        b["example"] = a["example"]
+        results[("dir0.1-r1", "fedit", seed)] = _result("dir0.1-r1", "fedit", seed, a)
+        results[("dir0.1-r1", "lora_a2", seed)] = _result("dir0.1-r1", "lora_a2", seed, b)
+    for r in results.values():  # what the cost table reads
+        r |= {"summary": {"time_total": 60.0}, "precision": "fp32", "device": "cpu",
+              "hardware": {"cpu": "x"}}  # fmt: skip
+    m = compare_pair(study, results, "dir0.1-r1/fedit", "dir0.1-r1/lora_a2")
+    m = m["strategies"]["dir0.1-r1/fedit"]["metrics"]["seen_clients/accuracy"]
+    page = render_study(study, results)
+    table = page[page.index("**Checks**"):].split("\n\n")[1]
+    rows = table.splitlines()[2:]
+    diff = f"{m['diff'] * 100:+.1f} [{m['diff_ci95'][0] * 100:+.1f}, "
+    assert rows[0].startswith("| combined vs LoRA-A2 | `dir0.1-r1/fedit` |") and diff in rows[0]
+    assert rows[0].endswith("p<0.001 |" if m["p_value"] < 0.001 else f"p={m['p_value']:.3f} |")
+    assert rows[1].endswith("| – | – |")
+    assert len(rows) == 2 and not re.search("holds|reversed|significant|pending", table)
+    study.checks.append({"text": "typo", "a": "dir9-r1/fedit", "b": "dir0.1-r1/fedit"})
+    with pytest.raises(FedLoraError, match="check refers to 'dir9-r1/fedit'"):
+        _check_refs(study, "studies/lora_a2.toml")
 
 
 def test_verdicts():

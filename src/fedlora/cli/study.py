@@ -3,9 +3,11 @@
 A study (``fedlora/cli/studies/<name>.toml``) names a preset, the runs it compares (a label, a
 strategy and its overrides), the cells (one setting each: the product of its ``[[axis]]``
 entries, or ``[[cell]]`` entries listed one by one), the seeds, the headline metric, the
-paper's claims as pairs of runs, and floors a baseline must reach before a verdict means
-anything. ``[scale.<name>]`` adds overrides (``toy``: tiny random models for CI; ``gpu``: the
-``cpu`` study on CUDA with several clients in one pass).
+paper's claims as pairs of runs, floors a baseline must reach before a verdict means
+anything, and ``[[check]]`` comparisons of diagnostic runs (pairs like claims, tabulated with
+their CI and p but given no verdict: they test no claim of the paper). ``[scale.<name>]``
+adds overrides (``toy``: tiny random models for CI; ``gpu``: the ``cpu`` study on CUDA with
+several clients in one pass).
 
 A *unit* is one training run: (cell, run label, seed). Its compact result (`compact_result`: a
 few KB of settings, hardware, time, learning curve and the last evaluation's per-example
@@ -64,6 +66,7 @@ class Study:
     cells: list[dict[str, Any]]  # {"name", "set", "runs", "baseline"}
     claims: list[dict[str, Any]] = field(default_factory=list)
     floors: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)
     notes: str = ""
 
     def units(self) -> list[Unit]:
@@ -111,11 +114,12 @@ def load_study(name: str, scale: str = "cpu") -> Study:
 #: the keys each table of a study file may have (anything else is a typo, refused by name)
 KEYS = {
     "": {"title", "preset", "seeds", "metric", "baseline", "set", "runs", "axis", "cell",
-         "claim", "floor", "scale", "notes", "grid_runs"},
+         "claim", "check", "floor", "scale", "notes", "grid_runs"},
     "runs": {"strategy", "name", "set", "untrained"},
     "axis": {"name", "key", "values"},
     "cell": {"name", "set", "runs", "seeds", "baseline"},
     "claim": {"text", "a", "b", "metric", "expect"},
+    "check": {"text", "a", "b", "metric"},
     "floor": {"text", "run", "at_least", "than", "metric"},
     "scale": {"set", "seeds", "cells"},
 }  # fmt: skip
@@ -126,7 +130,7 @@ def _check_keys(raw: dict[str, Any], where: str) -> None:
     tables = [("", "", raw)]  # (kind, label, table)
     tables += [("runs", f"runs.{k}", v) for k, v in raw.get("runs", {}).items()]
     tables += [("scale", f"scale.{k}", v) for k, v in raw.get("scale", {}).items()]
-    for kind in ("axis", "cell", "claim", "floor"):
+    for kind in ("axis", "cell", "claim", "check", "floor"):
         for i, v in enumerate(raw.get(kind, [])):
             named = isinstance(v, dict) and "name" in v
             tables.append((kind, f"{kind} {v['name']!r}" if named else f"{kind}[{i}]", v))
@@ -169,6 +173,7 @@ def _parse(name: str, scale: str, raw: dict[str, Any], where: str) -> Study:
         cells=cells,
         claims=list(raw.get("claim", [])),
         floors=list(raw.get("floor", [])),
+        checks=list(raw.get("check", [])),
         notes=raw.get("notes", ""),
     )
     _check_refs(study, where)
@@ -202,11 +207,10 @@ def _cells(raw, runs, common, where) -> list[dict[str, Any]]:
 
 
 def _check_refs(study: Study, where: str) -> None:
-    refs = [(c.get("a"), "claim") for c in study.claims] + [
-        (c.get("b"), "claim") for c in study.claims
-    ] + [(f.get(k), "floor") for f in study.floors for k in ("run", "than") if k in f] + [
-        (c["baseline"], "baseline") for c in study.cells if "/" in str(c.get("baseline"))
-    ]
+    pairs = [(c, "claim") for c in study.claims] + [(c, "check") for c in study.checks]
+    refs = [(c.get(k), kind) for c, kind in pairs for k in ("a", "b")]
+    refs += [(f.get(k), "floor") for f in study.floors for k in ("run", "than") if k in f]
+    refs += [(c["baseline"], "baseline") for c in study.cells if "/" in str(c.get("baseline"))]
     for ref, kind in refs:
         cell, _, label = str(ref).partition("/")
         if not any(c["name"] == cell and label in c["runs"] for c in study.cells):

@@ -87,7 +87,8 @@ def render_study(study: Study, results: Results) -> str:
     """The study's section: status, floors, results and differences per cell, verdicts per
     claim, learning curves and costs."""
     parts = [_status(study, results), _floors(study, results), _table(study, results)]
-    parts += [_claims(study, results), _curves(study, results), _costs(study, results)]
+    parts += [_claims(study, results), _checks(study, results), _curves(study, results)]
+    parts.append(_costs(study, results))
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -176,25 +177,41 @@ def _table(study: Study, results: Results) -> str:
     )
 
 
+def _pair_row(study: Study, results: Results, c: dict[str, Any]) -> tuple[str, dict | None]:
+    """A claim's or check's row up to its p-value, and the comparison (None while pending)."""
+    metric = c.get("metric", study.metric)
+    res = compare_pair(study, results, c["a"], c["b"])
+    m = res["strategies"][c["a"]]["metrics"].get(metric) if res else None
+    row = f"| {c['text']} | `{c['a']}` | `{c['b']}` |"
+    if m is None:
+        return row + " – | – |", None
+    ci = m.get("diff_ci95") or [None, None]
+    row += f" {_signed(metric, m['diff'])} [{_signed(metric, ci[0])}, {_signed(metric, ci[1])}]"
+    return row + f" | {_p(m['p_value'])} |", m
+
+
 def _claims(study: Study, results: Results) -> str:
     if not study.claims:
         return ""
     rows = ["| claim | a | b | a - b [95% CI] | p | verdict |", "|---|---|---|---|---|---|"]
     for c in study.claims:
+        row, m = _pair_row(study, results, c)
         metric = c.get("metric", study.metric)
-        res = compare_pair(study, results, c["a"], c["b"])
-        m = res["strategies"][c["a"]]["metrics"].get(metric) if res else None
-        if m is None:
-            rows.append(f"| {c['text']} | `{c['a']}` | `{c['b']}` | – | – | pending |")
-            continue
-        ci = m.get("diff_ci95") or [None, None]
-        v = verdict(metric, m["diff"], m["p_value"], c.get("expect", "better"))
-        rows.append(
-            f"| {c['text']} | `{c['a']}` | `{c['b']}` | {_signed(metric, m['diff'])} "
-            f"[{_signed(metric, ci[0])}, {_signed(metric, ci[1])}] | {_p(m['p_value'])} | "
-            f"**{v}** |"
-        )
+        v = verdict(metric, m["diff"], m["p_value"], c.get("expect", "better")) if m else None
+        rows.append(row + (f" **{v}** |" if v else " pending |"))
     return "**Claims** (a verdict holds / reversed needs p < 0.05):\n\n" + "\n".join(rows)
+
+
+def _checks(study: Study, results: Results) -> str:
+    if not study.checks:
+        return ""
+    rows = ["| check | a | b | a - b [95% CI] | p |", "|---|---|---|---|---|"]
+    rows += [_pair_row(study, results, c)[0] for c in study.checks]
+    return (
+        "**Checks** (comparisons of the diagnostic runs; they test no claim of the paper, so no "
+        "verdict; a rule stated with a cell in the study file says what it decides):\n\n"
+        + "\n".join(rows)
+    )
 
 
 def curve_points(study: Study, results: Results, cell: str, label: str) -> dict[int, float]:
