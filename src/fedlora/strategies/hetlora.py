@@ -35,6 +35,7 @@ RESTART_REFUSED = (
     "self-pruning (restart is zero_pad's ablation)"
 )
 
+
 @register
 class HetLoRA(ZeroPad):
     """Sparsity-weighted zero-padded aggregation + client rank self-pruning."""
