@@ -85,7 +85,7 @@ def verdict(metric: str, diff: float | None, p: float | None, expect: str = "bet
 
 def render_study(study: Study, results: Results) -> str:
     """The study's section: status, floors, results and differences per cell, verdicts per
-    claim, learning curves and costs."""
+    claim, the checks' comparisons (no verdict), learning curves and costs."""
     parts = [_status(study, results), _floors(study, results), _table(study, results)]
     parts += [_claims(study, results), _checks(study, results), _curves(study, results)]
     parts.append(_costs(study, results))
