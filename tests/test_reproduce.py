@@ -47,12 +47,17 @@ def test_lora_a2_grid_is_the_issue_floor():
 def test_flexlora_distribution_cells_run_against_the_baselines_cell():
     study = load_study("flexlora")
     units = study.units()
-    assert len(units) == 2 * (3 + 4 * 2)  # seeds x (baselines + 4 distributions x 2 methods)
+    grid = [u for u in units if "-" not in u.cell]  # the diagnostic cells are named a-b
+    assert len(grid) == 2 * (3 + 4 * 2)  # seeds x (baselines + 4 distributions x 2 methods)
     cells = {u.cell: set() for u in units}
     for u in units:
         cells[u.cell].add(u.label)
     assert cells["baselines"] == {"untrained", "fedit_min", "fedit_med"}
     assert cells["heavy_tail_strong"] == {"flexlora", "hetlora"}
+    # a diagnostic's FedIT keeps its run's homogeneous smallest rank over the cell's distribution
+    for u in units:
+        if u.label == "fedit_min":
+            assert u.overrides["resources.distribution"] == "homogeneous", u.cell
     assert [u for u in units if u.untrained] and all(
         u.overrides["resources.homogeneous_type"] == 1 for u in units if u.untrained
     )
